@@ -1,0 +1,40 @@
+# Two set-up commands for a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test lint format bench bench-full clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c constraints.txt torch==2.13.0
+	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m async_ckpt.demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check async_ckpt tests benchmarks
+	$(VENV)/bin/ruff check async_ckpt tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format async_ckpt tests benchmarks
+	$(VENV)/bin/ruff check --fix async_ckpt tests benchmarks
+
+test: lint
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run --size 1GiB --repeats 5
+
+bench-full: $(STAMP)
+	$(PY) -m benchmarks.run --size 1GiB --size 4GiB --repeats 5 --ranks 2 --ranks 4
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .bench-tmp

@@ -1,0 +1,75 @@
+"""async_ckpt: PyTorch checkpoints that do not stop training.
+
+Stage the state in reused shared memory, hand it to a persistent worker
+process that plans, validates, writes and commits atomically, and keep
+training. See README.md and docs/.
+"""
+
+from .api import assert_same_keys, load, save
+from .errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    ChecksumMismatchError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    KeyMismatchError,
+    MetadataError,
+    MissingBackendError,
+    RankMismatchError,
+    SaveFailedError,
+    SaveInProgressError,
+    SaveTimeoutError,
+    ShapeMismatchError,
+    StateDictError,
+    StorageDetectionError,
+    UnsafeObjectError,
+    WorkerDiedError,
+)
+from .format.metadata import Metadata
+from .format.objects import allow_class, allow_global
+from .pipeline.load import LoadResult
+from .storage import (
+    FileSystemReader,
+    FileSystemWriter,
+    FsspecReader,
+    FsspecWriter,
+    StorageReader,
+    StorageWriter,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointNotFoundError",
+    "ChecksumMismatchError",
+    "CorruptCheckpointError",
+    "FileSystemReader",
+    "FileSystemWriter",
+    "FsspecReader",
+    "FsspecWriter",
+    "IncompleteCheckpointError",
+    "KeyMismatchError",
+    "LoadResult",
+    "Metadata",
+    "MetadataError",
+    "MissingBackendError",
+    "RankMismatchError",
+    "SaveFailedError",
+    "SaveInProgressError",
+    "SaveTimeoutError",
+    "ShapeMismatchError",
+    "StateDictError",
+    "StorageDetectionError",
+    "StorageReader",
+    "StorageWriter",
+    "UnsafeObjectError",
+    "WorkerDiedError",
+    "allow_class",
+    "allow_global",
+    "assert_same_keys",
+    "load",
+    "save",
+]

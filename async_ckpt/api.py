@@ -1,0 +1,90 @@
+"""The public entry points: ``save``, ``load`` and ``assert_same_keys``.
+
+Keyword names follow torch.distributed.checkpoint, so moving from DCP is an
+import change. ``async_save`` and ``AsyncCheckpointer`` live in
+:mod:`async_ckpt.executor`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .distributed import caller_comm
+from .flatten import flatten
+from .format.metadata import Metadata
+from .pipeline.load import LoadResult, run_load
+from .pipeline.save import run_save
+from .planning.items import describe, tensor_bytes
+from .planning.plan import Planner, check_same_keys
+from .storage.base import StorageReader, StorageWriter
+from .storage.detect import detect_reader, detect_writer
+
+CheckpointId = str | os.PathLike
+
+
+def _contiguous_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.device.type != "cpu":
+        return tensor.to("cpu")
+    return tensor if tensor.is_contiguous() else tensor.contiguous()
+
+
+def save(
+    state_dict: Mapping[str, Any],
+    *,
+    checkpoint_id: CheckpointId | None = None,
+    storage_writer: StorageWriter | None = None,
+    process_group: Any = None,
+    no_dist: bool = False,
+) -> Metadata:
+    """Save ``state_dict`` synchronously and return the committed checkpoint's metadata.
+
+    Contiguous CPU tensors are written straight from their memory (no copy);
+    others are made contiguous on the CPU first. With an initialized
+    torch.distributed group every rank calls ``save`` with the same
+    ``checkpoint_id``; ``no_dist=True`` saves this process's state alone.
+    """
+    writer = storage_writer or detect_writer(checkpoint_id)
+    state, tensors = describe(flatten(state_dict))
+    sources = [tensor_bytes(_contiguous_cpu(t)) for t in tensors]
+    return run_save(state, sources, writer, caller_comm(process_group, no_dist), Planner())
+
+
+def load(
+    state_dict: Mapping[str, Any],
+    *,
+    checkpoint_id: CheckpointId | None = None,
+    storage_reader: StorageReader | None = None,
+    process_group: Any = None,
+    no_dist: bool = False,
+    strict: bool = True,
+    verify: bool = True,
+) -> LoadResult:
+    """Fill ``state_dict`` in place from a checkpoint; returns the keys that did not match.
+
+    Tensors are copied into the caller's tensors (keeping device and dtype),
+    other leaves are replaced, and objects with ``load_state_dict`` get it
+    called. Checksums are verified unless ``verify=False``. ``strict=False``
+    loads the keys present and reports the rest in the result. Every rank reads
+    what its own tensors (or DTensor shards) need, so loading reshards freely;
+    ``process_group``/``no_dist`` are accepted for DCP compatibility.
+    """
+    del process_group, no_dist  # loading needs no collectives
+    reader = storage_reader or detect_reader(checkpoint_id)
+    return run_load(state_dict, reader, strict=strict, verify=verify)
+
+
+def assert_same_keys(state_dict: Mapping[str, Any], process_group: Any = None) -> None:
+    """Raise :class:`RankMismatchError` (an AssertionError) unless all ranks have the same keys.
+
+    Costs one small collective on a fingerprint when ranks agree; the per-rank
+    key diff is gathered only on mismatch. Returns at once on a single rank.
+    """
+    comm = caller_comm(process_group, no_dist=False)
+    if comm.world_size == 1:
+        return
+    state, _ = describe(flatten(state_dict))
+    check_same_keys(state, comm)

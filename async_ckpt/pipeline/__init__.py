@@ -1,0 +1,1 @@
+"""The save and load pipelines shared by every executor."""

@@ -1,0 +1,244 @@
+"""Load a checkpoint into the caller's state dict, in place, verifying checksums.
+
+Tensors are filled in place (device and dtype of the caller's tensor kept);
+other leaves are replaced. A caller's tensor may cover any region of the
+stored tensor (a DTensor shard): only the stored chunks that overlap it are
+read, and of those only the rows needed, rounded out to checksum blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ChecksumMismatchError, KeyMismatchError, ShapeMismatchError, StateDictError
+from ..flatten import Flat, flatten, key_of, set_leaf
+from ..format.checksum import block_checksums
+from ..format.dtypes import dtype_from_name, itemsize
+from ..format.metadata import Chunk, Metadata, ObjectEntry, TensorEntry, decode_metadata
+from ..format.objects import decode_plain, loads_object
+from ..planning.items import _dtensor_piece, _is_dtensor
+from ..storage.base import StorageReader
+
+DEFAULT_READ_THREADS = 4
+
+
+@dataclass
+class LoadResult:
+    """What a load did not match: keys the caller asked for but the checkpoint lacks,
+    and keys the checkpoint holds that the caller's state dict has no place for."""
+
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Target:
+    key: str
+    tensor: torch.Tensor  # where the bytes go (the caller's tensor, or a local shard)
+    offsets: tuple[int, ...]  # its place in the stored tensor
+    entry: TensorEntry
+
+
+def verify_blocks(
+    data: memoryview, chunk: Chunk, first_block: int, block_size: int, key: str
+) -> None:
+    """Check ``data`` (blocks ``first_block``.. of ``chunk``) against the stored checksums."""
+    for n, crc in enumerate(block_checksums(data, block_size)):
+        if crc != chunk.checksums[first_block + n]:
+            start = chunk.offset + (first_block + n) * block_size
+            raise ChecksumMismatchError(
+                f"checksum mismatch in tensor {key!r}: data file {chunk.file!r}, bytes from "
+                f"{start}; the checkpoint is corrupted. Load an earlier checkpoint, or pass "
+                "verify=False to load the damaged data anyway."
+            )
+
+
+def _overlap(a_off, a_size, b_off, b_size) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    lo = [max(a, b) for a, b in zip(a_off, b_off, strict=True)]
+    hi = [min(a + s, b + t) for a, s, b, t in zip(a_off, a_size, b_off, b_size, strict=True)]
+    if any(h <= lo_ for lo_, h in zip(lo, hi, strict=True)):
+        return None
+    return tuple(lo), tuple(h - lo_ for lo_, h in zip(lo, hi, strict=True))
+
+
+def _read_chunk_part(
+    reader: StorageReader,
+    target: _Target,
+    chunk: Chunk,
+    meta: Metadata,
+    verify: bool,
+) -> None:
+    """Copy the part of ``chunk`` that overlaps ``target`` into the target tensor."""
+    entry, dest = target.entry, target.tensor
+    ov = _overlap(chunk.offsets, chunk.sizes, target.offsets, tuple(dest.shape))
+    if ov is None:
+        return
+    lo, size = ov
+    dtype = dtype_from_name(entry.dtype)
+    whole = lo == chunk.offsets and size == chunk.sizes and tuple(dest.shape) == chunk.sizes
+    if (
+        whole
+        and dest.device.type == "cpu"
+        and dest.dtype == dtype
+        and dest.is_contiguous()
+        and chunk.nbytes > 0
+    ):
+        view = memoryview(dest.reshape(-1).view(torch.uint8).numpy())
+        reader.read_into(chunk.file, chunk.offset, view)
+        if verify:
+            verify_blocks(view, chunk, 0, meta.block_size, target.key)
+        return
+    # Rows [r0, r1) of the chunk (dim 0) hold the overlap; read them, whole blocks.
+    row_bytes = math.prod(chunk.sizes[1:]) * itemsize(dtype) if chunk.sizes else chunk.nbytes
+    r0 = lo[0] - chunk.offsets[0] if chunk.sizes else 0
+    r1 = r0 + size[0] if chunk.sizes else 1
+    block = meta.block_size
+    start, end = r0 * row_bytes, r1 * row_bytes
+    if verify:
+        start, end = (start // block) * block, min(-(-end // block) * block, chunk.nbytes)
+    buf = torch.empty(end - start, dtype=torch.uint8)
+    view = memoryview(buf.numpy()) if end > start else memoryview(b"")
+    if end > start:
+        reader.read_into(chunk.file, chunk.offset + start, view)
+        if verify:
+            verify_blocks(view, chunk, start // block, block, target.key)
+    skip = r0 * row_bytes - start
+    rows = buf[skip : skip + (r1 - r0) * row_bytes].view(dtype)
+    src = rows.reshape((r1 - r0, *chunk.sizes[1:]) if chunk.sizes else ())
+    if chunk.sizes:
+        index = [slice(0, r1 - r0)] + [
+            slice(a - c, a - c + s)
+            for a, c, s in zip(lo[1:], chunk.offsets[1:], size[1:], strict=True)
+        ]
+        src = src[tuple(index)]
+        dst_index = tuple(
+            slice(a - t, a - t + s) for a, t, s in zip(lo, target.offsets, size, strict=True)
+        )
+        dest[dst_index].copy_(src)
+    else:
+        dest.copy_(src)
+
+
+def _as_target(key: str, leaf: Any, entry: TensorEntry) -> _Target:
+    if _is_dtensor(leaf):
+        local, offsets, shape = _dtensor_piece(leaf)
+    elif isinstance(leaf, torch.Tensor):
+        local, offsets, shape = leaf, (0,) * leaf.dim(), tuple(leaf.shape)
+    else:  # numpy array, filled in place through a shared-memory tensor view
+        local = torch.from_numpy(leaf)
+        offsets, shape = (0,) * local.dim(), tuple(local.shape)
+    if tuple(shape) != entry.shape:
+        raise ShapeMismatchError(
+            f"tensor {key!r} has shape {list(shape)} in the state dict but "
+            f"{list(entry.shape)} in the checkpoint; build the model with the saved "
+            "configuration, or leave this key out of the state dict you load into"
+        )
+    return _Target(key, local, offsets, entry)
+
+
+def _new_tensor(entry: TensorEntry) -> torch.Tensor:
+    return torch.empty(entry.shape, dtype=dtype_from_name(entry.dtype))
+
+
+def _fits_in_place(leaf: Any) -> bool:
+    if isinstance(leaf, torch.Tensor) or _is_dtensor(leaf):
+        return True
+    return (
+        isinstance(leaf, np.ndarray)
+        and leaf.flags.writeable
+        and leaf.dtype.kind in "biufc"
+        and leaf.dtype != np.uint64
+    )
+
+
+def _under_stateful(key: str, flat: Flat) -> bool:
+    return any(key.startswith(prefix + ".") for prefix in flat.stateful if prefix)
+
+
+def run_load(
+    state_dict: Mapping[str, Any],
+    reader: StorageReader,
+    *,
+    strict: bool = True,
+    verify: bool = True,
+    read_threads: int = DEFAULT_READ_THREADS,
+) -> LoadResult:
+    """Fill ``state_dict`` from the checkpoint ``reader`` reads; see :func:`async_ckpt.load`."""
+    meta = decode_metadata(reader.read_metadata())
+    flat = flatten(state_dict)
+    missing = sorted(k for k in flat.leaves if k not in meta.entries)
+    extra = [k for k in meta.entries if k not in flat.leaves]
+    # Inside a Stateful object (optimizer, module) the checkpoint is authoritative:
+    # entries the fresh object lacks yet (optimizer moments) are created for it.
+    adopt = [k for k in extra if _under_stateful(k, flat)]
+    unexpected = sorted(k for k in extra if not _under_stateful(k, flat))
+    if strict and (missing or unexpected):
+        raise KeyMismatchError(
+            f"state dict and checkpoint {reader.checkpoint_id!r} disagree: missing from the "
+            f"checkpoint: {missing[:20]}{' ...' if len(missing) > 20 else ''}; in the checkpoint "
+            f"but not in the state dict: {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}"
+            ". Pass strict=False to load the keys present.",
+            missing=missing,
+            unexpected=unexpected,
+        )
+
+    targets: list[_Target] = []
+    replaced: dict[str, Any] = {}
+    for key in [k for k in flat.leaves if k in meta.entries] + adopt:
+        entry = meta.entries[key]
+        leaf = flat.leaves.get(key)
+        if isinstance(entry, TensorEntry):
+            if key in flat.leaves and _fits_in_place(leaf):
+                targets.append(_as_target(key, leaf, entry))
+                if isinstance(leaf, np.ndarray) != entry.numpy and not _is_dtensor(leaf):
+                    replaced[key] = None  # kind changed: hand back what the checkpoint held
+            else:
+                tensor = _new_tensor(entry)
+                targets.append(_Target(key, tensor, (0,) * tensor.dim(), entry))
+                replaced[key] = tensor
+        elif isinstance(entry, ObjectEntry):
+            buf = bytearray(entry.nbytes)
+            reader.read_into(entry.file, entry.offset, memoryview(buf))
+            if verify:
+                chunk = Chunk((), (), entry.file, entry.offset, entry.nbytes, entry.checksums)
+                verify_blocks(memoryview(buf), chunk, 0, meta.block_size, key)
+            replaced[key] = loads_object(bytes(buf))
+        else:
+            replaced[key] = decode_plain(entry.value)
+
+    tasks = [(t, c) for t in targets for c in t.entry.chunks]
+    tasks.sort(key=lambda tc: (tc[1].file, tc[1].offset))
+    if read_threads > 1 and len(tasks) > 1:
+        with ThreadPoolExecutor(read_threads, thread_name_prefix="async_ckpt-read") as pool:
+            for f in [pool.submit(_read_chunk_part, reader, t, c, meta, verify) for t, c in tasks]:
+                f.result()
+    else:
+        for t, c in tasks:
+            _read_chunk_part(reader, t, c, meta, verify)
+    reader.close()
+
+    for key, value in replaced.items():
+        entry = meta.entries[key]
+        if isinstance(entry, TensorEntry):
+            value = next(t.tensor for t in targets if t.key == key)
+            if entry.numpy:
+                value = value.numpy()
+        set_leaf(flat, entry.path, value, meta.containers)
+    for prefix, (obj, obj_state) in sorted(flat.stateful.items(), key=lambda kv: -len(kv[0])):
+        try:
+            obj.load_state_dict(obj_state)
+        except Exception as exc:
+            raise StateDictError(
+                f"{type(obj).__qualname__} at {prefix!r} rejected the loaded state: {exc}"
+            ) from exc
+    return LoadResult(missing_keys=missing, unexpected_keys=unexpected)
+
+
+__all__ = ["LoadResult", "key_of", "run_load", "verify_blocks"]

@@ -1,0 +1,205 @@
+"""One save on one rank, after the state is described: plan, validate, write, commit.
+
+The same function runs in the caller's process (synchronous save, thread
+executor) and in the worker process; only where the tensor bytes come from
+differs (caller memory or staging arena), given as ``sources``.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from ..errors import SaveFailedError
+from ..format.checksum import DEFAULT_BLOCK_SIZE
+from ..format.metadata import Chunk, Metadata, ObjectEntry, TensorEntry, ValueEntry, encode_metadata
+from ..planning.comm import Comm
+from ..planning.items import LocalState
+from ..planning.plan import Planner
+from ..storage.base import SegmentRecord, StorageWriter, data_file_name
+
+DEFAULT_WRITE_THREADS = 4
+
+
+def new_save_id() -> str:
+    """A fresh token that names this save's data files, so saves never mix files."""
+    return secrets.token_hex(8)
+
+
+@dataclass
+class SaveTimings:
+    """Where the background part of a save spent its time (seconds)."""
+
+    plan_s: float = 0.0
+    write_s: float = 0.0
+    commit_s: float = 0.0
+    bytes_written: int = 0
+    plan_reused: bool = False
+
+
+@dataclass
+class _RankResult:
+    ok: bool
+    error: str = ""
+    chunks: list[tuple] = field(default_factory=list)
+    objects: list[tuple] = field(default_factory=list)
+    files: dict[str, int] = field(default_factory=dict)
+
+
+def _split_files(sizes: Sequence[int], n_files: int) -> list[list[int]]:
+    """Spread segment indices over up to ``n_files`` files with balanced bytes."""
+    n_files = max(1, min(n_files, len(sizes)))
+    bins: list[list[int]] = [[] for _ in range(n_files)]
+    load = [0] * n_files
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        j = load.index(min(load))
+        bins[j].append(i)
+        load[j] += sizes[i]
+    return [sorted(b) for b in bins if b]
+
+
+def _write_rank(
+    writer: StorageWriter,
+    segments: list[memoryview],
+    rank: int,
+    save_id: str,
+    threads: int,
+    block_size: int,
+) -> tuple[dict[int, tuple[str, SegmentRecord]], dict[str, int]]:
+    """Write this rank's segments into data files in parallel; returns where each landed."""
+    groups = _split_files([s.nbytes for s in segments], threads)
+    placed: dict[int, tuple[str, SegmentRecord]] = {}
+    files: dict[str, int] = {}
+
+    def write_one(index: int, members: list[int]) -> None:
+        name = data_file_name(save_id, rank, index)
+        records = writer.write_file(name, [segments[m] for m in members], block_size)
+        for m, rec in zip(members, records, strict=True):
+            placed[m] = (name, rec)
+        files[name] = sum(segments[m].nbytes for m in members)
+
+    if len(groups) <= 1:
+        for index, members in enumerate(groups):
+            write_one(index, members)
+    else:
+        with ThreadPoolExecutor(len(groups), thread_name_prefix="async_ckpt-write") as pool:
+            for f in [pool.submit(write_one, i, g) for i, g in enumerate(groups)]:
+                f.result()
+    return placed, files
+
+
+def _assemble(state: LocalState, results: list[_RankResult], save_id: str, block: int) -> Metadata:
+    chunks_by_key: dict[str, list[Chunk]] = {}
+    for res in results:
+        for key, offsets, sizes, name, rec in res.chunks:
+            chunk = Chunk(offsets, sizes, name, rec.offset, rec.nbytes, rec.checksums)
+            chunks_by_key.setdefault(key, []).append(chunk)
+    entries: dict = {}
+    for item in state.items:
+        if item.key not in entries:
+            chunks = sorted(chunks_by_key.get(item.key, []), key=lambda c: c.offsets)
+            entries[item.key] = TensorEntry(
+                item.path, item.dtype, item.shape, tuple(chunks), item.numpy
+            )
+    for key, (path, value) in state.values.items():
+        entries[key] = ValueEntry(path, value)
+    objects = {o.key: o for o in state.objects}
+    for key, name, rec in results[0].objects:
+        obj = objects[key]
+        entries[key] = ObjectEntry(
+            obj.path, obj.type_name, name, rec.offset, rec.nbytes, rec.checksums
+        )
+    files = {name: size for res in results for name, size in res.files.items()}
+    return Metadata(
+        save_id=save_id,
+        world_size=len(results),
+        block_size=block,
+        files=files,
+        containers=state.containers,
+        entries=entries,
+    )
+
+
+def run_save(
+    state: LocalState,
+    sources: Sequence[memoryview],
+    writer: StorageWriter,
+    comm: Comm,
+    planner: Planner,
+    *,
+    write_threads: int = DEFAULT_WRITE_THREADS,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    timings: SaveTimings | None = None,
+) -> Metadata:
+    """Plan, validate, write and commit one save; every rank calls it with its own state.
+
+    ``sources[i]`` holds the contiguous bytes of ``state.items[i]``. Returns the
+    committed metadata on every rank, or raises: the original error on a single
+    rank, :class:`SaveFailedError` naming each failing rank otherwise.
+    """
+    timings = timings or SaveTimings()
+    t0 = time.perf_counter()
+    full_plans = planner.full_plans
+    plan = planner.plan(state, comm)  # raises RankMismatchError on every rank alike
+    timings.plan_reused = planner.full_plans == full_plans
+    timings.plan_s = time.perf_counter() - t0
+    save_id = new_save_id()
+    threads = writer.thread_count if getattr(writer, "thread_count", None) else write_threads
+    mine = plan.items_for(state, comm.rank)
+    segments = [sources[i] for i in mine]
+    objects = state.objects if comm.rank == 0 else []
+    segments += [memoryview(o.payload) for o in objects]
+    written: dict[str, int] = {}
+    local_error: BaseException | None = None
+    t1 = time.perf_counter()
+    try:
+        writer.prepare(coordinator=comm.rank == 0)
+        placed, written = _write_rank(writer, segments, comm.rank, save_id, threads, block_size)
+        items = [state.items[i] for i in mine]
+        result = _RankResult(
+            ok=True,
+            chunks=[(it.key, it.offsets, it.sizes, *placed[n]) for n, it in enumerate(items)],
+            objects=[(o.key, *placed[len(items) + n]) for n, o in enumerate(objects)],
+            files=written,
+        )
+        timings.bytes_written = sum(written.values())
+    except Exception as exc:  # reported to the coordinator, re-raised below
+        local_error = exc
+        result = _RankResult(ok=False, error=f"{type(exc).__name__}: {exc}")
+    timings.write_s = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    results = comm.gather_object(result) if comm.world_size > 1 else [result]
+    outcome: Metadata | dict[int, str]
+    if comm.rank == 0:
+        failures = {r: res.error for r, res in enumerate(results) if not res.ok}
+        if failures:
+            outcome = failures
+        else:
+            try:
+                metadata = _assemble(state, results, save_id, block_size)
+                writer.commit(encode_metadata(metadata))
+                writer.remove_stale(metadata.files)
+                outcome = metadata
+            except Exception as exc:
+                local_error = exc
+                outcome = {0: f"{type(exc).__name__}: {exc} (while committing)"}
+    else:
+        outcome = None  # type: ignore[assignment]
+    if comm.world_size > 1:
+        outcome = comm.broadcast_object(outcome)
+    timings.commit_s = time.perf_counter() - t2
+    if isinstance(outcome, Metadata):
+        return outcome
+    writer.abort(written)
+    if comm.world_size == 1 and local_error is not None:
+        raise local_error
+    lines = "\n".join(f"  rank {r}: {msg}" for r, msg in sorted(outcome.items()))
+    raise SaveFailedError(
+        f"save to {writer.checkpoint_id!r} failed on {len(outcome)} of {comm.world_size} "
+        f"rank(s); nothing was committed:\n{lines}",
+        failures=outcome,
+    )

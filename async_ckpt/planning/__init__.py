@@ -1,0 +1,1 @@
+"""Planning: what each rank writes, key validation across ranks, read plans for load."""

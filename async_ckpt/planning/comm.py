@@ -1,0 +1,84 @@
+"""Collectives used by checkpoint control traffic (planning, validation, commit).
+
+Only small Python objects travel here, never tensor bytes. ``LocalComm`` is
+the single-process case; ``GroupComm`` wraps a gloo process group that belongs
+to the checkpoint engine (never the training job's own group).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch.distributed as dist
+
+
+class Comm(Protocol):
+    """Ranks of one checkpoint; every method is a collective all ranks call in order."""
+
+    rank: int
+    world_size: int
+    collective_count: int
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, indexed by rank."""
+        ...
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """``src``'s ``obj`` on every rank."""
+        ...
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        """Every rank's ``obj`` on ``dst`` (indexed by rank); None elsewhere."""
+        ...
+
+
+class LocalComm:
+    """A world of one: collectives return at once."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self) -> None:
+        self.collective_count = 0
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        self.collective_count += 1
+        return [obj]
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        self.collective_count += 1
+        return obj
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        self.collective_count += 1
+        return [obj]
+
+
+class GroupComm:
+    """Collectives over a torch.distributed (gloo) group owned by the checkpoint engine."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.collective_count = 0
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        self.collective_count += 1
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        self.collective_count += 1
+        box = [obj]
+        global_src = dist.get_global_rank(self.group, src) if self.group is not None else src
+        dist.broadcast_object_list(box, src=global_src, group=self.group)
+        return box[0]
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        self.collective_count += 1
+        out: list[Any] | None = [None] * self.world_size if self.rank == dst else None
+        global_dst = dist.get_global_rank(self.group, dst) if self.group is not None else dst
+        dist.gather_object(obj, out, dst=global_dst, group=self.group)
+        return out

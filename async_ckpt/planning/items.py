@@ -1,0 +1,157 @@
+"""What one rank saves: write items for tensors, JSON values, pickled objects.
+
+``describe`` turns a flattened state into a :class:`LocalState`: small,
+picklable descriptors only. The tensors themselves travel separately (as the
+caller's memory for a synchronous save, as staging-arena slices otherwise), in
+the same order as ``LocalState.items``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import StateDictError
+from ..flatten import Flat, KeyPath
+from ..format.dtypes import dtype_name, itemsize
+from ..format.objects import PLAIN_TYPES, dumps_object, encode_plain
+
+
+@dataclass(frozen=True)
+class TensorItem:
+    """One chunk of a tensor that this rank holds, placed in the global tensor."""
+
+    key: str
+    path: KeyPath
+    dtype: str
+    shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    numpy: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.sizes) * itemsize(getattr(torch, self.dtype))
+
+    @property
+    def chunk_id(self) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+        """Equal on every rank that holds the same piece (replicated data)."""
+        return (self.key, self.offsets, self.sizes)
+
+
+@dataclass(frozen=True)
+class ObjectItem:
+    """A pickled non-plain object; ``payload`` was checked to load under the allow-list."""
+
+    key: str
+    path: KeyPath
+    type_name: str
+    payload: bytes
+
+
+@dataclass
+class LocalState:
+    """One rank's state, described for planning; tensors are kept beside it."""
+
+    items: list[TensorItem] = field(default_factory=list)
+    values: dict[str, tuple[KeyPath, dict[str, Any]]] = field(default_factory=dict)
+    objects: list[ObjectItem] = field(default_factory=list)
+    containers: dict[str, str] = field(default_factory=dict)
+
+    def keys_fingerprint(self) -> str:
+        """Hash of every key with its global shape/dtype: equal on ranks that agree."""
+        h = hashlib.blake2b(digest_size=16)
+        for it in sorted(self.items, key=lambda i: i.key):
+            h.update(f"T{it.key}|{it.dtype}|{it.shape}\n".encode())
+        for key in sorted(self.values):
+            h.update(f"V{key}\n".encode())
+        for obj in sorted(self.objects, key=lambda o: o.key):
+            h.update(f"O{obj.key}\n".encode())
+        return h.hexdigest()
+
+    def plan_fingerprint(self) -> str:
+        """Hash of this rank's exact pieces: unchanged means the cached plan still holds."""
+        h = hashlib.blake2b(digest_size=16)
+        for it in self.items:
+            h.update(f"{it.key}|{it.dtype}|{it.shape}|{it.offsets}|{it.sizes}\n".encode())
+        return h.hexdigest()
+
+    def key_summary(self) -> dict[str, str]:
+        """Every key with a short description of its kind, for mismatch reports."""
+        out = {it.key: f"tensor {it.dtype}{list(it.shape)}" for it in self.items}
+        out.update({k: "value" for k in self.values})
+        out.update({o.key: "object" for o in self.objects})
+        return out
+
+
+def _dtensor_piece(tensor: Any) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:
+    """The local tensor of a DTensor and its global offsets and shape."""
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
+    local = tensor.to_local()
+    _, offsets = compute_local_shape_and_global_offset(
+        tensor.shape, tensor.device_mesh, tensor.placements
+    )
+    return local, tuple(int(o) for o in offsets), tuple(tensor.shape)
+
+
+def _is_dtensor(value: Any) -> bool:
+    cls = type(value)
+    return cls.__name__ == "DTensor" and cls.__module__.startswith("torch.distributed")
+
+
+def describe(flat: Flat) -> tuple[LocalState, list[torch.Tensor]]:
+    """Describe a flattened state; returns the descriptors and the tensors, item-aligned."""
+    state = LocalState(containers=dict(flat.containers))
+    tensors: list[torch.Tensor] = []
+    for key, leaf in flat.leaves.items():
+        path = flat.paths[key]
+        numpy = False
+        if isinstance(leaf, np.ndarray) and leaf.dtype.kind in "biufc" and leaf.dtype != np.uint64:
+            leaf, numpy = torch.from_numpy(np.ascontiguousarray(leaf)), True
+        if _is_dtensor(leaf):
+            local, offsets, shape = _dtensor_piece(leaf)
+        elif isinstance(leaf, torch.Tensor):
+            local, offsets, shape = leaf, (0,) * leaf.dim(), tuple(leaf.shape)
+        elif isinstance(leaf, PLAIN_TYPES):
+            state.values[key] = (path, encode_plain(leaf))
+            continue
+        else:
+            type_name = f"{type(leaf).__module__}.{type(leaf).__qualname__}"
+            state.objects.append(ObjectItem(key, path, type_name, dumps_object(leaf)))
+            continue
+        if local.device.type == "meta":
+            raise StateDictError(
+                f"tensor {key!r} is on the meta device and has no data to save; "
+                "materialize it (e.g. module.to_empty(device=...) and initialize) first"
+            )
+        if local.is_sparse or local.layout != torch.strided:
+            raise StateDictError(f"tensor {key!r} has layout {local.layout}; save it dense")
+        state.items.append(
+            TensorItem(
+                key=key,
+                path=path,
+                dtype=dtype_name(local.dtype),
+                shape=tuple(int(s) for s in shape),
+                offsets=offsets,
+                sizes=tuple(int(s) for s in local.shape),
+                numpy=numpy,
+            )
+        )
+        tensors.append(local.detach())
+    return state, tensors
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A flat byte view of a contiguous CPU tensor's memory (no copy)."""
+    flat = tensor.reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())

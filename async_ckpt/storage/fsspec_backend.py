@@ -1,0 +1,160 @@
+"""fsspec backend: any fsspec URL (memory://, s3://, gs://, az://, file://).
+
+Object stores have no rename, so the metadata object is written last and is
+the commit: a prefix without it is an incomplete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ..errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    MissingBackendError,
+)
+from ..format.metadata import MAX_METADATA_BYTES, METADATA_FILE, is_safe_file_name
+from .base import DATA_FILE, SegmentRecord, StorageReader, StorageWriter, checksummed_layout
+
+# Packages that provide the common protocols, for a helpful error when one is missing.
+_INSTALL_HINT = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs"}
+
+
+def url_protocol(checkpoint_id: str) -> str:
+    """The URL scheme of ``checkpoint_id`` (``"file"`` for a plain path)."""
+    text = os.fspath(checkpoint_id)
+    return text.split("://", 1)[0].lower() if "://" in text else "file"
+
+
+def is_known_protocol(protocol: str) -> bool:
+    """Whether fsspec knows ``protocol`` (installed or not)."""
+    from fsspec.registry import known_implementations, registry
+
+    return protocol in known_implementations or protocol in registry
+
+
+def open_filesystem(checkpoint_id: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+    """The fsspec filesystem and the path inside it for ``checkpoint_id``."""
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(os.fspath(checkpoint_id), **(storage_options or {}))
+    except ImportError as exc:
+        protocol = url_protocol(checkpoint_id)
+        package = _INSTALL_HINT.get(protocol, f"the fsspec implementation of {protocol}://")
+        raise MissingBackendError(
+            f"checkpoint id {checkpoint_id!r} needs {package}; install it "
+            f"(pip install {package if ' ' not in package else 'async_ckpt[s3]'})"
+        ) from exc
+    return fs, path.rstrip("/")
+
+
+class FsspecWriter(StorageWriter):
+    """Writes a checkpoint under an fsspec URL; the metadata object is written last."""
+
+    def __init__(
+        self,
+        checkpoint_id: str,
+        *,
+        overwrite: bool = True,
+        storage_options: dict[str, Any] | None = None,
+        thread_count: int | None = None,
+    ) -> None:
+        self.checkpoint_id = os.fspath(checkpoint_id)
+        self.fs, self.path = open_filesystem(self.checkpoint_id, storage_options)
+        self.overwrite = overwrite
+        self.thread_count = thread_count
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str) -> bool:
+        return is_known_protocol(url_protocol(checkpoint_id))
+
+    def _join(self, name: str) -> str:
+        return f"{self.path}/{name}"
+
+    def prepare(self, *, coordinator: bool) -> None:
+        if coordinator and not self.overwrite and self.fs.exists(self._join(METADATA_FILE)):
+            raise CheckpointExistsError(
+                f"checkpoint {self.checkpoint_id!r} already exists; pass overwrite=True to the "
+                "writer to replace it, or save under a new checkpoint_id"
+            )
+        self.fs.makedirs(self.path, exist_ok=True)
+
+    def write_file(
+        self, name: str, segments: Sequence[memoryview], block_size: int
+    ) -> list[SegmentRecord]:
+        records, _ = checksummed_layout(segments, block_size)
+        with self.fs.open(self._join(name), "wb") as f:
+            for seg in segments:
+                f.write(seg.cast("B") if seg.format != "B" else seg)
+        return records
+
+    def commit(self, metadata: bytes) -> None:
+        self.fs.pipe_file(self._join(METADATA_FILE), metadata)
+
+    def remove_stale(self, keep: Iterable[str]) -> list[str]:
+        keep = set(keep)
+        stale = [
+            p
+            for p in self.fs.ls(self.path, detail=False)
+            if DATA_FILE.match(p.rsplit("/", 1)[-1]) and p.rsplit("/", 1)[-1] not in keep
+        ]
+        for p in stale:
+            self.fs.rm_file(p)
+        return [p.rsplit("/", 1)[-1] for p in stale]
+
+    def abort(self, names: Iterable[str]) -> None:
+        for name in names:
+            try:
+                self.fs.rm_file(self._join(name))
+            except FileNotFoundError:
+                pass
+
+
+class FsspecReader(StorageReader):
+    """Reads a checkpoint under an fsspec URL, fetching only the byte ranges asked for."""
+
+    def __init__(
+        self, checkpoint_id: str, *, storage_options: dict[str, Any] | None = None
+    ) -> None:
+        self.checkpoint_id = os.fspath(checkpoint_id)
+        self.fs, self.path = open_filesystem(self.checkpoint_id, storage_options)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str) -> bool:
+        return FsspecWriter.validate_checkpoint_id(checkpoint_id)
+
+    def read_metadata(self) -> bytes:
+        try:
+            data = self.fs.cat_file(f"{self.path}/{METADATA_FILE}")
+        except FileNotFoundError:
+            if self.fs.exists(self.path) and self.fs.ls(self.path, detail=False):
+                raise IncompleteCheckpointError(
+                    f"checkpoint {self.checkpoint_id!r} is incomplete: it has no {METADATA_FILE}, "
+                    "so its save never committed. Load an earlier checkpoint."
+                ) from None
+            raise CheckpointNotFoundError(f"no checkpoint at {self.checkpoint_id!r}") from None
+        if len(data) > MAX_METADATA_BYTES:
+            return data[: MAX_METADATA_BYTES + 1]
+        return data
+
+    def read_into(self, name: str, offset: int, dest: memoryview) -> None:
+        if not is_safe_file_name(name):
+            raise CorruptCheckpointError(f"refusing data file name {name!r}")
+        view = dest.cast("B") if dest.format != "B" else dest
+        try:
+            data = self.fs.cat_file(f"{self.path}/{name}", start=offset, end=offset + len(view))
+        except FileNotFoundError as exc:
+            raise CorruptCheckpointError(
+                f"data file {name!r} of checkpoint {self.checkpoint_id!r} is missing"
+            ) from exc
+        if len(data) != len(view):
+            raise CorruptCheckpointError(
+                f"data file {name!r} of {self.checkpoint_id!r} is truncated: expected "
+                f"{len(view)} bytes at offset {offset}, got {len(data)}"
+            )
+        view[:] = data

@@ -1,0 +1,205 @@
+"""Local filesystem backend: a checkpoint is a directory; metadata.json commits it."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from ..errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+)
+from ..format.metadata import MAX_METADATA_BYTES, METADATA_FILE, is_safe_file_name
+from .base import DATA_FILE, SegmentRecord, StorageReader, StorageWriter, checksummed_layout
+
+_WRITE_PIECE = 64 * 1024 * 1024  # bounded syscalls: os.write caps a call near 2 GiB
+_OPEN_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+_OPEN_WRITE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+
+
+def _local_path(checkpoint_id: str | os.PathLike) -> Path:
+    text = os.fspath(checkpoint_id)
+    return Path(text.removeprefix("file://") if text.startswith("file://") else text)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    view = data.cast("B") if data.format != "B" else data
+    pos = 0
+    while pos < len(view):
+        pos += os.write(fd, view[pos : pos + _WRITE_PIECE])
+
+
+class FileSystemWriter(StorageWriter):
+    """Writes a checkpoint directory with large sequential writes from tensor memory.
+
+    ``overwrite=True`` replaces an existing checkpoint atomically (its metadata
+    is swapped by rename, then its old data files are deleted); ``False``
+    refuses with :class:`CheckpointExistsError`. ``sync_files`` fsyncs each data
+    file, the metadata and the directory, so a committed checkpoint survives a
+    power loss.
+    """
+
+    def __init__(
+        self,
+        checkpoint_id: str | os.PathLike,
+        *,
+        overwrite: bool = True,
+        sync_files: bool = True,
+        thread_count: int | None = None,
+    ) -> None:
+        self.checkpoint_id = os.fspath(checkpoint_id)
+        self.path = _local_path(checkpoint_id)
+        self.overwrite = overwrite
+        self.sync_files = sync_files
+        self.thread_count = thread_count
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        text = os.fspath(checkpoint_id)
+        return text.startswith("file://") or "://" not in text
+
+    def prepare(self, *, coordinator: bool) -> None:
+        if coordinator and not self.overwrite and (self.path / METADATA_FILE).exists():
+            raise CheckpointExistsError(
+                f"checkpoint {self.checkpoint_id!r} already exists; pass overwrite=True to the "
+                "writer to replace it, or save under a new checkpoint_id"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def write_file(
+        self, name: str, segments: Sequence[memoryview], block_size: int
+    ) -> list[SegmentRecord]:
+        records, _ = checksummed_layout(segments, block_size)
+        fd = os.open(self.path / name, _OPEN_WRITE, 0o644)
+        try:
+            for seg in segments:
+                _write_all(fd, seg)
+            if self.sync_files:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        return records
+
+    def commit(self, metadata: bytes) -> None:
+        tmp = self.path / f".{METADATA_FILE}.tmp-{os.getpid()}-{threading.get_ident()}"
+        fd = os.open(tmp, _OPEN_WRITE, 0o644)
+        try:
+            _write_all(fd, memoryview(metadata))
+            if self.sync_files:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if self.sync_files:
+            _fsync_dir(self.path)  # data file entries are durable before the commit is
+        os.replace(tmp, self.path / METADATA_FILE)
+        if self.sync_files:
+            _fsync_dir(self.path)
+
+    def remove_stale(self, keep: Iterable[str]) -> list[str]:
+        keep = set(keep)
+        removed = []
+        for entry in os.scandir(self.path):
+            stale_data = DATA_FILE.match(entry.name) and entry.name not in keep
+            stale_tmp = entry.name.startswith(f".{METADATA_FILE}.tmp-")
+            if stale_data or stale_tmp:
+                try:
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+                except FileNotFoundError:
+                    pass
+        return removed
+
+    def abort(self, names: Iterable[str]) -> None:
+        for name in names:
+            try:
+                os.unlink(self.path / name)
+            except FileNotFoundError:
+                pass
+
+
+class FileSystemReader(StorageReader):
+    """Reads a checkpoint directory with positioned reads straight into tensor memory."""
+
+    def __init__(self, checkpoint_id: str | os.PathLike) -> None:
+        self.checkpoint_id = os.fspath(checkpoint_id)
+        self.path = _local_path(checkpoint_id)
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return FileSystemWriter.validate_checkpoint_id(checkpoint_id)
+
+    def read_metadata(self) -> bytes:
+        meta = self.path / METADATA_FILE
+        try:
+            fd = os.open(meta, _OPEN_READ)
+        except FileNotFoundError:
+            if self.path.is_dir():
+                raise IncompleteCheckpointError(
+                    f"checkpoint {self.checkpoint_id!r} is incomplete: it has no {METADATA_FILE}, "
+                    "so its save never committed (crashed or still running). Load an earlier "
+                    "checkpoint; this one holds no usable data."
+                ) from None
+            raise CheckpointNotFoundError(
+                f"no checkpoint at {self.checkpoint_id!r}: the directory does not exist"
+            ) from None
+        except OSError as exc:  # ELOOP: metadata.json is a symlink
+            raise CorruptCheckpointError(
+                f"cannot open {meta}: {exc}; checkpoint files must be regular files"
+            ) from exc
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(MAX_METADATA_BYTES + 1)
+        return data
+
+    def _fd(self, name: str) -> int:
+        with self._lock:
+            fd = self._fds.get(name)
+            if fd is None:
+                if not is_safe_file_name(name):
+                    raise CorruptCheckpointError(f"refusing data file name {name!r}")
+                try:
+                    fd = os.open(self.path / name, _OPEN_READ)
+                except FileNotFoundError as exc:
+                    raise CorruptCheckpointError(
+                        f"data file {name!r} of checkpoint {self.checkpoint_id!r} is missing; "
+                        "the checkpoint is damaged"
+                    ) from exc
+                except OSError as exc:
+                    raise CorruptCheckpointError(
+                        f"cannot open data file {name!r} of {self.checkpoint_id!r}: {exc} "
+                        "(data files must be regular files, not symlinks)"
+                    ) from exc
+                self._fds[name] = fd
+            return fd
+
+    def read_into(self, name: str, offset: int, dest: memoryview) -> None:
+        fd = self._fd(name)
+        view = dest.cast("B") if dest.format != "B" else dest
+        pos = 0
+        while pos < len(view):
+            got = os.preadv(fd, [view[pos : pos + _WRITE_PIECE]], offset + pos)
+            if got == 0:
+                raise CorruptCheckpointError(
+                    f"data file {name!r} of {self.checkpoint_id!r} is truncated: expected "
+                    f"{len(view)} bytes at offset {offset}, the file ends at {offset + pos}"
+                )
+            pos += got
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()

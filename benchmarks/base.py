@@ -1,0 +1,103 @@
+"""The contract every benchmarked method implements.
+
+The runner owns the clock: it times how long `save` takes to return (stall),
+how long until `Pending.wait_staged` returns (the moment training may mutate
+the state again) and until `Pending.wait_committed` returns (bytes durable).
+Methods only start work and expose those two waits.
+"""
+
+from __future__ import annotations
+
+import shutil
+from abc import ABC, abstractmethod
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.state import empty_like_state
+
+
+@dataclass
+class BenchContext:
+    """Per-size shared resources handed to every method's setup()."""
+
+    root: Path  # scratch directory for this size; methods write under it
+    state: dict[str, Any]  # live state, mutated in place between saves
+    nbytes: int  # tensor bytes in state
+    _template: dict[str, Any] | None = field(default=None, repr=False)
+
+    def template(self) -> dict[str, Any]:
+        """Lazily built load target shared by all in-place loaders (saves RAM)."""
+        if self._template is None:
+            self._template = empty_like_state(self.state)
+        return self._template
+
+
+class Pending(ABC):
+    """Handle for one in-flight save."""
+
+    def wait_staged(self) -> None:
+        """Block until the caller may mutate the state again."""
+
+    @abstractmethod
+    def wait_committed(self) -> None:
+        """Block until the checkpoint is durable (or the method's end point)."""
+
+
+class Done(Pending):
+    """Handle for synchronous methods: everything happened inside save()."""
+
+    def wait_committed(self) -> None:
+        return None
+
+
+class FuturePending(Pending):
+    """Handle over futures (DCP's AsyncSaveResponse, our own executors)."""
+
+    def __init__(self, committed: Future, staged: Future | None = None) -> None:
+        self._committed = committed
+        self._staged = staged
+
+    def wait_staged(self) -> None:
+        if self._staged is not None:
+            self._staged.result()
+
+    def wait_committed(self) -> None:
+        self._committed.result()
+
+
+class Method(ABC):
+    """A checkpointing strategy under test. Subclass, then register in methods.py."""
+
+    name: str = ""  # filled in from the registry key
+    is_async: bool = False  # True: training may resume before the commit
+    durable: bool = True  # False for in-memory limits (no disk commit)
+    can_load: bool = False  # True: load() is implemented and timed
+    needs_process_group: bool = False  # True: runner inits a 1-rank gloo group
+
+    def setup(self, ctx: BenchContext) -> None:
+        """One-time preparation outside the timed region (buffers, pools, PG)."""
+
+    @abstractmethod
+    def save(self, state: dict[str, Any], path: Path) -> Pending:
+        """Start saving `state` to `path`; return as early as the method allows."""
+
+    def load(self, ctx: BenchContext, path: Path) -> Any:
+        """Load the checkpoint at `path` and return the loaded state."""
+        raise NotImplementedError
+
+    def expected(self, state: dict[str, Any]) -> Any:
+        """What load() should return for `state`; the runner compares the two."""
+        return state
+
+    def teardown(self) -> None:
+        """Release everything setup() created."""
+
+
+def remove_path(path: Path) -> None:
+    """Delete a checkpoint file or directory, ignoring absence."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

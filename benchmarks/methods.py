@@ -1,0 +1,55 @@
+"""The one place where benchmarked methods are registered.
+
+Add a method: implement benchmarks.base.Method in a module of your own and add
+one line to REGISTRY below, e.g.
+
+    from benchmarks.ours import AsyncCkptMethod
+    REGISTRY["async_ckpt"] = lambda: AsyncCkptMethod(workers=1)
+
+Factories are called once per size, so each gets fresh buffers and pools.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+from benchmarks.base import Method
+from benchmarks.limits import MemcpyShm, RawWriteFsync
+from benchmarks.peers import DcpAsync, DcpSave, TorchSave, best_staging
+
+Factory = Callable[[], Method]
+
+# Names of the limits the runner divides by; keep them registered.
+WRITE_FLOOR = "raw_write_fsync"
+COPY_FLOOR = "memcpy_shm"
+
+REGISTRY: dict[str, Factory] = {
+    # physical limits
+    COPY_FLOOR: lambda: MemcpyShm(threads=2),
+    WRITE_FLOOR: lambda: RawWriteFsync(),
+    # peers
+    "torch_save": lambda: TorchSave(),
+    "dcp_save": lambda: DcpSave(),
+    "dcp_async_thread": lambda: DcpAsync(AsyncCheckpointerType.THREAD),
+    "dcp_async_process": lambda: DcpAsync(AsyncCheckpointerType.PROCESS),
+    "dcp_async_process_best": lambda: DcpAsync(AsyncCheckpointerType.PROCESS, best_staging()),
+}
+
+
+def select(spec: str) -> list[str]:
+    """'all' or a comma list of registered names (order kept) -> names."""
+    if spec.strip() == "all":
+        return list(REGISTRY)
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; known: {', '.join(REGISTRY)}")
+    return names
+
+
+def create(name: str) -> Method:
+    method = REGISTRY[name]()
+    method.name = name
+    return method

@@ -1,0 +1,140 @@
+"""What users have today: torch.save/torch.load and torch.distributed.checkpoint.
+
+DCP's async_save (torch 2.13) accepts `async_checkpointer_type` (THREAD or
+PROCESS) and `async_stager`; with an async stager it returns an
+AsyncSaveResponse(staging_completion, upload_completion), otherwise a plain
+Future. PROCESS mode spawns one daemon process per interpreter (module global
+`_CHECKPOINT_PROCESS`) and needs an initialised default process group to
+bootstrap it, even with no_dist=True.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+from benchmarks.base import BenchContext, Done, FuturePending, Method, Pending
+from benchmarks.limits import fsync_dir
+
+# DCP warns on every no_dist call; that is the intent here, so silence it.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+
+def ensure_process_group() -> None:
+    """Init a 1-rank gloo group on a free loopback port (PROCESS mode needs one)."""
+    if dist.is_initialized():
+        return
+    # The DCP daemon reads MASTER_ADDR; without it it resolves the FQDN, which
+    # can be slow or unresolvable in containers.
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    store = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True)  # port 0: any free
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+
+
+def shutdown_dcp() -> None:
+    """Stop DCP's PROCESS-mode daemon and the process group (call once at exit)."""
+    from torch.distributed.checkpoint import _async_process_executor as ape
+
+    proc = ape._CHECKPOINT_PROCESS
+    if proc is not None:
+        ape._CHECKPOINT_PROCESS = None
+        proc.__del__()  # sends TERMINATE and joins; private API, best effort
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class TorchSave(Method):
+    """torch.save to one file + fsync; load = torch.load (weights_only)."""
+
+    can_load = True
+
+    def save(self, state: dict[str, Any], path: Path) -> Pending:
+        with open(path, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(path.parent)
+        return Done()
+
+    def load(self, ctx: BenchContext, path: Path) -> Any:
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class DcpSave(Method):
+    """Synchronous dcp.save (FileSystemWriter defaults: 1 thread, fsync on)."""
+
+    can_load = True
+
+    def save(self, state: dict[str, Any], path: Path) -> Pending:
+        dcp.save(state, checkpoint_id=str(path), no_dist=True)
+        return Done()
+
+    def load(self, ctx: BenchContext, path: Path) -> Any:
+        # DCP loads in place into a preallocated state dict, like a resume would.
+        target = ctx.template()
+        dcp.load(target, checkpoint_id=str(path), no_dist=True)
+        return target
+
+
+class DcpAsync(Method):
+    """dcp.async_save with a chosen executor and, optionally, a reused stager."""
+
+    is_async = True
+
+    def __init__(
+        self,
+        mode: AsyncCheckpointerType = AsyncCheckpointerType.THREAD,
+        staging: StagingOptions | None = None,
+    ) -> None:
+        self.mode = mode
+        self.staging = staging  # None: DCP's default (a fresh stager per save)
+        self.needs_process_group = mode == AsyncCheckpointerType.PROCESS
+        self._stager: DefaultStager | None = None
+
+    def setup(self, ctx: BenchContext) -> None:
+        if self.needs_process_group:
+            ensure_process_group()
+        if self.staging is not None:
+            # Reused across saves so its shared-memory staging buffers stay warm.
+            self._stager = DefaultStager(self.staging)
+
+    def save(self, state: dict[str, Any], path: Path) -> Pending:
+        resp = dcp.async_save(
+            state,
+            checkpoint_id=str(path),
+            async_checkpointer_type=self.mode,
+            async_stager=self._stager,
+            no_dist=True,
+        )
+        if isinstance(resp, AsyncSaveResponse):
+            return FuturePending(resp.upload_completion, resp.staging_completion)
+        assert isinstance(resp, Future)
+        return FuturePending(resp)
+
+    def teardown(self) -> None:
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+
+
+def best_staging() -> StagingOptions:
+    """DCP's fastest CPU-only staging: async, into reused shared memory.
+
+    Pinned memory and non-blocking copies need an accelerator (the latter
+    raises without one), so both are off on a CPU-only box.
+    """
+    return StagingOptions(
+        use_pinned_memory=False,
+        use_shared_memory=True,
+        use_async_staging=True,
+        use_non_blocking_copy=False,
+    )
