@@ -26,9 +26,11 @@ from .errors import (
     UnsafeObjectError,
     WorkerDiedError,
 )
+from .executor import AsyncCheckpointer, SaveFuture, SaveStats, async_save
 from .format.metadata import Metadata
 from .format.objects import allow_class, allow_global
 from .pipeline.load import LoadResult
+from .staging import Stager, StagerOptions
 from .storage import (
     FileSystemReader,
     FileSystemWriter,
@@ -41,6 +43,12 @@ from .storage import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncCheckpointer",
+    "SaveFuture",
+    "SaveStats",
+    "Stager",
+    "StagerOptions",
+    "async_save",
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",

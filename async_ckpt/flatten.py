@@ -9,7 +9,7 @@ flattened through ``state_dict()`` and restored through ``load_state_dict()``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,7 +102,7 @@ def _empty(kind: str) -> Any:
     return {} if kind == "dict" else []
 
 
-def _set(node: Any, path: KeyPath, value: Any, kinds: list[str]) -> Any:
+def _set(node: Any, path: KeyPath, value: Any, kinds: list[str], max_index: int) -> Any:
     """``node`` with ``node[path] = value``; missing containers are made of ``kinds``."""
     if not path:
         return value
@@ -111,11 +111,22 @@ def _set(node: Any, path: KeyPath, value: Any, kinds: list[str]) -> Any:
         node = _empty(kinds[0])
         if kinds[0] == "tuple":
             node = tuple(node)
+    if isinstance(node, (list, tuple)):
+        if not isinstance(head, int) or isinstance(head, bool) or not 0 <= head < max_index:
+            raise StateDictError(
+                f"cannot place a loaded leaf at index {head!r} of a {type(node).__qualname__}: "
+                "the checkpoint's structure does not fit the state dict"
+            )
+    elif not isinstance(node, MutableMapping):
+        raise StateDictError(
+            f"cannot place a loaded leaf under {head!r} inside a {type(node).__qualname__}: "
+            "the checkpoint's structure does not fit the state dict"
+        )
     if isinstance(node, tuple):
         items = list(node)
         while len(items) <= head:
             items.append(None)
-        items[head] = _set(items[head], rest, value, kinds[1:])
+        items[head] = _set(items[head], rest, value, kinds[1:], max_index)
         return tuple(items) if type(node) is tuple else type(node)(*items)
     if isinstance(node, list):
         while len(node) <= head:
@@ -123,16 +134,24 @@ def _set(node: Any, path: KeyPath, value: Any, kinds: list[str]) -> Any:
         child = node[head]
     else:
         child = node.get(head)
-    node[head] = _set(child, rest, value, kinds[1:]) if rest else value
+    node[head] = _set(child, rest, value, kinds[1:], max_index) if rest else value
     return node
 
 
-def set_leaf(flat: Flat, path: KeyPath, value: Any, containers: dict[str, str]) -> None:
+def set_leaf(
+    flat: Flat,
+    path: KeyPath,
+    value: Any,
+    containers: dict[str, str],
+    *,
+    max_index: int = 2**31,
+) -> None:
     """Set the leaf at ``path`` inside the flattened state's own objects, in place.
 
     Inside a Stateful object the path continues in the dict its ``state_dict()``
     returned (later handed to ``load_state_dict``). Tuples are rebuilt; missing
-    containers are created with the kinds recorded in ``containers``.
+    containers are created with the kinds recorded in ``containers``. List
+    indices at or above ``max_index`` are refused (a list grows to fit an index).
     """
     start, root = 0, flat.root
     for n in range(len(path), -1, -1):
@@ -140,4 +159,4 @@ def set_leaf(flat: Flat, path: KeyPath, value: Any, containers: dict[str, str]) 
             start, root = n, flat.stateful[key_of(path[:n])][1]
             break
     kinds = [containers.get(key_of(path[:n]), "dict") for n in range(start, len(path))]
-    _set(root, path[start:], value, kinds)
+    _set(root, path[start:], value, kinds, max_index)

@@ -11,7 +11,8 @@ def _all_dtypes() -> dict[str, torch.dtype]:
     found: dict[str, torch.dtype] = {}
     for name in dir(torch):
         value = getattr(torch, name, None)
-        if isinstance(value, torch.dtype):
+        # Quantized dtypes need a scale and zero point besides their bytes: not stored.
+        if isinstance(value, torch.dtype) and not str(value).startswith("torch.q"):
             found[str(value).removeprefix("torch.")] = value
     return found
 

@@ -239,6 +239,10 @@ def _decode_tensor(doc: dict, where: str, files: dict[str, int], block_size: int
             raise _fail(f"{cw}.nbytes {nbytes} does not match sizes {list(sizes)} of {dtype}")
         sums = _checksums(raw["checksums"], f"{cw}.checksums", nbytes, block_size)
         chunks.append(Chunk(offsets, sizes, name, offset, nbytes, sums))
+    # Chunks lie inside the shape (checked above); equal volume means no element is left out
+    # unless two chunks overlap, which only a hand-made file does.
+    if sum(math.prod(c.sizes) for c in chunks) != math.prod(shape):
+        raise _fail(f"{where}.chunks do not cover the tensor's shape {list(shape)} exactly")
     return TensorEntry(
         path=_path(doc["path"], where),
         dtype=doc["dtype"],
@@ -276,7 +280,7 @@ def decode_metadata(data: bytes) -> Metadata:
         raise _fail(f"metadata is {len(data)} bytes, above the {MAX_METADATA_BYTES} limit")
     try:
         doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, 5000-digit ints
         raise _fail(f"not JSON ({exc}); the file is truncated, damaged or not ours") from exc
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
         raise _fail(f"not an {FORMAT_NAME} metadata file (missing 'format': '{FORMAT_NAME}')")
@@ -326,6 +330,9 @@ def decode_metadata(data: bytes) -> Metadata:
         key: _decode_entry(raw, f"entries[{key!r}]", files, block_size)
         for key, raw in doc["entries"].items()
     }
+    for key, entry in entries.items():
+        if ".".join(str(p) for p in entry.path) != key:
+            raise _fail(f"entries[{key!r}].path {list(entry.path)} does not spell its key")
     extra = doc.get("extra", {})
     if not isinstance(extra, dict):
         raise _fail("extra must be an object")

@@ -141,6 +141,8 @@ def encode_plain(value: Any) -> dict[str, Any]:
 
 def decode_plain(entry: dict[str, Any]) -> Any:
     """Inverse of :func:`encode_plain`; malformed entries are metadata errors."""
+    if not isinstance(entry, dict) or set(entry) - {"type", "value"}:
+        raise MetadataError(f"malformed value entry {entry!r}: expected {{'type', 'value'}}")
     kind = entry.get("type")
     value = entry.get("value")
     expected = {"bool": bool, "int": int, "str": str}

@@ -17,7 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ChecksumMismatchError, KeyMismatchError, ShapeMismatchError, StateDictError
+from ..errors import (
+    ChecksumMismatchError,
+    CorruptCheckpointError,
+    KeyMismatchError,
+    ShapeMismatchError,
+    StateDictError,
+)
 from ..flatten import Flat, flatten, key_of, set_leaf
 from ..format.checksum import block_checksums
 from ..format.dtypes import dtype_from_name, itemsize
@@ -162,6 +168,81 @@ def _under_stateful(key: str, flat: Flat) -> bool:
     return any(key.startswith(prefix + ".") for prefix in flat.stateful if prefix)
 
 
+def _check_file_sizes(names: set[str], meta: Metadata, reader: StorageReader) -> None:
+    """Refuse before allocating anything if a data file is not the size the metadata says."""
+    for name in sorted(names):
+        actual = reader.file_size(name)
+        if actual is not None and actual != meta.files[name]:
+            raise CorruptCheckpointError(
+                f"data file {name!r} of checkpoint {reader.checkpoint_id!r} holds {actual} bytes "
+                f"but the metadata records {meta.files[name]}: the file is truncated or replaced, "
+                "or the metadata is damaged. Load an earlier checkpoint."
+            )
+
+
+def _read_all(
+    flat: Flat,
+    meta: Metadata,
+    reader: StorageReader,
+    adopt: list[str],
+    verify: bool,
+    read_threads: int,
+) -> tuple[list[_Target], dict[str, Any]]:
+    """Read every entry the load needs; returns the tensor targets and the leaves to set."""
+    targets: list[_Target] = []
+    fresh: list[tuple[str, TensorEntry]] = []
+    objects: list[tuple[str, ObjectEntry]] = []
+    replaced: dict[str, Any] = {}
+    for key in [k for k in flat.leaves if k in meta.entries] + adopt:
+        entry = meta.entries[key]
+        leaf = flat.leaves.get(key)
+        if isinstance(entry, TensorEntry):
+            if key in flat.leaves and _fits_in_place(leaf):
+                targets.append(_as_target(key, leaf, entry))
+                if isinstance(leaf, np.ndarray) != entry.numpy and not _is_dtensor(leaf):
+                    replaced[key] = None  # kind changed: hand back what the checkpoint held
+            else:
+                fresh.append((key, entry))
+        elif isinstance(entry, ObjectEntry):
+            objects.append((key, entry))
+        else:
+            replaced[key] = decode_plain(entry.value)
+
+    needed = {e.file for _, e in objects}
+    needed |= {c.file for _, e in fresh for c in e.chunks}
+    for t in targets:
+        shape = tuple(t.tensor.shape)
+        needed |= {
+            c.file
+            for c in t.entry.chunks
+            if _overlap(c.offsets, c.sizes, t.offsets, shape) is not None
+        }
+    _check_file_sizes(needed, meta, reader)
+
+    for key, entry in fresh:
+        tensor = _new_tensor(entry)
+        targets.append(_Target(key, tensor, (0,) * tensor.dim(), entry))
+        replaced[key] = tensor
+    for key, entry in objects:
+        buf = bytearray(entry.nbytes)
+        reader.read_into(entry.file, entry.offset, memoryview(buf))
+        if verify:
+            chunk = Chunk((), (), entry.file, entry.offset, entry.nbytes, entry.checksums)
+            verify_blocks(memoryview(buf), chunk, 0, meta.block_size, key)
+        replaced[key] = loads_object(bytes(buf))
+
+    tasks = [(t, c) for t in targets for c in t.entry.chunks]
+    tasks.sort(key=lambda tc: (tc[1].file, tc[1].offset))
+    if read_threads > 1 and len(tasks) > 1:
+        with ThreadPoolExecutor(read_threads, thread_name_prefix="async_ckpt-read") as pool:
+            for f in [pool.submit(_read_chunk_part, reader, t, c, meta, verify) for t, c in tasks]:
+                f.result()
+    else:
+        for t, c in tasks:
+            _read_chunk_part(reader, t, c, meta, verify)
+    return targets, replaced
+
+
 def run_load(
     state_dict: Mapping[str, Any],
     reader: StorageReader,
@@ -189,48 +270,23 @@ def run_load(
             unexpected=unexpected,
         )
 
-    targets: list[_Target] = []
-    replaced: dict[str, Any] = {}
-    for key in [k for k in flat.leaves if k in meta.entries] + adopt:
-        entry = meta.entries[key]
-        leaf = flat.leaves.get(key)
-        if isinstance(entry, TensorEntry):
-            if key in flat.leaves and _fits_in_place(leaf):
-                targets.append(_as_target(key, leaf, entry))
-                if isinstance(leaf, np.ndarray) != entry.numpy and not _is_dtensor(leaf):
-                    replaced[key] = None  # kind changed: hand back what the checkpoint held
-            else:
-                tensor = _new_tensor(entry)
-                targets.append(_Target(key, tensor, (0,) * tensor.dim(), entry))
-                replaced[key] = tensor
-        elif isinstance(entry, ObjectEntry):
-            buf = bytearray(entry.nbytes)
-            reader.read_into(entry.file, entry.offset, memoryview(buf))
-            if verify:
-                chunk = Chunk((), (), entry.file, entry.offset, entry.nbytes, entry.checksums)
-                verify_blocks(memoryview(buf), chunk, 0, meta.block_size, key)
-            replaced[key] = loads_object(bytes(buf))
-        else:
-            replaced[key] = decode_plain(entry.value)
+    try:
+        targets, replaced = _read_all(flat, meta, reader, adopt, verify, read_threads)
+    finally:
+        reader.close()
 
-    tasks = [(t, c) for t in targets for c in t.entry.chunks]
-    tasks.sort(key=lambda tc: (tc[1].file, tc[1].offset))
-    if read_threads > 1 and len(tasks) > 1:
-        with ThreadPoolExecutor(read_threads, thread_name_prefix="async_ckpt-read") as pool:
-            for f in [pool.submit(_read_chunk_part, reader, t, c, meta, verify) for t, c in tasks]:
-                f.result()
-    else:
-        for t, c in tasks:
-            _read_chunk_part(reader, t, c, meta, verify)
-    reader.close()
-
+    by_key = {t.key: t.tensor for t in targets}
+    bound = len(meta.entries) + len(meta.containers)
     for key, value in replaced.items():
         entry = meta.entries[key]
         if isinstance(entry, TensorEntry):
-            value = next(t.tensor for t in targets if t.key == key)
+            value = by_key[key]
             if entry.numpy:
                 value = value.numpy()
-        set_leaf(flat, entry.path, value, meta.containers)
+        # A leaf the caller has goes back where the caller has it; adopted leaves follow the
+        # checkpoint's path, with list indices bounded by what the checkpoint holds.
+        path = flat.paths.get(key, entry.path)
+        set_leaf(flat, path, value, meta.containers, max_index=bound)
     for prefix, (obj, obj_state) in sorted(flat.stateful.items(), key=lambda kv: -len(kv[0])):
         try:
             obj.load_state_dict(obj_state)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -133,10 +133,12 @@ def run_save(
     write_threads: int = DEFAULT_WRITE_THREADS,
     block_size: int = DEFAULT_BLOCK_SIZE,
     timings: SaveTimings | None = None,
+    should_abort: Callable[[], bool] | None = None,
 ) -> Metadata:
     """Plan, validate, write and commit one save; every rank calls it with its own state.
 
-    ``sources[i]`` holds the contiguous bytes of ``state.items[i]``. Returns the
+    ``sources[i]`` holds the contiguous bytes of ``state.items[i]``. ``should_abort``
+    is asked once more just before the commit (cancellation). Returns the
     committed metadata on every rank, or raises: the original error on a single
     rank, :class:`SaveFailedError` naming each failing rank otherwise.
     """
@@ -176,6 +178,8 @@ def run_save(
     outcome: Metadata | dict[int, str]
     if comm.rank == 0:
         failures = {r: res.error for r, res in enumerate(results) if not res.ok}
+        if should_abort is not None and should_abort():
+            failures[0] = "SaveFailedError: the save was cancelled or timed out before its commit"
         if failures:
             outcome = failures
         else:

@@ -110,5 +110,13 @@ class StorageReader(ABC):
     def read_into(self, name: str, offset: int, dest: memoryview) -> None:
         """Fill ``dest`` with bytes ``[offset, offset+len(dest))`` of data file ``name``."""
 
+    def file_size(self, name: str) -> int | None:
+        """Actual size of data file ``name``, or None where the backend cannot tell cheaply.
+
+        Called before a load allocates buffers, so that sizes a damaged or hostile
+        metadata file declares are checked against the real files first.
+        """
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release open files or connections."""

@@ -142,6 +142,17 @@ class FsspecReader(StorageReader):
             return data[: MAX_METADATA_BYTES + 1]
         return data
 
+    def file_size(self, name: str) -> int | None:
+        if not is_safe_file_name(name):
+            raise CorruptCheckpointError(f"refusing data file name {name!r}")
+        try:
+            size = self.fs.size(f"{self.path}/{name}")
+        except FileNotFoundError as exc:
+            raise CorruptCheckpointError(
+                f"data file {name!r} of checkpoint {self.checkpoint_id!r} is missing"
+            ) from exc
+        return None if size is None else int(size)
+
     def read_into(self, name: str, offset: int, dest: memoryview) -> None:
         if not is_safe_file_name(name):
             raise CorruptCheckpointError(f"refusing data file name {name!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -17,7 +18,9 @@ from ..format.metadata import MAX_METADATA_BYTES, METADATA_FILE, is_safe_file_na
 from .base import DATA_FILE, SegmentRecord, StorageReader, StorageWriter, checksummed_layout
 
 _WRITE_PIECE = 64 * 1024 * 1024  # bounded syscalls: os.write caps a call near 2 GiB
-_OPEN_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+# NOFOLLOW: a symlinked file could point outside the checkpoint. NONBLOCK: opening a FIFO
+# planted in place of a file must not hang (regular files ignore the flag).
+_OPEN_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 _OPEN_WRITE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
 
 
@@ -161,6 +164,8 @@ class FileSystemReader(StorageReader):
                 f"cannot open {meta}: {exc}; checkpoint files must be regular files"
             ) from exc
         with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise CorruptCheckpointError(f"{meta} is not a regular file")
             data = f.read(MAX_METADATA_BYTES + 1)
         return data
 
@@ -182,6 +187,11 @@ class FileSystemReader(StorageReader):
                         f"cannot open data file {name!r} of {self.checkpoint_id!r}: {exc} "
                         "(data files must be regular files, not symlinks)"
                     ) from exc
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    os.close(fd)
+                    raise CorruptCheckpointError(
+                        f"data file {name!r} of {self.checkpoint_id!r} is not a regular file"
+                    )
                 self._fds[name] = fd
             return fd
 
@@ -197,6 +207,9 @@ class FileSystemReader(StorageReader):
                     f"{len(view)} bytes at offset {offset}, the file ends at {offset + pos}"
                 )
             pos += got
+
+    def file_size(self, name: str) -> int | None:
+        return os.fstat(self._fd(name)).st_size
 
     def close(self) -> None:
         with self._lock:

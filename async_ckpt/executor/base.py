@@ -1,0 +1,76 @@
+"""What an executor is handed per save, and the interface executors implement.
+
+Call order (caller's thread unless noted): ``start()`` once (optional,
+pre-warms); ``submit(job)`` per save, after staging began; ``abort()`` from any
+thread to stop the in-flight save (cancel, timeout); ``close()`` once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..pipeline.save import SaveTimings
+from ..staging.stager import Snapshot
+from ..storage.base import StorageWriter
+from .future import SaveFuture
+
+
+@dataclass
+class SaveJob:
+    """One save handed to an executor."""
+
+    save_no: int
+    snapshot: Snapshot
+    writer: StorageWriter
+    future: SaveFuture
+    arena_generation: int
+    options: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+    aborted: threading.Event = field(default_factory=threading.Event)
+
+    def finish(
+        self,
+        meta: Any = None,
+        error: BaseException | None = None,
+        timings: SaveTimings | None = None,
+    ) -> None:
+        """Release the staging buffer, record the figures and resolve the future."""
+        self.snapshot.release.set()
+        stats = self.future.stats
+        if timings is not None:
+            stats.plan_s, stats.write_s, stats.commit_s = (
+                timings.plan_s,
+                timings.write_s,
+                timings.commit_s,
+            )
+            stats.plan_reused = timings.plan_reused
+            stats.bytes = timings.bytes_written
+        stats.total_s = time.perf_counter() - self.started
+        if error is not None:
+            self.future._set_exception(error)
+        else:
+            self.future._set_result(meta)
+
+
+class Executor(ABC):
+    """Runs the background part of saves (plan, validate, write, commit) in order."""
+
+    @abstractmethod
+    def start(self) -> None:
+        """Get ready for the first save (spawn the worker, join its group)."""
+
+    @abstractmethod
+    def submit(self, job: SaveJob) -> None:
+        """Queue ``job``; it runs once its snapshot is staged."""
+
+    @abstractmethod
+    def abort(self, reason: BaseException) -> None:
+        """Stop the in-flight save so it cannot commit; fail its future with ``reason``."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Finish queued saves and release resources; idempotent."""

@@ -1,0 +1,262 @@
+"""AsyncCheckpointer and async_save: stage, hand off, return a future."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+from ..distributed import use_distributed
+from ..errors import CheckpointError, SaveInProgressError, SaveTimeoutError
+from ..flatten import flatten
+from ..planning.items import describe
+from ..staging.stager import Stager
+from ..storage.base import StorageWriter
+from ..storage.detect import detect_writer
+from .base import Executor, SaveJob
+from .future import AwaitableFuture, SaveFuture, SaveStats
+from .group import DEFAULT_TIMEOUT_S, WorkerGroup, thread_comm
+from .process import ProcessExecutor
+from .thread import ThreadExecutor
+
+log = logging.getLogger("async_ckpt")
+_LIVE: weakref.WeakSet[AsyncCheckpointer] = weakref.WeakSet()
+
+
+class AsyncCheckpointer:
+    """Owns a stager and a background executor; saves one state after another.
+
+    ``executor="process"`` (default) writes from a persistent worker process;
+    ``"thread"`` from a thread of this process. ``start()`` pre-warms the
+    worker so the first save costs no more than later ones. A save started
+    while the previous one still holds the staging buffer waits for it
+    (``if_busy="wait"``) or raises :class:`SaveInProgressError` (``"raise"``).
+    ``on_saved`` is called with each save's :class:`SaveStats`.
+
+    In a multi-rank job create it on every rank at the same point of the
+    program (its start is a collective on ``process_group``).
+    """
+
+    def __init__(
+        self,
+        *,
+        executor: Literal["process", "thread"] = "process",
+        stager: Stager | None = None,
+        process_group: Any = None,
+        no_dist: bool = False,
+        timeout: float | None = None,
+        group_timeout: float = DEFAULT_TIMEOUT_S,
+        if_busy: Literal["wait", "raise"] = "wait",
+        on_saved: Callable[[SaveStats], None] | None = None,
+    ) -> None:
+        if executor not in ("process", "thread"):
+            raise CheckpointError(f"executor must be 'process' or 'thread', not {executor!r}")
+        if if_busy not in ("wait", "raise"):
+            raise CheckpointError(f"if_busy must be 'wait' or 'raise', not {if_busy!r}")
+        self.executor_kind = executor
+        self.stager = stager or Stager()
+        self._owns_stager = stager is None
+        self.process_group = process_group
+        self.distributed = use_distributed(process_group, no_dist)
+        self.timeout = timeout
+        self.group_timeout = group_timeout
+        self.if_busy = if_busy
+        self.on_saved = on_saved
+        self._executor: Executor | None = None
+        self._group: WorkerGroup | None = None
+        self._last: SaveFuture | None = None
+        self._save_no = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        _LIVE.add(self)
+
+    # ------------------------------------------------------------------ lifecycle
+    def _ensure_executor(self) -> Executor:
+        if self._executor is None:
+            if self.executor_kind == "process":
+                if self.distributed:
+                    self._group = WorkerGroup(self.process_group, self.group_timeout)
+                self._executor = ProcessExecutor(self._group.spec if self._group else None)
+            else:
+                pg, dist_, t = self.process_group, self.distributed, self.group_timeout
+                self._executor = ThreadExecutor(lambda: thread_comm(pg, dist_, t))
+                self._executor.start()  # new_group is a collective: run it on this thread
+        return self._executor
+
+    def start(self) -> AsyncCheckpointer:
+        """Spawn the worker (and join the ranks' group) now rather than at the first save."""
+        self._check_open()
+        self._ensure_executor().start()
+        return self
+
+    @property
+    def worker_pid(self) -> int | None:
+        """The worker process id (process executor), None otherwise or before start."""
+        return getattr(self._executor, "worker_pid", None)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CheckpointError("this AsyncCheckpointer is closed; create a new one")
+
+    # ---------------------------------------------------------------------- saves
+    def save(
+        self,
+        state_dict: Mapping[str, Any],
+        *,
+        checkpoint_id: Any = None,
+        storage_writer: StorageWriter | None = None,
+        timeout: float | None = None,
+    ) -> SaveFuture:
+        """Stage ``state_dict`` and return a :class:`SaveFuture` while it is written.
+
+        With synchronous staging (default) the state may be mutated as soon as
+        this returns; with ``async_staging`` only after ``fut.staged`` is done.
+        """
+        self._check_open()
+        t0 = time.perf_counter()
+        writer = storage_writer or detect_writer(checkpoint_id)
+        executor = self._ensure_executor()
+        previous = self._last
+        if previous is not None and not previous.done():
+            if self.if_busy == "raise" and self.stager.options.num_buffers == 1:
+                raise SaveInProgressError(
+                    f"a save to {previous.stats.checkpoint_id!r} is still running; await it "
+                    "first, or use if_busy='wait'"
+                )
+        state, tensors = describe(flatten(state_dict))
+        with self._lock:
+            self._save_no += 1
+            save_no = self._save_no
+        stats = SaveStats(checkpoint_id=writer.checkpoint_id)
+        snapshot = self.stager.stage(state, tensors)
+        future = SaveFuture(stats, staged=AwaitableFuture())
+        stats.copied_bytes = snapshot.copied_bytes
+        self._chain_staged(snapshot.staged, future, t0)
+        job = SaveJob(
+            save_no=save_no,
+            snapshot=snapshot,
+            writer=writer,
+            future=future,
+            arena_generation=self.stager.generation,
+            options={"arenas": self.stager.arenas},
+            started=t0,
+        )
+        future._cancel_hook = lambda: self._abort(future, None)
+        future.add_done_callback(self._after_save)
+        executor.submit(job)
+        limit = timeout if timeout is not None else self.timeout
+        if limit is not None:
+            timer = threading.Timer(limit, self._abort, args=(future, limit))
+            timer.daemon = True
+            timer.start()
+            future.add_done_callback(lambda _: timer.cancel())
+        self._last = future
+        stats.stall_s = time.perf_counter() - t0
+        return future
+
+    @staticmethod
+    def _chain_staged(staged: Any, future: SaveFuture, t0: float) -> None:
+        def forward(f: Any) -> None:
+            future.stats.staged_s = time.perf_counter() - t0
+            if f.exception() is not None:
+                future._set_exception(f.exception())
+            elif not future.staged.done():
+                future.staged.set_result(None)
+
+        staged.add_done_callback(forward)
+
+    def _abort(self, future: SaveFuture, limit: float | None) -> bool:
+        if future.done() or self._executor is None:
+            return False
+        reason: BaseException
+        if limit is None:
+            from concurrent.futures import CancelledError
+
+            reason = CancelledError(f"save to {future.stats.checkpoint_id!r} was cancelled")
+        else:
+            reason = SaveTimeoutError(
+                f"save to {future.stats.checkpoint_id!r} did not commit within {limit} s; "
+                "it was stopped and nothing was committed"
+            )
+        self._executor.abort(reason)
+        return True
+
+    def _after_save(self, future: SaveFuture) -> None:
+        if future.cancelled() or future.exception() is not None:
+            if self._group is not None:
+                self._group.next_epoch()  # every rank failed this save: regroup workers
+                if isinstance(self._executor, ProcessExecutor):
+                    self._executor.abort(future.exception() or CheckpointError("restart"))
+            log.warning("save to %s failed: %s", future.stats.checkpoint_id, future.exception())
+            return
+        log.info(future.stats.line())
+        if self.on_saved is not None:
+            self.on_saved(future.stats)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the latest save finished (its error, if any, is raised)."""
+        if self._last is not None:
+            self._last.result(timeout)
+
+    def close(self) -> None:
+        """Finish the pending save, stop the worker and free the staging memory."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._last is not None:
+            try:
+                self._last.result(timeout=None)
+            except BaseException:  # reported through the future already
+                pass
+        if self._executor is not None:
+            self._executor.close()
+        if self._owns_stager:
+            self.stager.close()
+
+    def __enter__(self) -> AsyncCheckpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@atexit.register
+def _close_all() -> None:
+    for ckpt in list(_LIVE):
+        try:
+            ckpt.close()
+        except Exception:
+            pass
+
+
+_DEFAULT: dict[tuple, AsyncCheckpointer] = {}
+
+
+def async_save(
+    state_dict: Mapping[str, Any],
+    *,
+    checkpoint_id: Any = None,
+    storage_writer: StorageWriter | None = None,
+    process_group: Any = None,
+    no_dist: bool = False,
+    executor: Literal["process", "thread"] = "process",
+    stager: Stager | None = None,
+) -> SaveFuture:
+    """Save ``state_dict`` in the background; returns once the state is staged.
+
+    Uses one module-wide :class:`AsyncCheckpointer` per (executor, group,
+    stager), so repeated calls reuse the same worker and staging memory. Await
+    the returned future before the next save of the same state.
+    """
+    key = (executor, id(process_group), no_dist, id(stager))
+    ckpt = _DEFAULT.get(key)
+    if ckpt is None or ckpt._closed:
+        ckpt = AsyncCheckpointer(
+            executor=executor, stager=stager, process_group=process_group, no_dist=no_dist
+        )
+        _DEFAULT[key] = ckpt
+    return ckpt.save(state_dict, checkpoint_id=checkpoint_id, storage_writer=storage_writer)

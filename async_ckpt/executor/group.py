@@ -1,0 +1,74 @@
+"""The checkpoint engine's own process group, set up from the caller's thread.
+
+Workers never issue collectives on the training group. For the process
+executor, rank 0 serves a TCPStore on a port the OS picks (port 0: no racy
+probing) and the address travels to the other ranks over the training group
+once, at start; the workers then form their own gloo group through it. The
+thread executor gets a fresh gloo group from ``new_group``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import secrets
+import socket
+from typing import Any
+
+import torch.distributed as dist
+
+from ..planning.comm import Comm, GroupComm, LocalComm
+
+DEFAULT_TIMEOUT_S = 600.0
+
+
+class WorkerGroup:
+    """Where the workers of all ranks meet; ``spec()`` is sent with every save."""
+
+    def __init__(self, process_group: Any, timeout_s: float) -> None:
+        self.rank = dist.get_rank(process_group)
+        self.world_size = dist.get_world_size(process_group)
+        self.timeout_s = timeout_s
+        self.epoch = 0
+        self._server = None
+        address = None
+        if self.rank == 0:
+            host = os.environ.get("MASTER_ADDR") or socket.gethostname()
+            self._server = dist.TCPStore(
+                "0.0.0.0" if host not in ("127.0.0.1", "localhost") else host,
+                0,
+                is_master=True,
+                wait_for_workers=False,
+                timeout=datetime.timedelta(seconds=timeout_s),
+            )
+            address = (host, self._server.port, secrets.token_hex(6))
+        box = [address]
+        src = dist.get_global_rank(process_group, 0) if process_group is not None else 0
+        dist.broadcast_object_list(box, src=src, group=process_group)
+        self.host, self.port, self.prefix = box[0]
+
+    def spec(self) -> dict[str, Any]:
+        """How a worker joins: store address, its rank, and the current epoch's prefix."""
+        return {
+            "host": self.host,
+            "port": self.port,
+            "prefix": f"async_ckpt/{self.prefix}/{self.epoch}/",
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "timeout_s": self.timeout_s,
+        }
+
+    def next_epoch(self) -> None:
+        """After a failed save every rank restarts its worker into a fresh group."""
+        self.epoch += 1
+
+
+def thread_comm(process_group: Any, distributed: bool, timeout_s: float) -> Comm:
+    """A gloo group of the same ranks for the thread executor's collectives."""
+    if not distributed:
+        return LocalComm()
+    ranks = dist.get_process_group_ranks(process_group or dist.group.WORLD)
+    group = dist.new_group(
+        ranks=ranks, backend="gloo", timeout=datetime.timedelta(seconds=timeout_s)
+    )
+    return GroupComm(group)

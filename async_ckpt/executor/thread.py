@@ -1,0 +1,69 @@
+"""The thread executor: background saves in a thread of the caller's process."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ..pipeline.save import SaveTimings, run_save
+from ..planning.comm import Comm
+from ..planning.plan import Planner
+from .base import Executor, SaveJob
+
+
+class ThreadExecutor(Executor):
+    """Runs saves one after another in a background thread.
+
+    Same futures and guarantees as the process executor, without a second
+    process; the write competes with training for this process's GIL less than
+    one might fear (file writes and checksums release it). Collectives go to a
+    gloo group created for the checkpointer, never the training group.
+    """
+
+    def __init__(self, comm_factory: Any) -> None:
+        self._comm_factory = comm_factory
+        self._comm: Comm | None = None
+        self._planner = Planner()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-save")
+        self._current: SaveJob | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        if self._comm is None:
+            self._comm = self._comm_factory()
+
+    def submit(self, job: SaveJob) -> None:
+        self.start()
+        job.options.pop("arenas", None)
+        self._pool.submit(self._run, job)
+
+    def _run(self, job: SaveJob) -> None:
+        timings = SaveTimings()
+        self._current = job
+        try:
+            job.snapshot.staged.result()
+            meta = run_save(
+                job.snapshot.state,
+                job.snapshot.sources(),
+                job.writer,
+                self._comm,
+                self._planner,
+                timings=timings,
+                should_abort=job.aborted.is_set,
+                **job.options,
+            )
+            job.finish(meta=meta, timings=timings)
+        except BaseException as exc:
+            job.finish(error=exc, timings=timings)
+
+    def abort(self, reason: BaseException) -> None:
+        # A thread cannot be killed: the save is marked and stops before its commit.
+        job = self._current
+        if job is not None and not job.future.done():
+            job.aborted.set()
+            job.future._set_exception(reason)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._pool.shutdown(wait=True)

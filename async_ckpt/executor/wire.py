@@ -1,0 +1,55 @@
+"""Length-prefixed messages between the caller and its worker, with fd passing.
+
+Messages are small pickled dicts between two processes of the same job (never
+read from storage); arena file descriptors ride along with SCM_RIGHTS.
+"""
+
+from __future__ import annotations
+
+import pickle
+import socket
+import struct
+from typing import Any
+
+_HEADER = struct.Struct("!Q")
+_MAX_FDS = 16
+
+
+def send(sock: socket.socket, message: Any, fds: list[int] | None = None) -> None:
+    """Send one message (and optionally file descriptors)."""
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    header = _HEADER.pack(len(payload))
+    if fds:
+        socket.send_fds(sock, [header], fds)
+    else:
+        sock.sendall(header)
+    sock.sendall(payload)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            return None
+        got += k
+    return bytes(buf)
+
+
+def recv(sock: socket.socket) -> tuple[Any, list[int]] | None:
+    """Receive one message and any fds sent with it; None when the peer has gone."""
+    data, fds, _, _ = socket.recv_fds(sock, _HEADER.size, _MAX_FDS)
+    if not data:
+        return None
+    if len(data) < _HEADER.size:
+        rest = _recv_exact(sock, _HEADER.size - len(data))
+        if rest is None:
+            return None
+        data += rest
+    (length,) = _HEADER.unpack(data)
+    payload = _recv_exact(sock, length)
+    if payload is None:
+        return None
+    return pickle.loads(payload), list(fds)

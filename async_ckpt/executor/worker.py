@@ -1,0 +1,130 @@
+"""The persistent worker process: ``python -m async_ckpt.executor.worker --fd N``.
+
+Started as its own interpreter (never by re-importing the user's main
+module), once per rank. It maps the staging arenas once, then per save
+receives a small message, runs plan -> validate -> write -> commit from the
+arena, and reports back. It runs at lower CPU and I/O priority than training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+import sys
+import traceback
+from typing import Any
+
+from ..errors import SaveFailedError
+from ..pipeline.save import SaveTimings, run_save
+from ..planning.comm import Comm, GroupComm, LocalComm
+from ..planning.plan import Planner
+from ..staging.arena import Arena
+from . import wire
+
+
+def lower_priority() -> None:
+    """Yield CPU and disk to training where the OS allows it."""
+    try:
+        os.nice(10)
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        psutil.Process().ionice(psutil.IOPRIO_CLASS_BE, 7)
+    except (ImportError, AttributeError, OSError, ValueError):
+        pass
+
+
+def connect_group(spec: dict[str, Any]) -> Comm:
+    """Join the workers' own gloo group through the job's store (never the training group)."""
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=spec["timeout_s"])
+    store = dist.TCPStore(spec["host"], spec["port"], is_master=False, timeout=timeout)
+    prefixed = dist.PrefixStore(spec["prefix"], store)
+    dist.init_process_group(
+        "gloo", store=prefixed, rank=spec["rank"], world_size=spec["world_size"], timeout=timeout
+    )
+    return GroupComm(None)
+
+
+def _portable_error(exc: BaseException) -> BaseException:
+    """The exception itself if it survives pickling, else a SaveFailedError with its text."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return SaveFailedError(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+
+
+def serve(sock: socket.socket) -> None:
+    """Handle messages until the caller closes the connection."""
+    arenas: dict[int, Arena] = {}
+    planner = Planner()
+    comm: Comm | None = None
+    while True:
+        received = wire.recv(sock)
+        if received is None:
+            break
+        msg, fds = received
+        op = msg["op"]
+        if op == "arenas":
+            for arena in arenas.values():
+                arena.close()
+            arenas = {
+                i: Arena.attach(fd, n)
+                for i, (fd, n) in enumerate(zip(fds, msg["sizes"], strict=True))
+            }
+            continue
+        if op == "close":
+            break
+        if op == "ping":
+            wire.send(sock, {"op": "pong", "pid": os.getpid()})
+            continue
+        timings = SaveTimings()
+        try:
+            if comm is None:
+                comm = connect_group(msg["group"]) if msg["group"] else LocalComm()
+            arena = arenas[msg["buffer"]]
+            state = msg["state"]
+            sources = [
+                arena.memoryview(off, it.nbytes)
+                for off, it in zip(msg["offsets"], state.items, strict=True)
+            ]
+            meta = run_save(
+                state, sources, msg["writer"], comm, planner, timings=timings, **msg["options"]
+            )
+            del sources
+            reply = {"op": "done", "save_no": msg["save_no"], "metadata": meta, "timings": timings}
+        except Exception as exc:
+            reply = {
+                "op": "error",
+                "save_no": msg["save_no"],
+                "error": _portable_error(exc),
+                "timings": timings,
+            }
+        wire.send(sock, reply)
+    for arena in arenas.values():
+        arena.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--fd", type=int, required=True, help="connected Unix socket to the caller")
+    args = parser.parse_args(argv)
+    lower_priority()
+    sock = socket.socket(fileno=args.fd)
+    try:
+        serve(sock)
+    finally:
+        sock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
