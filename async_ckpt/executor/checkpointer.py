@@ -121,6 +121,11 @@ class AsyncCheckpointer:
         writer = storage_writer or detect_writer(checkpoint_id)
         executor = self._ensure_executor()
         previous = self._last
+        if previous is not None and previous.done() and self._group is not None:
+            if previous.cancelled() or previous.exception() is not None:
+                # Every rank saw that save fail: all restart their workers into a new group.
+                self._group.next_epoch()
+                self._executor.abort(CheckpointError("restarting the worker after a failed save"))
         if previous is not None and not previous.done():
             if self.if_busy == "raise" and self.stager.options.num_buffers == 1:
                 raise SaveInProgressError(
@@ -187,10 +192,6 @@ class AsyncCheckpointer:
 
     def _after_save(self, future: SaveFuture) -> None:
         if future.cancelled() or future.exception() is not None:
-            if self._group is not None:
-                self._group.next_epoch()  # every rank failed this save: regroup workers
-                if isinstance(self._executor, ProcessExecutor):
-                    self._executor.abort(future.exception() or CheckpointError("restart"))
             log.warning("save to %s failed: %s", future.stats.checkpoint_id, future.exception())
             return
         log.info(future.stats.line())

@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import subprocess
 import sys
 import threading
+from concurrent.futures import CancelledError
 from pathlib import Path
 from typing import Any
 
-from ..errors import WorkerDiedError
+from ..errors import SaveFailedError, WorkerDiedError
 from . import wire
 from .base import Executor, SaveJob
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def _worker_pythonpath() -> str:
+    """The caller's import path (this package first), so the worker can unpickle
+    writers from any module the caller imported, including ones found through the
+    script's directory or a ``sys.path`` entry added at run time."""
+    entries = [_PACKAGE_ROOT, *(os.path.abspath(p) for p in sys.path if isinstance(p, str))]
+    return os.pathsep.join(dict.fromkeys(entries))
 
 
 class ProcessExecutor(Executor):
@@ -32,7 +42,9 @@ class ProcessExecutor(Executor):
         self._sock: socket.socket | None = None
         self._reader: threading.Thread | None = None
         self._lock = threading.RLock()
-        self._pending: dict[int, SaveJob] = {}
+        # Sent, not yet answered: save_no -> (job, the worker it was sent to).
+        self._pending: dict[int, tuple[SaveJob, subprocess.Popen]] = {}
+        self._unsent: dict[int, SaveJob] = {}  # submitted, still staging
         self._sent_generation = -1
         self._pong = threading.Event()
         self._closed = False
@@ -49,7 +61,7 @@ class ProcessExecutor(Executor):
     def _spawn(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+        env["PYTHONPATH"] = _worker_pythonpath()
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "async_ckpt.executor.worker", "--fd", str(child.fileno())],
             pass_fds=[child.fileno()],
@@ -77,15 +89,38 @@ class ProcessExecutor(Executor):
 
     # ------------------------------------------------------------ saves
     def submit(self, job: SaveJob) -> None:
+        with self._lock:
+            self._unsent[job.save_no] = job
         job.snapshot.staged.add_done_callback(lambda staged: self._send(job, staged))
 
     def _send(self, job: SaveJob, staged: Any) -> None:
         if staged.exception() is not None:
+            with self._lock:
+                self._unsent.pop(job.save_no, None)
             job.finish(error=staged.exception())
             return
         snap = job.snapshot
         try:
+            # Pickled apart from the message so that a writer the worker cannot
+            # import fails this save with a clear error instead of killing the worker.
+            writer = pickle.dumps(job.writer, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
             with self._lock:
+                self._unsent.pop(job.save_no, None)
+            job.finish(
+                error=SaveFailedError(
+                    f"the storage writer {type(job.writer).__qualname__} for "
+                    f"{job.writer.checkpoint_id!r} cannot be pickled for the worker process "
+                    f"({type(exc).__name__}: {exc}); make it picklable or use executor='thread'"
+                )
+            )
+            return
+        try:
+            with self._lock:  # held from _unsent to _pending, so abort() always sees the job
+                self._unsent.pop(job.save_no, None)
+                if job.aborted.is_set():  # cancelled or timed out while staging
+                    job.finish(error=CancelledError("aborted before it reached the worker"))
+                    return
                 if not self._alive():
                     self._spawn()
                 if self._sent_generation != job.arena_generation:
@@ -97,7 +132,7 @@ class ProcessExecutor(Executor):
                     )
                     self._sent_generation = job.arena_generation
                 job.options.pop("arenas", None)
-                self._pending[job.save_no] = job
+                self._pending[job.save_no] = (job, self._proc)
                 wire.send(
                     self._sock,
                     {
@@ -106,14 +141,19 @@ class ProcessExecutor(Executor):
                         "buffer": snap.buffer_index,
                         "offsets": snap.offsets,
                         "state": snap.state,
-                        "writer": job.writer,
+                        "writer": writer,
                         "group": self.group_spec() if self.group_spec else None,
                         "options": job.options,
                     },
                 )
         except (OSError, ValueError) as exc:
-            self._pending.pop(job.save_no, None)
+            with self._lock:
+                self._pending.pop(job.save_no, None)
             job.finish(error=WorkerDiedError(f"could not hand the save to the worker: {exc}"))
+        except Exception as exc:  # never let it escape: this runs as a future callback
+            with self._lock:
+                self._pending.pop(job.save_no, None)
+            job.finish(error=exc)
 
     def _read_replies(self, sock: socket.socket, proc: subprocess.Popen) -> None:
         while True:
@@ -128,7 +168,7 @@ class ProcessExecutor(Executor):
                 self._pong.set()
                 continue
             with self._lock:
-                job = self._pending.pop(msg["save_no"], None)
+                job, _ = self._pending.pop(msg["save_no"], (None, None))
             if job is None:
                 continue
             if msg["op"] == "done":
@@ -139,8 +179,10 @@ class ProcessExecutor(Executor):
         with self._lock:
             if self._sock is sock:
                 self._sock = None
-            orphans = list(self._pending.values())
-            self._pending.clear()
+            # Only this worker's saves: a replacement may already hold newer ones.
+            orphans = [job for job, p in self._pending.values() if p is proc]
+            for job in orphans:
+                del self._pending[job.save_no]
         for job in orphans:
             job.finish(
                 error=WorkerDiedError(
@@ -153,9 +195,16 @@ class ProcessExecutor(Executor):
 
     def abort(self, reason: BaseException) -> None:
         with self._lock:
-            jobs = list(self._pending.values())
+            jobs = [job for job, _ in self._pending.values()]
             self._pending.clear()
             proc = self._proc
+            staging = list(self._unsent.values())
+            for job in staging:  # under the lock: _send checks the flag under it
+                job.aborted.set()
+        for job in staging:
+            # Its copy may still be writing the buffer: fail the future now; _send
+            # releases the buffer once staging is over.
+            job.future._set_exception(reason)
         if proc is not None and proc.poll() is None:
             proc.kill()  # a killed worker cannot commit; its partial files are never listed
             proc.wait()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from typing import Any
 
 from ..pipeline.save import SaveTimings, run_save
@@ -25,7 +26,8 @@ class ThreadExecutor(Executor):
         self._comm: Comm | None = None
         self._planner = Planner()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-save")
-        self._current: SaveJob | None = None
+        self._jobs: dict[int, SaveJob] = {}  # submitted and not finished (queued or running)
+        self._lock = threading.Lock()
         self._closed = False
 
     def start(self) -> None:
@@ -35,13 +37,16 @@ class ThreadExecutor(Executor):
     def submit(self, job: SaveJob) -> None:
         self.start()
         job.options.pop("arenas", None)
+        with self._lock:
+            self._jobs[job.save_no] = job
         self._pool.submit(self._run, job)
 
     def _run(self, job: SaveJob) -> None:
         timings = SaveTimings()
-        self._current = job
         try:
-            job.snapshot.staged.result()
+            job.snapshot.staged.result()  # the buffer is released only after staging ends
+            if job.aborted.is_set():
+                raise CancelledError("aborted before it started writing")
             meta = run_save(
                 job.snapshot.state,
                 job.snapshot.sources(),
@@ -55,11 +60,16 @@ class ThreadExecutor(Executor):
             job.finish(meta=meta, timings=timings)
         except BaseException as exc:
             job.finish(error=exc, timings=timings)
+        finally:
+            with self._lock:
+                self._jobs.pop(job.save_no, None)
 
     def abort(self, reason: BaseException) -> None:
-        # A thread cannot be killed: the save is marked and stops before its commit.
-        job = self._current
-        if job is not None and not job.future.done():
+        # A thread cannot be killed: the running save is marked and stops before its
+        # commit, queued ones before they write; each keeps its buffer until it stops.
+        with self._lock:
+            jobs = list(self._jobs.values())
+        for job in jobs:
             job.aborted.set()
             job.future._set_exception(reason)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import pickle
 import socket
 import sys
 import traceback
@@ -43,23 +44,43 @@ def connect_group(spec: dict[str, Any]) -> Comm:
     import torch.distributed as dist
 
     timeout = datetime.timedelta(seconds=spec["timeout_s"])
-    store = dist.TCPStore(spec["host"], spec["port"], is_master=False, timeout=timeout)
-    prefixed = dist.PrefixStore(spec["prefix"], store)
-    dist.init_process_group(
-        "gloo", store=prefixed, rank=spec["rank"], world_size=spec["world_size"], timeout=timeout
-    )
+    try:
+        store = dist.TCPStore(spec["host"], spec["port"], is_master=False, timeout=timeout)
+        prefixed = dist.PrefixStore(spec["prefix"], store)
+        dist.init_process_group(
+            "gloo",
+            store=prefixed,
+            rank=spec["rank"],
+            world_size=spec["world_size"],
+            timeout=timeout,
+        )
+    except Exception as exc:
+        raise SaveFailedError(
+            f"rank {spec['rank']}: the checkpoint workers of {spec['world_size']} ranks did not "
+            f"all meet within {spec['timeout_s']} s ({type(exc).__name__}: {exc}); a rank "
+            "probably died or never called save. Nothing was committed."
+        ) from exc
     return GroupComm(None)
 
 
 def _portable_error(exc: BaseException) -> BaseException:
     """The exception itself if it survives pickling, else a SaveFailedError with its text."""
-    import pickle
-
     try:
         pickle.loads(pickle.dumps(exc))
         return exc
     except Exception:
         return SaveFailedError(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+
+
+def _load_writer(payload: bytes) -> Any:
+    try:
+        return pickle.loads(payload)
+    except Exception as exc:
+        raise SaveFailedError(
+            f"the checkpoint worker cannot load the storage writer ({type(exc).__name__}: "
+            f"{exc}); define its class in a module the training script imports (not in "
+            "__main__), or use executor='thread'"
+        ) from exc
 
 
 def serve(sock: socket.socket) -> None:
@@ -88,6 +109,7 @@ def serve(sock: socket.socket) -> None:
             continue
         timings = SaveTimings()
         try:
+            writer = _load_writer(msg["writer"])
             if comm is None:
                 comm = connect_group(msg["group"]) if msg["group"] else LocalComm()
             arena = arenas[msg["buffer"]]
@@ -97,7 +119,7 @@ def serve(sock: socket.socket) -> None:
                 for off, it in zip(msg["offsets"], state.items, strict=True)
             ]
             meta = run_save(
-                state, sources, msg["writer"], comm, planner, timings=timings, **msg["options"]
+                state, sources, writer, comm, planner, timings=timings, **msg["options"]
             )
             del sources
             reply = {"op": "done", "save_no": msg["save_no"], "metadata": meta, "timings": timings}

@@ -7,9 +7,32 @@ to the checkpoint engine (never the training job's own group).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch.distributed as dist
+
+from ..errors import SaveFailedError
+
+
+def _peer_failure(fn: Callable) -> Callable:
+    """Collective errors (a rank died or timed out) become SaveFailedError."""
+
+    @functools.wraps(fn)
+    def wrapper(self: GroupComm, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except SaveFailedError:
+            raise
+        except Exception as exc:
+            raise SaveFailedError(
+                f"rank {self.rank}: a checkpoint collective among {self.world_size} ranks failed "
+                f"({type(exc).__name__}: {exc}); another rank probably died, hung or timed "
+                "out. Nothing was committed."
+            ) from exc
+
+    return wrapper
 
 
 class Comm(Protocol):
@@ -63,12 +86,14 @@ class GroupComm:
         self.world_size = dist.get_world_size(group)
         self.collective_count = 0
 
+    @_peer_failure
     def all_gather_object(self, obj: Any) -> list[Any]:
         self.collective_count += 1
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
+    @_peer_failure
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         self.collective_count += 1
         box = [obj]
@@ -76,6 +101,7 @@ class GroupComm:
         dist.broadcast_object_list(box, src=global_src, group=self.group)
         return box[0]
 
+    @_peer_failure
     def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
         self.collective_count += 1
         out: list[Any] | None = [None] * self.world_size if self.rank == dst else None

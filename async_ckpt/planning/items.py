@@ -115,7 +115,8 @@ def describe(flat: Flat) -> tuple[LocalState, list[torch.Tensor]]:
         path = flat.paths[key]
         numpy = False
         if isinstance(leaf, np.ndarray) and leaf.dtype.kind in "biufc" and leaf.dtype != np.uint64:
-            leaf, numpy = torch.from_numpy(np.ascontiguousarray(leaf)), True
+            # not np.ascontiguousarray: it turns a 0-d array into shape (1,)
+            leaf, numpy = torch.from_numpy(np.require(leaf, requirements="C")), True
         if _is_dtensor(leaf):
             local, offsets, shape = _dtensor_piece(leaf)
         elif isinstance(leaf, torch.Tensor):
