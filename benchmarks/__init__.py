@@ -1,0 +1,1 @@
+"""Benchmark harness for async_ckpt: see benchmarks/README.md."""

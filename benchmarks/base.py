@@ -37,7 +37,7 @@ class BenchContext:
 class Pending(ABC):
     """Handle for one in-flight save."""
 
-    def wait_staged(self) -> None:
+    def wait_staged(self) -> None:  # noqa: B027 - optional, no-op by default
         """Block until the caller may mutate the state again."""
 
     @abstractmethod
@@ -76,7 +76,7 @@ class Method(ABC):
     can_load: bool = False  # True: load() is implemented and timed
     needs_process_group: bool = False  # True: runner inits a 1-rank gloo group
 
-    def setup(self, ctx: BenchContext) -> None:
+    def setup(self, ctx: BenchContext) -> None:  # noqa: B027 - optional hook
         """One-time preparation outside the timed region (buffers, pools, PG)."""
 
     @abstractmethod
@@ -91,7 +91,11 @@ class Method(ABC):
         """What load() should return for `state`; the runner compares the two."""
         return state
 
-    def teardown(self) -> None:
+    def info(self) -> dict[str, Any]:
+        """Configuration/one-off figures worth keeping in the JSON report."""
+        return {}
+
+    def teardown(self) -> None:  # noqa: B027 - optional hook
         """Release everything setup() created."""
 
 

@@ -59,8 +59,14 @@ def drop_page_cache(path: Path) -> None:
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long]
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
 _MAP_FAILED = ctypes.c_void_p(-1).value
@@ -110,8 +116,12 @@ def check_fadvise(directory: Path, nbytes: int = 16 << 20) -> dict[str, Any]:
         after = page_cache_fraction(probe)
     finally:
         probe.unlink(missing_ok=True)
-    return {"resident_before": before, "resident_after": after, "works": after < 0.05,
-            "euid": os.geteuid()}
+    return {
+        "resident_before": before,
+        "resident_after": after,
+        "works": after < 0.05,
+        "euid": os.geteuid(),
+    }
 
 
 def _split_by_bytes(tensors: list[torch.Tensor], parts: int) -> list[list[int]]:
@@ -175,7 +185,7 @@ class RawWriteFsync(Method):
             for t in iter_tensors(state):
                 view = _byte_view(t)
                 while view:  # write() may be short for huge buffers
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -163,14 +163,29 @@ def empty_like_state(obj: Any) -> Any:
     return obj
 
 
+def clone_state(obj: Any) -> Any:
+    """Deep copy with cloned tensors: the expected content of an async save."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: clone_state(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [clone_state(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(clone_state(v) for v in obj)
+    return obj
+
+
 def assert_state_equal(actual: Any, expected: Any, path: str = "") -> None:
     """Raise AssertionError on the first difference (structure, dtype or bytes)."""
     if isinstance(expected, torch.Tensor):
         if not isinstance(actual, torch.Tensor):
             raise AssertionError(f"{path}: expected tensor, got {type(actual).__name__}")
         if actual.dtype != expected.dtype or actual.shape != expected.shape:
-            raise AssertionError(f"{path}: {actual.dtype}{tuple(actual.shape)} != "
-                                 f"{expected.dtype}{tuple(expected.shape)}")
+            raise AssertionError(
+                f"{path}: {actual.dtype}{tuple(actual.shape)} != "
+                f"{expected.dtype}{tuple(expected.shape)}"
+            )
         if not torch.equal(actual, expected):
             raise AssertionError(f"{path}: tensor contents differ")
     elif isinstance(expected, dict):

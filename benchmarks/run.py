@@ -1,0 +1,134 @@
+"""Benchmark entry point: every registered method, same state, one process.
+
+    python -m benchmarks.run --size 1GiB --repeats 5 --methods all \
+        --dir .bench-tmp --out benchmarks/results
+
+Runs are interleaved (A B C A B C ...) so slow drift of a shared disk hits all
+methods alike; steady state is the median of runs 2..N; ratios use figures
+from this same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import methods as registry
+from benchmarks import report
+from benchmarks.harness import bench_size, log
+from benchmarks.limits import check_fadvise
+from benchmarks.peers import shutdown_dcp
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gib": 1 << 30,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+}
+
+
+def parse_size(text: str) -> int:
+    """'512MiB', '1GiB', '1.5G', '100MB', '4096' -> bytes (K/M/G are binary)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}; use e.g. 256MiB or 1GiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--size",
+        nargs="+",
+        default=None,
+        help="state size(s), e.g. 256MiB 1GiB (or comma-separated)",
+    )
+    p.add_argument("--repeats", type=int, default=5, help="runs per method (>=2 recommended)")
+    p.add_argument(
+        "--methods", default="all", help=f"'all' or comma list of: {', '.join(registry.REGISTRY)}"
+    )
+    p.add_argument(
+        "--dir",
+        type=Path,
+        default=Path(".bench-tmp"),
+        help="scratch dir on the disk under test (a private subdir is used)",
+    )
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-load", action="store_true", help="skip cold-load timing")
+    p.add_argument("--no-probe", action="store_true", help="skip the step-slowdown probe")
+    p.add_argument("--probe-alone-s", type=float, default=1.0)
+    p.add_argument("--smoke", action="store_true", help="tiny quick run (4MiB, 2 repeats)")
+    args = p.parse_args(argv)
+    if args.smoke:  # tiny and quick; an explicit --size still wins
+        args.size, args.repeats, args.probe_alone_s = args.size or ["4MiB"], 2, 0.2
+    args.size = args.size or ["1GiB"]
+    labels = dict.fromkeys(s.strip() for tok in args.size for s in tok.split(",") if s.strip())
+    try:
+        args.sizes = [(parse_size(label), label) for label in labels]
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = registry.select(args.methods)
+    args.dir.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    # A private subdirectory: we only ever delete what we created.
+    scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=args.dir))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    result: dict[str, Any] = {
+        "started": stamp,
+        "argv": sys.argv,
+        "repeats": args.repeats,
+        "methods": names,
+        "machine": report.machine_info(scratch),
+        "fadvise_check": check_fadvise(scratch),
+        "sizes": [],
+    }
+    if not result["fadvise_check"]["works"]:
+        log(
+            f"warning: page cache drop did not work here, loads are warm: {result['fadvise_check']}"
+        )
+    try:
+        for size, label in args.sizes:
+            result["sizes"].append(bench_size(size, label, names, args, scratch))
+    finally:
+        result["machine"]["loadavg_end"] = os.getloadavg()
+        shutdown_dcp()
+        shutil.rmtree(scratch, ignore_errors=True)
+    md = report.markdown(result)
+    print(md)
+    base = args.out / f"bench-{stamp}"
+    report.write_json(result, base.with_suffix(".json"))
+    (base.with_suffix(".md")).write_text(md)
+    report.write_png(result, base.with_suffix(".png"))
+    log(f"wrote {base}.json, .md and .png")
+    failed = [n for s in result["sizes"] for n, m in s["methods"].items() if m.get("error")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
