@@ -27,14 +27,18 @@ moto's in-process backends would be shared with (and reset by) any
 starts faster and is there for callers who want it.
 
 Credentials are dummies passed explicitly through ``storage_options``; the
-process environment is neither read nor modified.  s3fs and moto are imported
-lazily so that this module imports everywhere; the fixtures skip with a reason
-when either is missing.
+process environment is not modified (botocore still reads ``AWS_*`` config
+such as ``AWS_PROFILE``: naming a profile that doesn't exist breaks client
+creation).  Any HTTP(S)_PROXY is ignored for the loopback endpoint.  s3fs and
+moto are imported lazily so that this module imports everywhere; the fixtures
+skip with a reason when either is missing.  The ``s3_bucket`` fixture clears
+s3fs's instance cache before and after each test and deletes its bucket.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import itertools
 import logging
@@ -104,7 +108,7 @@ class S3Server:
 
     @property
     def storage_options(self) -> dict[str, Any]:
-        return _deepcopy_options(self._storage_options)
+        return copy.deepcopy(self._storage_options)
 
     def filesystem(self, **overrides: Any):
         """A new, uncached ``s3fs.S3FileSystem`` for this server."""
@@ -137,6 +141,10 @@ class S3Bucket:
     def storage_options(self) -> dict[str, Any]:
         return self.server.storage_options
 
+    def filesystem(self, **overrides: Any):
+        """A new, uncached ``s3fs.S3FileSystem`` (see :meth:`S3Server.filesystem`)."""
+        return self.server.filesystem(**overrides)
+
     @property
     def root(self) -> str:
         """``s3://<bucket>``"""
@@ -146,14 +154,6 @@ class S3Bucket:
         """``s3://<bucket>/<parts joined with '/'>``"""
         key = "/".join(p.strip("/") for p in parts if p.strip("/"))
         return f"{self.root}/{key}" if key else self.root
-
-
-def _deepcopy_options(opts: dict[str, Any]) -> dict[str, Any]:
-    out = dict(opts)
-    for k in ("client_kwargs", "config_kwargs"):
-        if k in out:
-            out[k] = {kk: dict(vv) if isinstance(vv, dict) else vv for kk, vv in out[k].items()}
-    return out
 
 
 def _make_storage_options(endpoint_url: str) -> dict[str, Any]:
@@ -343,6 +343,9 @@ if pytest is not None:
             yield bucket
         finally:
             clear_s3fs_instance_cache()
+            # Best effort: free the server's memory/temp files (moto keeps everything).
+            with contextlib.suppress(Exception):
+                bucket.filesystem().rm(bucket.name, recursive=True)
 
 
 if __name__ == "__main__":

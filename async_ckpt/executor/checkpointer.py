@@ -119,6 +119,12 @@ class AsyncCheckpointer:
         self._check_open()
         t0 = time.perf_counter()
         writer = storage_writer or detect_writer(checkpoint_id)
+        if self.executor_kind == "process" and str(writer.checkpoint_id).startswith("memory://"):
+            raise CheckpointError(
+                f"cannot save {writer.checkpoint_id!r} from a worker process: memory:// lives "
+                "inside one process, so the worker's copy would be invisible here. Use "
+                "AsyncCheckpointer(executor='thread') for memory:// checkpoints."
+            )
         executor = self._ensure_executor()
         previous = self._last
         if previous is not None and previous.done() and self._group is not None:

@@ -18,6 +18,7 @@ from ..errors import (
     MissingBackendError,
 )
 from ..format.metadata import MAX_METADATA_BYTES, METADATA_FILE, is_safe_file_name
+from . import s3_transfer
 from .base import DATA_FILE, SegmentRecord, StorageReader, StorageWriter, checksummed_layout
 
 # Packages that provide the common protocols, for a helpful error when one is missing.
@@ -88,6 +89,9 @@ class FsspecWriter(StorageWriter):
         self, name: str, segments: Sequence[memoryview], block_size: int
     ) -> list[SegmentRecord]:
         records, _ = checksummed_layout(segments, block_size)
+        if s3_transfer.is_s3(self.fs):
+            s3_transfer.upload(self.fs, self._join(name), segments)
+            return records
         with self.fs.open(self._join(name), "wb") as f:
             for seg in segments:
                 f.write(seg.cast("B") if seg.format != "B" else seg)
@@ -98,6 +102,7 @@ class FsspecWriter(StorageWriter):
 
     def remove_stale(self, keep: Iterable[str]) -> list[str]:
         keep = set(keep)
+        self.fs.invalidate_cache(self.path)
         stale = [
             p
             for p in self.fs.ls(self.path, detail=False)
@@ -132,6 +137,7 @@ class FsspecReader(StorageReader):
         try:
             data = self.fs.cat_file(f"{self.path}/{METADATA_FILE}")
         except FileNotFoundError:
+            self.fs.invalidate_cache(self.path)
             if self.fs.exists(self.path) and self.fs.ls(self.path, detail=False):
                 raise IncompleteCheckpointError(
                     f"checkpoint {self.checkpoint_id!r} is incomplete: it has no {METADATA_FILE}, "
@@ -158,14 +164,20 @@ class FsspecReader(StorageReader):
             raise CorruptCheckpointError(f"refusing data file name {name!r}")
         view = dest.cast("B") if dest.format != "B" else dest
         try:
-            data = self.fs.cat_file(f"{self.path}/{name}", start=offset, end=offset + len(view))
+            if s3_transfer.is_s3(self.fs):
+                got = s3_transfer.download_into(self.fs, f"{self.path}/{name}", offset, view)
+                data = None
+            else:
+                data = self.fs.cat_file(f"{self.path}/{name}", start=offset, end=offset + len(view))
+                got = len(data)
         except FileNotFoundError as exc:
             raise CorruptCheckpointError(
                 f"data file {name!r} of checkpoint {self.checkpoint_id!r} is missing"
             ) from exc
-        if len(data) != len(view):
+        if got != len(view):
             raise CorruptCheckpointError(
                 f"data file {name!r} of {self.checkpoint_id!r} is truncated: expected "
-                f"{len(view)} bytes at offset {offset}, got {len(data)}"
+                f"{len(view)} bytes at offset {offset}, got {got}"
             )
-        view[:] = data
+        if data is not None:
+            view[:] = data
