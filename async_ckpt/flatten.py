@@ -127,7 +127,8 @@ def _set(node: Any, path: KeyPath, value: Any, kinds: list[str], max_index: int)
         while len(items) <= head:
             items.append(None)
         items[head] = _set(items[head], rest, value, kinds[1:], max_index)
-        return tuple(items) if type(node) is tuple else type(node)(*items)
+        # namedtuples take fields as arguments; other tuple types (torch.Size) an iterable
+        return type(node)(*items) if hasattr(type(node), "_fields") else type(node)(items)
     if isinstance(node, list):
         while len(node) <= head:
             node.append(None)

@@ -75,6 +75,20 @@ class Method(ABC):
     durable: bool = True  # False for in-memory limits (no disk commit)
     can_load: bool = False  # True: load() is implemented and timed
     needs_process_group: bool = False  # True: runner inits a 1-rank gloo group
+    # Which methods the runner keeps when RAM is short: lower first (limits 0,
+    # async_ckpt 1, peers 2). See resident_factor/transient_factor.
+    priority: int = 1
+    # True: setup() may run in a thread beside other such setups (e.g. it waits
+    # for a worker process to start); saves a lot of time in short runs.
+    parallel_setup: bool = False
+
+    def resident_factor(self) -> float:
+        """Memory held from setup to teardown, in multiples of the state's tensor bytes."""
+        return 0.0
+
+    def transient_factor(self) -> float:
+        """Extra memory held during one save or load (fresh copies), same unit."""
+        return 0.0
 
     def setup(self, ctx: BenchContext) -> None:  # noqa: B027 - optional hook
         """One-time preparation outside the timed region (buffers, pools, PG)."""
@@ -93,6 +107,10 @@ class Method(ABC):
 
     def info(self) -> dict[str, Any]:
         """Configuration/one-off figures worth keeping in the JSON report."""
+        return {}
+
+    def run_info(self) -> dict[str, Any]:
+        """Extra numeric figures of the save that just committed (kept per run)."""
         return {}
 
     def teardown(self) -> None:  # noqa: B027 - optional hook

@@ -140,6 +140,10 @@ class MemcpyShm(Method):
     """copy_ into warm shared-memory buffers with N threads (copy_ drops the GIL)."""
 
     durable = False
+    priority = 0
+
+    def resident_factor(self) -> float:
+        return 1.0
 
     def __init__(self, threads: int = 2) -> None:
         self.threads = threads
@@ -178,6 +182,7 @@ class RawWriteFsync(Method):
     """Tensor bytes -> one file, sequential write + fsync; load = cold readinto."""
 
     can_load = True
+    priority = 0
 
     def save(self, state: dict[str, Any], path: Path) -> Pending:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

@@ -3,8 +3,8 @@
 Add a method: implement benchmarks.base.Method in a module of your own and add
 one line to REGISTRY below, e.g.
 
-    from benchmarks.ours import AsyncCkptMethod
-    REGISTRY["async_ckpt"] = lambda: AsyncCkptMethod(workers=1)
+    from benchmarks.mine import MyMethod
+    REGISTRY["my_method"] = lambda: MyMethod(threads=2)
 
 Factories are called once per size, so each gets fresh buffers and pools.
 """
@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
 from benchmarks.base import Method
 from benchmarks.limits import MemcpyShm, RawWriteFsync
+from benchmarks.ours import AsyncCkptAsync, AsyncCkptFrozen, AsyncCkptSave
 from benchmarks.peers import DcpAsync, DcpSave, TorchSave, best_staging
 
 Factory = Callable[[], Method]
@@ -35,6 +36,12 @@ REGISTRY: dict[str, Factory] = {
     "dcp_async_thread": lambda: DcpAsync(AsyncCheckpointerType.THREAD),
     "dcp_async_process": lambda: DcpAsync(AsyncCheckpointerType.PROCESS),
     "dcp_async_process_best": lambda: DcpAsync(AsyncCheckpointerType.PROCESS, best_staging()),
+    # async_ckpt (benchmarks/ours.py)
+    "async_ckpt_save": lambda: AsyncCkptSave(),
+    "async_ckpt_async_process": lambda: AsyncCkptAsync("process"),
+    "async_ckpt_async_thread": lambda: AsyncCkptAsync("thread"),
+    "async_ckpt_async_staging": lambda: AsyncCkptAsync("process", async_staging=True),
+    "async_ckpt_frozen90": lambda: AsyncCkptFrozen(0.9, executor="process"),
 }
 
 
@@ -42,6 +49,8 @@ def select(spec: str) -> list[str]:
     """'all' or a comma list of registered names (order kept) -> names."""
     if spec.strip() == "all":
         return list(REGISTRY)
+    if spec.strip() == "none":  # e.g. only the multi-rank runs
+        return []
     names = [n.strip() for n in spec.split(",") if n.strip()]
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:

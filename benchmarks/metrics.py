@@ -32,26 +32,40 @@ def summarize(values: Sequence[float | None]) -> dict[str, Any] | None:
     }
 
 
-_SUMMARY_KEYS = (
+_FIRST_KEYS = (
     "return_s",
     "staged_s",
     "commit_s",
     "load_s",
     "rss_main_delta",
+    "rss_main_peak",
     "rss_children_peak",
     "rss_children_delta",
     "rss_load_delta",
 )
 
 
+def _numeric_keys(runs: list[dict[str, Any]]) -> list[str]:
+    """The fixed keys first, then any numeric per-run figure a method added (run_info)."""
+    keys = dict.fromkeys(_FIRST_KEYS)
+    for r in runs:
+        for k, v in r.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                keys.setdefault(k)
+    return list(keys)
+
+
 def summarize_methods(out: dict[str, dict[str, Any]], write_floor: str, copy_floor: str) -> None:
     """Add 'summary' and 'ratios' to each method's record, in place.
 
     Ratios divide by the floors' medians from the same run, so slow drift of a
-    shared machine cancels out as far as interleaving allows.
+    shared machine cancels out as far as interleaving allows. A method whose
+    info names an ``all_changed_reference`` also gets its staged time over that
+    method's (the skip_unchanged comparison).
     """
     for m in out.values():
-        m["summary"] = {k: summarize([r.get(k) for r in m["runs"]]) for k in _SUMMARY_KEYS}
+        runs = m["runs"]
+        m["summary"] = {k: summarize([r.get(k) for r in runs]) for k in _numeric_keys(runs)}
 
     def med(name: str, key: str) -> float | None:
         s = out.get(name, {}).get("summary", {}).get(key)
@@ -60,13 +74,17 @@ def summarize_methods(out: dict[str, dict[str, Any]], write_floor: str, copy_flo
     write = med(write_floor, "commit_s")
     copy = med(copy_floor, "commit_s")
     read = med(write_floor, "load_s")
-    for name in out:
+    for name, m in out.items():
         c, s, ld = med(name, "commit_s"), med(name, "staged_s"), med(name, "load_s")
-        out[name]["ratios"] = {
+        m["ratios"] = {
             "commit_vs_write": c / write if c and write else None,
             "staged_vs_copy": s / copy if s and copy else None,
             "load_vs_read": ld / read if ld and read else None,
         }
+        ref = m.get("info", {}).get("all_changed_reference")
+        if ref:
+            r = med(ref, "staged_s")
+            m["ratios"]["staged_vs_all_changed"] = s / r if s and r else None
 
 
 class RssSampler:

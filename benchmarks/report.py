@@ -136,6 +136,9 @@ def markdown(result: dict[str, Any]) -> str:
                 why = m["error"].strip().splitlines()[-1][:100].replace("|", "/")
                 lines.append(f"| {name} | failed: {why} |" + " |" * 10)
                 continue
+            if m.get("skipped"):
+                lines.append(f"| {name} | {m['skipped']} |" + " |" * 10)
+                continue
             s, r = m["summary"], m["ratios"]
             gbps = (size["nbytes"] / s["commit_s"]["median"] / 1e9) if s.get("commit_s") else None
             rss_d = s.get("rss_main_delta")
@@ -160,6 +163,12 @@ def markdown(result: dict[str, Any]) -> str:
                 + " |"
             )
         lines.append("")
+        lines += ours_details(size)
+        if size.get("isolated"):
+            lines += isolated_section(size["isolated"])
+    for mr in result.get("multirank", []):
+        lines += multirank_section(mr)
+    lines += targets_section(result)
     lines += [
         "return = async call returned; staged = state may be mutated again (the training "
         "stall); commit = durable on disk (for memcpy_shm: copy done). Floors are the "
@@ -172,12 +181,301 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _med(s: dict[str, Any] | None, scale: float = 1.0, digits: int = 3) -> str:
+    return "—" if not s else f"{s['median'] * scale:.{digits}f}"
+
+
+def ours_details(size: dict[str, Any]) -> list[str]:
+    """async_ckpt methods: the library's own figures and memory per save."""
+    rows = []
+    for name, m in size["methods"].items():
+        if not name.startswith("async_ckpt") or m.get("error") or m.get("skipped"):
+            continue
+        s, info = m["summary"], m.get("info", {})
+        uss = s.get("worker_uss_peak")
+        first = s.get("staged_s") or {}
+        commit = s.get("commit_s") or {}
+        copied = s.get("copied_bytes")
+        ratio = m["ratios"].get("staged_vs_all_changed")
+        rows.append(
+            " | ".join(
+                [
+                    f"| {name}",
+                    _med(s.get("return_s"), 1e3, 1),
+                    _med(s.get("plan_s"), 1e3, 2),
+                    fmt_bytes(copied["median"]) if copied else "—",
+                    "—" if ratio is None else f"{ratio:.2f}x",
+                    fmt_bytes(uss["median"]) if uss else "—",
+                    fmt_bytes(s["rss_main_peak"]["median"]) if s.get("rss_main_peak") else "—",
+                    "—" if "start_s" not in info else f"{info['start_s']:.2f}",
+                    f"{first['first']:.3f} / {commit['first']:.3f}" if first and commit else "—",
+                ]
+            )
+            + " |"
+        )
+    if not rows:
+        return []
+    return [
+        f"### async_ckpt details ({size['label']})",
+        "",
+        "| method | stall ms | plan ms | copied per save | staged / all-changed "
+        "| worker USS peak | harness RSS peak | start() s | first save staged / commit s |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "stall = until save() returned; plan = SaveFuture.stats.plan_s; worker USS = pages "
+        "private to the worker process (the shared arena excluded); harness RSS peak is the "
+        "whole benchmark process, which also holds every other method's buffers (see the "
+        "isolated profile for async_ckpt alone). First save = run 1, after start() in setup.",
+        "",
+    ]
+
+
+def isolated_section(r: dict[str, Any]) -> list[str]:
+    if "error" in r:
+        why = r["error"].strip().splitlines()[-1][:200]
+        return ["### async_ckpt alone (fresh process)", "", f"failed: {why}", ""]
+    first, cold = r["started"][0], r["not_started"][0]
+    n = r["nbytes"]
+    uss = r.get("worker_uss_peak")
+    return [
+        "### async_ckpt alone (fresh process)",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| start() (spawn worker, import, handshake) | {r['start_s']:.2f} s |",
+        f"| first save after start(): stall / staged / commit | {first['return_s']:.3f} / "
+        f"{first['staged_s']:.3f} / {first['commit_s']:.3f} s |",
+        f"| first save without start(): stall / staged / commit | {cold['return_s']:.3f} / "
+        f"{cold['staged_s']:.3f} / {cold['commit_s']:.3f} s |",
+        f"| later saves (median): staged / commit | {r['steady_staged_s']:.3f} / "
+        f"{r['steady_commit_s']:.3f} s |",
+        f"| sync save: time / peak RSS over the pre-state baseline | {r['sync_save_s']:.3f} s / "
+        f"{fmt_bytes(r['sync_peak_over_base'])} ({r['sync_peak_over_base'] / n:.2f}x state) |",
+        f"| async saves: peak RSS over the pre-state baseline | "
+        f"{fmt_bytes(r['async_peak_over_base'])} = {r['main_peak_vs_state_plus_arena']:.2f}x "
+        f"(state + one arena = {fmt_bytes(2 * n)}) |",
+        f"| worker USS: idle / peak during saves | {fmt_bytes(r['worker_uss_idle'])} / "
+        + ("—" if not uss else f"{fmt_bytes(uss)} ({uss / n:.3f}x state)")
+        + " |",
+        "",
+    ]
+
+
+def multirank_section(mr: dict[str, Any]) -> list[str]:
+    world = mr.get("world")
+    if "error" in mr:
+        why = mr["error"].strip().splitlines()[-1][:200]
+        return [f"## {world} ranks", "", f"failed: {why}", ""]
+    lines = [
+        f"## {world} ranks ({fmt_bytes(mr['nbytes'])} in total as DTensor Shard(0), gloo on "
+        f"loopback, {mr['repeats']} runs, median of runs 2..N, slowest rank)",
+        "",
+        "| method | stall s | staged s | commit s (all ranks) | commit / parallel write "
+        "| control ms (slowest rank) | control ms (last rank to arrive) | ours / this |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in mr["summary"].items():
+        s = m.get("summary", {})
+        if m.get("n_failed") and not s:
+            why = m["errors"][0].strip().splitlines()[-1][:100].replace("|", "/")
+            lines.append(f"| {name} | failed: {why} |" + " |" * 6)
+            continue
+        ours = m.get("ours_plan_min_rank_s_vs_this")
+        lines.append(
+            " | ".join(
+                [
+                    f"| {name}",
+                    _cell(s.get("return_s")),
+                    _cell(s.get("staged_s")),
+                    _cell(s.get("all_committed_s")),
+                    _ratio(m.get("commit_vs_parallel_write")),
+                    _med(s.get("plan_s"), 1e3, 1),
+                    _med(s.get("plan_min_rank_s"), 1e3, 1),
+                    _ratio(ours),
+                ]
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        "control = planning before the first byte is written, staging excluded: "
+        "async_ckpt's SaveFuture.stats.plan_s; DCP's set_up_planner .. finish_plan in its "
+        "background thread. The slowest rank's figure includes waiting for the other ranks to "
+        "finish staging; the last rank to arrive sees the exchange alone.",
+        "",
+    ]
+    return lines
+
+
+def _m(size: dict[str, Any], name: str) -> dict[str, Any]:
+    m = size["methods"].get(name, {})
+    return {} if m.get("error") or m.get("skipped") else m
+
+
+def _median(size: dict[str, Any], name: str, key: str) -> float | None:
+    s = _m(size, name).get("summary", {}).get(key)
+    return s["median"] if s else None
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issues' targets, measured on the first size (and the multi-rank runs)."""
+    out: list[dict[str, Any]] = []
+
+    def add(target: str, value: str, met: bool | None) -> None:
+        out.append({"target": target, "measured": value, "met": met})
+
+    if result["sizes"]:
+        size = result["sizes"][0]
+        label = size["label"]
+        copy = _median(size, "memcpy_shm", "commit_s")
+        write = _median(size, "raw_write_fsync", "commit_s")
+        read = _median(size, "raw_write_fsync", "load_s")
+        staged = _median(size, "async_ckpt_async_process", "staged_s")
+        if staged and copy:
+            add(
+                f"async_save time-to-staged <= 1.10x raw copy ({label})",
+                f"{staged:.3f} s / {copy:.3f} s = {staged / copy:.2f}x",
+                staged / copy <= 1.10,
+            )
+        ret = _median(size, "async_ckpt_async_staging", "return_s")
+        if ret is not None:
+            add(
+                "async staging: control back < 5 ms",
+                f"{ret * 1e3:.1f} ms (staged after "
+                f"{_median(size, 'async_ckpt_async_staging', 'staged_s') or 0:.3f} s)",
+                ret < 0.005,
+            )
+        a_commit = _median(size, "async_ckpt_async_process", "commit_s")
+        s_commit = _median(size, "async_ckpt_save", "commit_s")
+        if a_commit and s_commit:
+            add(
+                "async commit no later than our sync save",
+                f"{a_commit:.3f} s vs {s_commit:.3f} s = {a_commit / s_commit:.2f}x",
+                a_commit <= s_commit,
+            )
+        if a_commit and write:
+            add(
+                "async commit <= 1.15x raw write+fsync",
+                f"{a_commit:.3f} s / {write:.3f} s = {a_commit / write:.2f}x",
+                a_commit / write <= 1.15,
+            )
+        if s_commit and write:
+            add(
+                "sync save <= 1.15x raw write+fsync",
+                f"{s_commit:.3f} s / {write:.3f} s = {s_commit / write:.2f}x",
+                s_commit / write <= 1.15,
+            )
+        load = _median(size, "async_ckpt_save", "load_s")
+        dload = _median(size, "dcp_save", "load_s")
+        if load and read:
+            met = load / read <= 1.10 and (dload is None or load < dload)
+            add(
+                "cold load <= 1.10x raw cold read, and faster than DCP load",
+                f"{load:.3f} s / {read:.3f} s = {load / read:.2f}x; DCP "
+                + (f"{dload:.3f} s" if dload else "—"),
+                met,
+            )
+        slow = {
+            n: _m(size, n).get("probe", {}).get("slowdown")
+            for n in ("async_ckpt_async_process", "async_ckpt_async_thread")
+        }
+        if any(v is not None for v in slow.values()):
+            worst = max(v for v in slow.values() if v is not None)
+            add(
+                "training-step slowdown during background writes < 5 %",
+                ", ".join(
+                    f"{n.removeprefix('async_ckpt_async_')} {v:.2f}x" for n, v in slow.items() if v
+                ),
+                worst < 1.05,
+            )
+        iso = size.get("isolated") or {}
+        if "main_peak_vs_state_plus_arena" in iso:
+            add(
+                "main-process peak memory <= state + one arena (fresh process)",
+                f"{fmt_bytes(iso['async_peak_over_base'])} over baseline = "
+                f"{iso['main_peak_vs_state_plus_arena']:.2f}x (state + arena)",
+                iso["main_peak_vs_state_plus_arena"] <= 1.0,
+            )
+        if iso.get("worker_uss_vs_state") is not None:
+            add(
+                "worker USS < 0.25x state",
+                f"{fmt_bytes(iso['worker_uss_peak'])} = {iso['worker_uss_vs_state']:.3f}x",
+                iso["worker_uss_vs_state"] < 0.25,
+            )
+        fr = _m(size, "async_ckpt_frozen90").get("ratios", {}).get("staged_vs_all_changed")
+        if fr is not None:
+            fs = _median(size, "async_ckpt_frozen90", "staged_s") or 0
+            add(
+                "frozen90 stall <= 0.2x all-changed stall",
+                f"{fs:.3f} s / {staged or 0:.3f} s = {fr:.2f}x",
+                fr <= 0.2,
+            )
+    for mr in result.get("multirank", []):
+        if "error" in mr:
+            add(f"{mr['world']} ranks", "failed", False)
+            continue
+        s = mr["summary"]
+        w = mr["world"]
+        ours = s.get("async_ckpt_async", {}).get("summary", {}).get("plan_min_rank_s")
+        ours_max = s.get("async_ckpt_async", {}).get("summary", {}).get("plan_s")
+        dcp = s.get("dcp_async", {}).get("summary", {}).get("plan_min_rank_s")
+        dcpc = s.get("dcp_async_cached", {}).get("summary", {}).get("plan_min_rank_s")
+        if ours:
+            best_dcp = min(x["median"] for x in (dcp, dcpc) if x) if (dcp or dcpc) else None
+            add(
+                f"{w} ranks: control overhead on cached saves < 5 ms and <= 1/10 of DCP",
+                f"{ours['median'] * 1e3:.1f} ms (slowest rank {ours_max['median'] * 1e3:.1f} ms); "
+                f"DCP {dcp['median'] * 1e3:.1f} ms, DCP plan-cached "
+                f"{dcpc['median'] * 1e3:.1f} ms"
+                if dcp and dcpc
+                else f"{ours['median'] * 1e3:.1f} ms",
+                ours["median"] < 0.005 and (best_dcp is None or ours["median"] <= best_dcp / 10),
+            )
+        r = s.get("async_ckpt_async", {}).get("commit_vs_parallel_write")
+        if r is not None:
+            add(f"{w} ranks: commit <= 1.2x raw parallel write", f"{r:.2f}x", r <= 1.2)
+    return out
+
+
+def targets_section(result: dict[str, Any]) -> list[str]:
+    rows = targets(result)
+    if not rows:
+        return []
+    mark = {True: "met", False: "**missed**", None: "?"}
+    return [
+        "## Targets",
+        "",
+        "| target | measured (same run) | |",
+        "|---|---|---|",
+        *[f"| {r['target']} | {r['measured']} | {mark[r['met']]} |" for r in rows],
+        "",
+    ]
+
+
 def write_json(result: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(result, indent=2, default=str))
 
 
+def _bars(ax: Any, groups: list[dict[str, Any]], names: list[str], colors: dict) -> None:
+    """One bar group per entry of `groups` (name -> summary), min/max whiskers."""
+    width = 0.8 / max(1, len(names))
+    for j, name in enumerate(names):
+        xs, ys, lo, hi = [], [], [], []
+        for i, group in enumerate(groups):
+            summ = group.get(name)
+            if summ:
+                xs.append(i + (j - (len(names) - 1) / 2) * width)
+                ys.append(summ["median"])
+                lo.append(summ["median"] - summ["min"])
+                hi.append(summ["max"] - summ["median"])
+        if xs:
+            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=name, color=colors[name])
+
+
 def write_png(result: dict[str, Any], path: Path) -> None:
-    """Stall (staged) and commit per method, one bar group per size, min/max whiskers."""
+    """Stall (staged) and commit per method, one bar group per size, min/max whiskers;
+    a third panel with the multi-rank commits when there are any."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,32 +483,46 @@ def write_png(result: dict[str, Any], path: Path) -> None:
     from matplotlib.ticker import FormatStrFormatter
 
     sizes = result["sizes"]
+    multi = [mr for mr in result.get("multirank", []) if "summary" in mr]
     names = list(dict.fromkeys(n for s in sizes for n in s["methods"]))
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2 + 1.6 * len(sizes) * len(names) / 3), 4.5))
-    width = 0.8 / max(1, len(names))
-    for ax, key, title in (
-        (axes[0], "staged_s", "stall (until state reusable)"),
-        (axes[1], "commit_s", "time to durable commit"),
+    mr_names = list(dict.fromkeys(n for mr in multi for n in mr["summary"]))
+    cmap = plt.get_cmap("tab20")
+    colors = {n: cmap(i % 20) for i, n in enumerate(dict.fromkeys(names + mr_names))}
+    panels = []
+    for key, title in (
+        ("staged_s", "stall (until state reusable)"),
+        ("commit_s", "time to durable commit"),
     ):
-        for j, name in enumerate(names):
-            xs, ys, lo, hi = [], [], [], []
-            for i, size in enumerate(sizes):
-                summ = size["methods"].get(name, {}).get("summary", {}).get(key)
-                if summ:
-                    xs.append(i + (j - (len(names) - 1) / 2) * width)
-                    ys.append(summ["median"])
-                    lo.append(summ["median"] - summ["min"])
-                    hi.append(summ["max"] - summ["median"])
-            if xs:
-                ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=name)
-        ax.set_xticks(range(len(sizes)), [s["label"] for s in sizes])
+        groups = [
+            {n: m.get("summary", {}).get(key) for n, m in s["methods"].items()} for s in sizes
+        ]
+        panels.append((title, groups, [s["label"] for s in sizes], names))
+    if multi:
+        groups = [
+            {n: m.get("summary", {}).get("all_committed_s") for n, m in mr["summary"].items()}
+            for mr in multi
+        ]
+        ticks = [f"{mr['world']} ranks, {fmt_bytes(mr['nbytes'])}" for mr in multi]
+        panels.append(("multi-rank: commit on all ranks", groups, ticks, mr_names))
+    if not sizes and not multi:
+        return
+    width = max(8, 2 + 1.6 * max(1, len(sizes)) * len(names) / 3) * len(panels) / 2
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 4.8), squeeze=False)
+    for ax, (title, groups, ticks, group_names) in zip(axes[0], panels, strict=True):
+        _bars(ax, groups, group_names, colors)
+        ax.set_xticks(range(len(ticks)), ticks)
         ax.set_ylabel("seconds (median of runs 2..N)")
         ax.set_title(title)
         ax.set_yscale("log")
         # Plain numbers read better than 6x10^0 on a log axis.
         ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
         ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
-    handles, labels = axes[0].get_legend_handles_labels()
+    handles, labels = [], []
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
     ncol = min(4, max(1, len(labels)))
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8)
     fig.suptitle(
@@ -218,6 +530,6 @@ def write_png(result: dict[str, Any], path: Path) -> None:
         f"{result['machine']['cpu_count']} CPUs"
     )
     rows = (len(labels) + ncol - 1) // ncol
-    fig.tight_layout(rect=(0, 0.05 * rows + 0.02, 1, 1))
+    fig.tight_layout(rect=(0, 0.045 * rows + 0.02, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -17,11 +17,12 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 from benchmarks import methods as registry
-from benchmarks import report
+from benchmarks import multirank, report
 from benchmarks.harness import bench_size, log
 from benchmarks.limits import check_fadvise
 from benchmarks.peers import shutdown_dcp
@@ -58,13 +59,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--size",
         nargs="+",
+        action="extend",
         default=None,
-        help="state size(s), e.g. 256MiB 1GiB (or comma-separated)",
+        help="state size(s), e.g. 256MiB 1GiB (or comma-separated; may be repeated)",
     )
     p.add_argument("--repeats", type=int, default=5, help="runs per method (>=2 recommended)")
     p.add_argument(
-        "--methods", default="all", help=f"'all' or comma list of: {', '.join(registry.REGISTRY)}"
+        "--methods",
+        default="all",
+        help=f"'all', 'none' or comma list of: {', '.join(registry.REGISTRY)}",
     )
+    p.add_argument(
+        "--ranks",
+        type=int,
+        action="append",
+        default=[],
+        help="also run the multi-rank comparison with this many ranks (repeatable: "
+        "--ranks 2 --ranks 4); total state = --ranks-size",
+    )
+    p.add_argument(
+        "--ranks-size",
+        default=None,
+        help="total state of the multi-rank runs (default: 1st --size)",
+    )
+    p.add_argument(
+        "--isolated",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the fresh-process async_ckpt profile (peak memory, first-save cost); "
+        "on by default, off with --smoke",
+    )
+    p.add_argument("--isolated-saves", type=int, default=3)
     p.add_argument(
         "--dir",
         type=Path,
@@ -80,14 +105,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:  # tiny and quick; an explicit --size still wins
         args.size, args.repeats, args.probe_alone_s = args.size or ["4MiB"], 2, 0.2
+        args.isolated_saves = 2
+        args.isolated = bool(args.isolated)  # costs two worker starts: only on request
+    args.isolated = True if args.isolated is None else args.isolated
     args.size = args.size or ["1GiB"]
     labels = dict.fromkeys(s.strip() for tok in args.size for s in tok.split(",") if s.strip())
     try:
         args.sizes = [(parse_size(label), label) for label in labels]
+        args.ranks_bytes = parse_size(args.ranks_size) if args.ranks_size else args.sizes[0][0]
     except argparse.ArgumentTypeError as e:
         p.error(str(e))
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    if any(r < 2 for r in args.ranks):
+        p.error("--ranks must be >= 2")
+    args.ranks = list(dict.fromkeys(args.ranks))
     return args
 
 
@@ -113,12 +145,24 @@ def main(argv: list[str] | None = None) -> int:
             f"warning: page cache drop did not work here, loads are warm: {result['fadvise_check']}"
         )
     try:
-        for size, label in args.sizes:
+        for size, label in args.sizes if names else []:
             result["sizes"].append(bench_size(size, label, names, args, scratch))
+        if args.ranks:
+            shutdown_dcp()  # the 1-rank group and DCP's daemon are not needed any more
+        for world in args.ranks:
+            log(f"[ranks {world}] {report.fmt_bytes(args.ranks_bytes)} in total, spawning ranks")
+            try:
+                mr = multirank.run(args.ranks_bytes, world, args.repeats, scratch, args.seed)
+                log(f"[ranks {world}] {multirank.one_line(mr)}")
+            except Exception:
+                mr = {"world": world, "error": traceback.format_exc()}
+                log(f"[ranks {world}] failed\n{mr['error']}")
+            result.setdefault("multirank", []).append(mr)
     finally:
         result["machine"]["loadavg_end"] = os.getloadavg()
         shutdown_dcp()
         shutil.rmtree(scratch, ignore_errors=True)
+    result["targets"] = report.targets(result)
     md = report.markdown(result)
     print(md)
     base = args.out / f"bench-{stamp}"
@@ -127,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     report.write_png(result, base.with_suffix(".png"))
     log(f"wrote {base}.json, .md and .png")
     failed = [n for s in result["sizes"] for n, m in s["methods"].items() if m.get("error")]
+    failed += [s["label"] for s in result["sizes"] if "error" in s.get("isolated", {})]
+    for mr in result.get("multirank", []):
+        if "error" in mr or any(m["n_failed"] for m in mr["summary"].values()):
+            failed.append(f"ranks{mr['world']}")
+    if failed:
+        log(f"failed: {', '.join(failed)}")
     return 1 if failed else 0
 
 

@@ -8,8 +8,10 @@ and a handful of plain Python values. Generation is deterministic per seed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+import crc32c
 import torch
 
 MiB = 1 << 20
@@ -201,3 +203,31 @@ def assert_state_equal(actual: Any, expected: Any, path: str = "") -> None:
             assert_state_equal(a, e, f"{path}/{i}")
     elif actual != expected:
         raise AssertionError(f"{path}: {actual!r} != {expected!r}")
+
+
+@dataclass(frozen=True)
+class TensorDigest:
+    """What assert_state_equal needs of a tensor, without keeping its bytes."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    crc: int
+
+
+def digest_state(obj: Any) -> Any:
+    """Same structure with each tensor replaced by a TensorDigest (CRC-32C of its bytes).
+
+    Lets the runner remember what an async save must contain without cloning
+    the whole state (which would double its memory at large sizes).
+    """
+    if isinstance(obj, torch.Tensor):
+        flat = obj.detach().cpu().contiguous().reshape(-1)
+        crc = crc32c.crc32c(memoryview(flat.view(torch.uint8).numpy())) if flat.numel() else 0
+        return TensorDigest(obj.dtype, tuple(obj.shape), crc)
+    if isinstance(obj, dict):
+        return {k: digest_state(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [digest_state(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(digest_state(v) for v in obj)
+    return obj

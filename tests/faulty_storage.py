@@ -41,3 +41,170 @@ def tests_on_worker_path() -> None:
     """Let worker processes import this module (they inherit PYTHONPATH)."""
     here = os.path.dirname(os.path.abspath(__file__))
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+
+
+# ---------------------------------------------------------------------------- reliability tests
+# Writers for tests/test_faults.py and tests/test_soak.py. Each records what it did in
+# files under a directory the test owns, because it runs in the worker process.
+
+GATE_WAIT_S = 60.0  # a gate nobody opens fails the save instead of hanging the suite
+
+
+class GateNeverOpened(RuntimeError):
+    """A gated writer waited ``GATE_WAIT_S`` for its release file (not a transient error)."""
+
+
+def _wait_at(gate: str, point: str) -> None:
+    """Announce ``<gate>/<point>.reached`` (holding this pid), then wait for ``<gate>/release``."""
+    reached = os.path.join(gate, f"{point}.reached")
+    with open(reached + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(reached + ".tmp", reached)
+    deadline = time.monotonic() + GATE_WAIT_S
+    while not os.path.exists(os.path.join(gate, "release")):
+        if time.monotonic() > deadline:
+            raise GateNeverOpened(f"gate {gate} was never released at {point}")
+        time.sleep(0.005)
+
+
+class StopAtWriter(FileSystemWriter):
+    """Stops a save at one point and waits there, so a test can kill the process.
+
+    Points, in the order a save reaches them:
+
+    * ``"before-plan"``: the worker has just received the save (the writer is
+      unpickled there), before planning;
+    * ``"after-plan"``: planning and key validation are done, nothing written
+      (``prepare`` is the first writer call after the plan);
+    * ``"mid-write"``: the first data file is half written and flushed;
+    * ``"before-metadata"``: every data file is written, the metadata is not;
+    * ``"mid-commit"``: the metadata's temporary file is written, not renamed.
+    """
+
+    POINTS = ("before-plan", "after-plan", "mid-write", "before-metadata", "mid-commit")
+
+    def __init__(self, checkpoint_id, *, gate, point: str, sync_files: bool = False) -> None:
+        if point not in self.POINTS:
+            raise ValueError(f"unknown stop point {point!r}")
+        super().__init__(checkpoint_id, sync_files=sync_files)
+        self.gate = os.fspath(gate)
+        self.point = point
+        self._armed = True
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.point == "before-plan":
+            _wait_at(self.gate, self.point)
+
+    def _stop(self, point: str) -> bool:
+        if self._armed and self.point == point:
+            self._armed = False
+            return True
+        return False
+
+    def prepare(self, *, coordinator: bool) -> None:
+        if self._stop("after-plan"):
+            _wait_at(self.gate, self.point)
+        super().prepare(coordinator=coordinator)
+
+    def write_file(self, name, segments, block_size):
+        if self._stop("mid-write"):
+            data = b"".join(bytes(s.cast("B") if s.format != "B" else s) for s in segments)
+            with open(self.path / name, "wb") as f:
+                f.write(data[: max(1, len(data) // 2)])
+                f.flush()
+                os.fsync(f.fileno())
+            _wait_at(self.gate, self.point)
+        return super().write_file(name, segments, block_size)
+
+    def commit(self, metadata: bytes) -> None:
+        if self._stop("before-metadata"):
+            _wait_at(self.gate, self.point)
+        elif self._stop("mid-commit"):
+            tmp = self.path / f".metadata.json.tmp-{os.getpid()}-stopped"
+            tmp.write_bytes(metadata)
+            _wait_at(self.gate, self.point)
+        super().commit(metadata)
+
+
+def _log_call(log_dir: str, name: str) -> None:
+    """Append one line for this call to ``<log_dir>/calls`` (one small O_APPEND write)."""
+    with open(os.path.join(log_dir, "calls"), "a") as f:
+        f.write(name + "\n")
+
+
+def _claim_failure(log_dir: str, failures: int) -> bool:
+    """Whether this call is one of the first ``failures`` (-1: every call) to fail.
+
+    Each failing call claims a marker file with O_EXCL, so concurrent writer threads
+    (and processes) never both take, or both miss, the same slot.
+    """
+    if failures < 0:
+        return True
+    for slot in range(failures):
+        try:
+            os.close(os.open(os.path.join(log_dir, f"fail-{slot}"), os.O_CREAT | os.O_EXCL))
+            return True
+        except FileExistsError:
+            continue
+    return False
+
+
+class NoSpaceWriter(FileSystemWriter):
+    """Writes ``fail_after`` bytes of a data file, then fails with ENOSPC (disk full).
+
+    ``files`` limits the failure to the first N data-file calls (0: every call);
+    later calls write normally. Calls are logged to ``<log_dir>/calls``.
+    """
+
+    def __init__(self, checkpoint_id, *, log_dir, fail_after: int = 4096, files: int = 0) -> None:
+        super().__init__(checkpoint_id, sync_files=False)
+        self.log_dir = os.fspath(log_dir)
+        self.fail_after = fail_after
+        self.files = files
+
+    def write_file(self, name, segments, block_size):
+        _log_call(self.log_dir, name)
+        if not _claim_failure(self.log_dir, self.files or -1):
+            return super().write_file(name, segments, block_size)
+        import errno  # appended section: the module's header stays as it was
+
+        data = b"".join(bytes(s.cast("B") if s.format != "B" else s) for s in segments)
+        with open(self.path / name, "wb") as f:
+            f.write(data[: self.fail_after])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path / name))
+
+
+class FlakyWriter(FileSystemWriter):
+    """The first ``failures`` data-file calls write part of the file, then fail with ``error``.
+
+    ``failures=-1`` fails every call. ``error`` is ``"connection"`` (ConnectionResetError),
+    ``"timeout"`` (TimeoutError), or an errno name (``"EIO"``, ``"EACCES"``) for a plain
+    OSError. Calls are logged to ``<log_dir>/calls``.
+    """
+
+    def __init__(
+        self, checkpoint_id, *, log_dir, failures: int = 2, error: str = "connection"
+    ) -> None:
+        super().__init__(checkpoint_id, sync_files=False)
+        self.log_dir = os.fspath(log_dir)
+        self.failures = failures
+        self.error = error
+
+    def _exception(self, name: str) -> OSError:
+        import errno  # appended section: the module's header stays as it was
+
+        if self.error == "connection":
+            return ConnectionResetError(errno.ECONNRESET, "connection reset by storage", name)
+        if self.error == "timeout":
+            return TimeoutError(f"storage did not answer while writing {name}")
+        code = getattr(errno, self.error)
+        return OSError(code, os.strerror(code), name)
+
+    def write_file(self, name, segments, block_size):
+        _log_call(self.log_dir, name)
+        if _claim_failure(self.log_dir, self.failures):
+            with open(self.path / name, "wb") as f:
+                f.write(b"partial")
+            raise self._exception(name)
+        return super().write_file(name, segments, block_size)

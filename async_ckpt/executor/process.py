@@ -84,8 +84,18 @@ class ProcessExecutor(Executor):
             if not self._alive():
                 self._spawn()
             self._pong.clear()
-            wire.send(self._sock, {"op": "ping"})
+            proc = self._proc
+            try:
+                wire.send(self._sock, {"op": "ping"})
+            except OSError:
+                pass  # it is gone already; the reader sees EOF and wakes us
         self._pong.wait(timeout=120)  # the worker has imported torch and is listening
+        if proc.poll() is not None:  # woken by the reader at EOF: it died starting up
+            raise WorkerDiedError(
+                f"the checkpoint worker (pid {proc.pid}) exited with code {proc.returncode} "
+                f"while starting; run `{sys.executable} -m async_ckpt.executor.worker --help` "
+                "to see why it cannot start"
+            )
 
     # ------------------------------------------------------------ saves
     def submit(self, job: SaveJob) -> None:
@@ -176,6 +186,7 @@ class ProcessExecutor(Executor):
             else:
                 job.finish(error=msg["error"], timings=msg["timings"])
         code = proc.wait()
+        self._pong.set()  # a start() waiting for this worker must not wait in vain
         with self._lock:
             if self._sock is sock:
                 self._sock = None

@@ -33,7 +33,7 @@ KeyPath = tuple[PathComponent, ...]
 
 def is_safe_file_name(name: object) -> bool:
     """A data-file name is one plain path component: no separators, no ``..``."""
-    return isinstance(name, str) and bool(_SAFE_FILE_NAME.match(name)) and ".." not in name
+    return isinstance(name, str) and bool(_SAFE_FILE_NAME.fullmatch(name)) and ".." not in name
 
 
 @dataclass(frozen=True)
@@ -260,6 +260,8 @@ def _decode_entry(doc: Any, where: str, files: dict[str, int], block_size: int) 
         doc = _obj(doc, where, {"kind", "path", "value"})
         from .objects import decode_plain  # validate now, decode at load
 
+        if not isinstance(doc["value"], dict) or not isinstance(doc["value"].get("type"), str):
+            raise _fail(f"{where}.value must be an object with a string 'type'")
         decode_plain(doc["value"])
         return ValueEntry(_path(doc["path"], where), doc["value"])
     if kind == "object":

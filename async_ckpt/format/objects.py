@@ -61,6 +61,13 @@ _SAFE_GLOBALS: set[tuple[str, str]] = {
     ("numpy.random.mtrand", "RandomState"),
     ("numpy.random._mt19937", "MT19937"),
     ("numpy.random._pcg64", "PCG64"),
+    ("numpy.random._pcg64", "PCG64DXSM"),
+    ("numpy.random._philox", "Philox"),
+    ("numpy.random._sfc64", "SFC64"),
+    # A Generator's bit generator pickles its SeedSequence through Cython's helper,
+    # which only builds a SeedSequence (subclass) and sets its fields.
+    ("numpy.random.bit_generator", "SeedSequence"),
+    ("numpy.random.bit_generator", "__pyx_unpickle_SeedSequence"),
     ("numpy.random._generator", "Generator"),
 }
 _SAFE_NUMPY_DTYPE_MODULE = "numpy.dtypes"

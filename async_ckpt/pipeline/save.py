@@ -20,6 +20,7 @@ from ..planning.comm import Comm
 from ..planning.items import LocalState
 from ..planning.plan import Planner
 from ..storage.base import SegmentRecord, StorageWriter, data_file_name
+from ..storage.retry import write_with_retry
 
 DEFAULT_WRITE_THREADS = 4
 
@@ -68,15 +69,19 @@ def _write_rank(
     save_id: str,
     threads: int,
     block_size: int,
-) -> tuple[dict[int, tuple[str, SegmentRecord]], dict[str, int]]:
-    """Write this rank's segments into data files in parallel; returns where each landed."""
+    files: dict[str, int],
+) -> dict[int, tuple[str, SegmentRecord]]:
+    """Write this rank's segments into data files in parallel; returns where each landed.
+
+    ``files`` receives each file's name and size as it completes, so that after a
+    failure the caller still knows which files to delete.
+    """
     groups = _split_files([s.nbytes for s in segments], threads)
     placed: dict[int, tuple[str, SegmentRecord]] = {}
-    files: dict[str, int] = {}
 
     def write_one(index: int, members: list[int]) -> None:
         name = data_file_name(save_id, rank, index)
-        records = writer.write_file(name, [segments[m] for m in members], block_size)
+        records = write_with_retry(writer, name, [segments[m] for m in members], block_size)
         for m, rec in zip(members, records, strict=True):
             placed[m] = (name, rec)
         files[name] = sum(segments[m].nbytes for m in members)
@@ -88,7 +93,7 @@ def _write_rank(
         with ThreadPoolExecutor(len(groups), thread_name_prefix="async_ckpt-write") as pool:
             for f in [pool.submit(write_one, i, g) for i, g in enumerate(groups)]:
                 f.result()
-    return placed, files
+    return placed
 
 
 def _assemble(state: LocalState, results: list[_RankResult], save_id: str, block: int) -> Metadata:
@@ -159,7 +164,7 @@ def run_save(
     t1 = time.perf_counter()
     try:
         writer.prepare(coordinator=comm.rank == 0)
-        placed, written = _write_rank(writer, segments, comm.rank, save_id, threads, block_size)
+        placed = _write_rank(writer, segments, comm.rank, save_id, threads, block_size, written)
         items = [state.items[i] for i in mine]
         result = _RankResult(
             ok=True,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -44,6 +45,9 @@ class StagerOptions:
     async_staging: bool = False
     copy_threads: int = 0  # 0: the machine's cores, at most 4
     pin_memory: bool = True  # for CUDA states; ignored without CUDA
+    # Re-copy only tensors whose storage or ``_version`` changed since this buffer's
+    # last stage. In-place writes through ``tensor.data`` do not bump ``_version``
+    # and are missed: leave this off if the training loop writes that way.
     skip_unchanged: bool = False
     prefault: bool = True
 
@@ -120,7 +124,10 @@ class Stager:
         self._layout: _Layout | None = None
         self._arenas: list[Arena] = []
         self._leases: list[threading.Event] = []
-        self._seen: list[dict[int, tuple]] = []
+        self._seen: list[dict[int, tuple]] = []  # per buffer: item index -> last copy's mark
+        # per buffer: item index -> its typed, shaped arena view; valid for the layout's
+        # lifetime (the signature fixes every item's dtype, shape and offset)
+        self._views: list[dict[int, torch.Tensor]] = []
         self._next = 0
         self._lock = threading.Lock()
         threads = self.options.copy_threads or min(4, os.cpu_count() or 1)
@@ -136,9 +143,10 @@ class Stager:
             return
         for lease in self._leases:
             lease.wait()  # old arenas may still be written from
+        self._views = []  # they pin the mapping: drop them before closing
         for arena in self._arenas:
             arena.close()
-        self._arenas = []
+        self._arenas, self._layout = [], None  # a failed allocation below re-plans next time
         for _ in range(self.options.num_buffers):
             arena = Arena(layout.nbytes, pin=cuda and self.options.pin_memory)
             if self.options.prefault:
@@ -149,6 +157,7 @@ class Stager:
         for lease in self._leases:
             lease.set()
         self._seen = [{} for _ in self._arenas]
+        self._views = [{} for _ in self._arenas]
         self._layout = layout
         self._next = 0
         self.generation += 1
@@ -168,8 +177,8 @@ class Stager:
         """
         with self._lock:
             layout = plan_layout(state.items, tensors)
-            cuda = any(t.device.type == "cuda" for t in tensors)
-            self._ensure_arenas(layout, cuda)
+            cuda = [t.device for t in tensors if t.device.type == "cuda"][:1]
+            self._ensure_arenas(layout, bool(cuda))
             index = self._next
             self._next = (self._next + 1) % len(self._arenas)
             self._leases[index].wait()
@@ -177,20 +186,26 @@ class Stager:
         snap = Snapshot(state, self._arenas[index], index, layout.offsets)
         snap.release = self._leases[index]
         jobs = self._copy_jobs(snap, tensors, index)
-        snap.copied_bytes = sum(dst.numel() for dst, _ in jobs)
+        snap.copied_bytes = sum(dst.nbytes for dst, _ in jobs)
+        # The caller's stream, read on the caller's thread: the copy thread's own
+        # current stream is the default one, which may not order the caller's writes.
+        compute = torch.cuda.current_stream(cuda[0]) if cuda else None
         if self.options.async_staging:
             threading.Thread(
-                target=self._run_copies, args=(snap, jobs), name="async_ckpt-stage", daemon=True
+                target=self._run_copies,
+                args=(snap, jobs, compute),
+                name="async_ckpt-stage",
+                daemon=True,
             ).start()
         else:
-            self._run_copies(snap, jobs)
+            self._run_copies(snap, jobs, compute)
             snap.staged.result()
         return snap
 
     def _copy_jobs(
         self, snap: Snapshot, tensors: list[torch.Tensor], index: int
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        seen = self._seen[index]
+        seen, views = self._seen[index], self._views[index]
         done_slots: set[int] = set()
         jobs = []
         for n, (item, src, off) in enumerate(
@@ -200,32 +215,42 @@ class Stager:
                 continue
             done_slots.add(off)
             if self.options.skip_unchanged:
+                # The storage itself (weakly) is part of the mark: a freed tensor's
+                # address is soon reused by a new one with the same _version (0), e.g.
+                # torch.get_rng_state() or a numpy leaf re-wrapped at every save.
+                storage = src.untyped_storage()
                 mark = (_storage_key(src), src._version)
-                if seen.get(n) == mark:
+                last = seen.get(n)
+                if last is not None and last[0] == mark and last[1]() is storage:
                     continue
-                seen[n] = mark
-            dst = snap.arena.view(off, item.nbytes).view(src.dtype).view(src.shape)
+                seen[n] = (mark, weakref.ref(storage))
+            dst = views.get(n)
+            if dst is None:  # first stage of this layout; later stages reuse the view
+                dst = views[n] = snap.arena.view(off, item.nbytes).view(src.dtype).view(src.shape)
             jobs.append((dst, src))
         return jobs
 
-    def _run_copies(self, snap: Snapshot, jobs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _run_copies(
+        self, snap: Snapshot, jobs: list[tuple[torch.Tensor, torch.Tensor]], compute: object
+    ) -> None:
         try:
             cuda_jobs = [(d, s) for d, s in jobs if s.device.type == "cuda"]
             cpu_jobs = [(d, s) for d, s in jobs if s.device.type != "cuda"]
-            event = self._copy_cuda(cuda_jobs) if cuda_jobs else None
+            event = self._copy_cuda(cuda_jobs, compute) if cuda_jobs else None
             self._copy_cpu(cpu_jobs)
             if event is not None:
                 event.synchronize()  # "staged" only after the D2H copies completed
             snap.staged.set_result(None)
         except BaseException as exc:  # the save fails; the lease goes back
+            self._seen[snap.buffer_index].clear()  # the buffer's contents are unknown now
             snap.release.set()
             snap.staged.set_exception(exc)
 
-    def _copy_cuda(self, jobs: list[tuple[torch.Tensor, torch.Tensor]]):
+    def _copy_cuda(self, jobs: list[tuple[torch.Tensor, torch.Tensor]], compute: object):
         device = jobs[0][1].device
         if self._stream is None or self._stream.device != device:
             self._stream = torch.cuda.Stream(device=device)
-        self._stream.wait_stream(torch.cuda.current_stream(device))
+        self._stream.wait_stream(compute or torch.cuda.current_stream(device))
         with torch.cuda.stream(self._stream):
             for dst, src in jobs:
                 dst.copy_(src, non_blocking=True)
@@ -234,7 +259,7 @@ class Stager:
         return event
 
     def _copy_cpu(self, jobs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        total = sum(d.numel() for d, _ in jobs)
+        total = sum(d.nbytes for d, _ in jobs)
         if self._threads == 1 or total < _PARALLEL_COPY_BYTES:
             for dst, src in jobs:
                 dst.copy_(src)
@@ -244,17 +269,17 @@ class Stager:
         share = -(-total // self._threads)
         pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
         for dst, src in jobs:
-            if dst.numel() > share and src.dim() > 0 and src.shape[0] > 1:
+            if dst.nbytes > share and src.dim() > 0 and src.shape[0] > 1:
                 for d, s in zip(dst.chunk(self._threads), src.chunk(self._threads), strict=True):
                     pieces.append((d, s))
             else:
                 pieces.append((dst, src))
         bins: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(self._threads)]
         load = [0] * self._threads
-        for dst, src in sorted(pieces, key=lambda p: -p[0].numel()):
+        for dst, src in sorted(pieces, key=lambda p: -p[0].nbytes):
             j = load.index(min(load))
             bins[j].append((dst, src))
-            load[j] += dst.numel()
+            load[j] += dst.nbytes
 
         def run(b: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
             for dst, src in b:
@@ -268,6 +293,7 @@ class Stager:
         with self._lock:
             for lease in self._leases:
                 lease.wait(timeout=60)
+            self._views = []
             for arena in self._arenas:
                 arena.close()
             self._arenas, self._leases, self._layout = [], [], None

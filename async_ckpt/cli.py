@@ -1,0 +1,194 @@
+"""The ``async-ckpt`` command: inspect, verify, list and convert checkpoints.
+
+Exit status: 0 on success, 1 when a checkpoint is broken or an operation
+failed, 2 for a usage error or missing input. Expected errors print one line
+on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from .errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    IncompleteCheckpointError,
+    MissingBackendError,
+    StorageDetectionError,
+)
+from .format.metadata import decode_metadata
+from .steps import StepStore
+from .storage.detect import detect_reader
+
+PROG = "async-ckpt"
+EXIT_OK, EXIT_BROKEN, EXIT_USAGE = 0, 1, 2
+
+
+def _out(line: str = "") -> None:
+    print(line, file=sys.stdout)
+
+
+def _err(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+def _read_metadata(checkpoint_id: str):
+    reader = detect_reader(checkpoint_id)
+    try:
+        return decode_metadata(reader.read_metadata())
+    except IncompleteCheckpointError as exc:
+        if StepStore(checkpoint_id).scan():
+            raise CheckpointNotFoundError(
+                f"{checkpoint_id!r} holds step directories, not a checkpoint: it is a "
+                f"manager root. List it with `{PROG} ls {checkpoint_id}` and pass one step."
+            ) from exc
+        raise
+    finally:
+        reader.close()
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .tools.inspect import summary, tree_lines
+
+    meta = _read_metadata(args.checkpoint_id)
+    if args.json:
+        _out(json.dumps(summary(meta, args.checkpoint_id), indent=2))
+    else:
+        for line in tree_lines(meta, args.checkpoint_id):
+            _out(line)
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .tools.inspect import human_bytes
+    from .tools.verify import verify_checkpoint
+
+    _read_metadata(args.checkpoint_id)  # a manager root gets the helpful message
+    report = verify_checkpoint(args.checkpoint_id, progress=not args.quiet)
+    for problem in report.problems:
+        keys = "" if repr(problem.key) in problem.message else f" (holds {problem.key})"
+        _err(problem.message + keys)
+    if not report.ok:
+        _err(
+            f"{args.checkpoint_id} is damaged: {len(report.problems)} problem(s); "
+            "restore from an earlier checkpoint"
+        )
+        return EXIT_BROKEN
+    _out(
+        f"ok: {args.checkpoint_id}: {report.entries} entries, {report.chunks} chunks, "
+        f"{human_bytes(report.bytes)} verified"
+    )
+    return EXIT_OK
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from .tools.inspect import steps_lines
+
+    store = StepStore(args.root)
+    if not store.exists():
+        raise CheckpointNotFoundError(f"no checkpoint root at {args.root!r}")
+    for line in steps_lines(args.root, store.infos()):
+        _out(line)
+    return EXIT_OK
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .tools import convert
+
+    if args.from_format == "dcp":
+        meta = convert.from_dcp(args.source, args.dest, overwrite=args.force)
+        _out(f"saved {args.dest}: {len(meta.entries)} entries from DCP checkpoint {args.source}")
+        return EXIT_OK
+    _read_metadata(args.source)
+    if args.to == "torch":
+        done = convert.to_torch(args.source, args.dest, overwrite=args.force)
+    else:
+        done = convert.to_safetensors(args.source, args.dest, overwrite=args.force)
+    _out(f"wrote {args.dest}: {done.tensors} tensors, {done.others} other leaves")
+    if done.skipped:
+        shown = ", ".join(done.skipped[:10]) + (" ..." if len(done.skipped) > 10 else "")
+        _out(f"left out {len(done.skipped)} non-tensor leaves (safetensors holds tensors): {shown}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Inspect, verify, list and convert async_ckpt checkpoints.",
+        epilog="Exit status: 0 ok, 1 broken checkpoint or failed operation, 2 usage error "
+        "or missing input. Checkpoint ids are local paths or fsspec URLs (s3://, gs://, ...).",
+    )
+    parser.add_argument(
+        "--traceback", action="store_true", help="show the traceback of unexpected errors"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("inspect", help="show a checkpoint's keys: shape, dtype, bytes, chunks")
+    p.add_argument("checkpoint_id", metavar="ID")
+    p.add_argument("--json", action="store_true", help="print a JSON document instead")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("verify", help="re-read every chunk and check every checksum")
+    p.add_argument("checkpoint_id", metavar="ID")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("ls", help="list the steps under a CheckpointManager root")
+    p.add_argument("root", metavar="ROOT")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser(
+        "convert",
+        help="convert to torch.save / safetensors, or from torch.distributed.checkpoint",
+        description="ID --to torch OUT.pt | ID --to safetensors OUT.safetensors | "
+        "DCP_DIR --from dcp OUT_ID. Only convert DCP checkpoints you trust (DCP uses pickle).",
+    )
+    p.add_argument("source", metavar="SOURCE", help="checkpoint id (or DCP directory)")
+    p.add_argument("dest", metavar="DEST", help="output file (or checkpoint id)")
+    direction = p.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--to", choices=["torch", "safetensors"], help="output format")
+    direction.add_argument(
+        "--from", dest="from_format", choices=["dcp"], help="input format of SOURCE"
+    )
+    p.add_argument("--force", action="store_true", help="replace DEST if it exists")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        return args.func(args)
+    except (
+        CheckpointNotFoundError,
+        CheckpointExistsError,
+        StorageDetectionError,
+        MissingBackendError,
+        FileNotFoundError,
+    ) as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except (CheckpointError, OSError) as exc:
+        _err(str(exc))
+        return EXIT_BROKEN
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    except Exception as exc:  # a storage library's own error (credentials, network), or a bug
+        if args.traceback:
+            raise
+        _err(f"{type(exc).__name__}: {exc} (run with --traceback for details)")
+        return EXIT_BROKEN
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Load a whole checkpoint without a template: rebuild its nested state from the metadata.
+
+``load`` fills a state dict the caller built (a model, an optimizer). Tools
+that have no model (the command-line converter, notebooks) use
+:func:`materialize`, which builds an empty target from the metadata's
+containers and entries, loads into it (checksums verified) and returns plain
+nested dicts, lists and tuples of CPU tensors, numpy arrays and values.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from .flatten import KeyPath, key_of
+from .format.dtypes import dtype_from_name
+from .format.metadata import Metadata, TensorEntry, decode_metadata
+from .pipeline.load import run_load
+from .storage.base import StorageReader
+from .storage.detect import detect_reader
+
+
+def _placeholder(entry: Any) -> Any:
+    if not isinstance(entry, TensorEntry):
+        return None  # values and objects are replaced by the load
+    tensor = torch.empty(entry.shape, dtype=dtype_from_name(entry.dtype))
+    return tensor.numpy() if entry.numpy else tensor
+
+
+def _child(node: Any, part: str | int, kind: str) -> Any:
+    """``node[part]``, created as an empty container of ``kind`` if missing."""
+    new: Any = {} if kind == "dict" else []
+    if isinstance(node, list):
+        while len(node) <= part:  # type: ignore[operator]
+            node.append(None)
+        if node[part] is None:  # type: ignore[index]
+            node[part] = new  # type: ignore[index]
+        return node[part]  # type: ignore[index]
+    return node.setdefault(part, new)
+
+
+def _place(root: dict, path: KeyPath, value: Any, containers: dict[str, str]) -> None:
+    node: Any = root
+    for n, part in enumerate(path[:-1]):
+        node = _child(node, part, containers.get(key_of(path[: n + 1]), "dict"))
+    last = path[-1]
+    if isinstance(node, list):
+        while len(node) <= last:  # type: ignore[operator]
+            node.append(None)
+    node[last] = value
+
+
+def _empty_containers(root: dict, meta: Metadata) -> None:
+    """Create the containers no entry lies under (``{"state": {}}`` of a fresh optimizer)."""
+    known: dict[str, KeyPath] = {"": ()}
+    for entry in meta.entries.values():
+        for n in range(1, len(entry.path)):
+            known[key_of(entry.path[:n])] = entry.path[:n]
+    for key in sorted(meta.containers, key=len):
+        if key in known:
+            continue
+        parent = max((k for k in known if k == "" or key.startswith(k + ".")), key=len)
+        part: str | int = key[len(parent) + 1 :] if parent else key
+        if meta.containers.get(parent, "dict") != "dict" and part.isdigit():
+            part = int(part)
+        path = (*known[parent], part)
+        _place(root, path, {} if meta.containers[key] == "dict" else [], meta.containers)
+        known[key] = path
+
+
+def _freeze(node: Any, path: KeyPath, containers: dict[str, str]) -> Any:
+    """Turn the lists recorded as tuples back into tuples, bottom up."""
+    if isinstance(node, dict):
+        for k in list(node):
+            node[k] = _freeze(node[k], (*path, k), containers)
+        return node
+    if isinstance(node, list):
+        items = [_freeze(v, (*path, i), containers) for i, v in enumerate(node)]
+        return tuple(items) if containers.get(key_of(path)) == "tuple" else items
+    return node
+
+
+def empty_state(meta: Metadata) -> dict[str, Any]:
+    """A nested state shaped like the checkpoint: empty tensors, None for other leaves.
+
+    Tuples are built as lists here (so that the load can fill them); see
+    :func:`materialize` for the finished state.
+    """
+    root: dict[str, Any] = {}
+    for entry in meta.entries.values():
+        _place(root, entry.path, _placeholder(entry), meta.containers)
+    _empty_containers(root, meta)
+    return root
+
+
+def materialize(
+    checkpoint_id: str | os.PathLike | None = None,
+    *,
+    storage_reader: StorageReader | None = None,
+    verify: bool = True,
+) -> dict[str, Any]:
+    """The checkpoint's whole state as nested dicts/lists/tuples of CPU tensors and values.
+
+    Needs memory for every tensor of the checkpoint. Checksums are verified
+    unless ``verify=False``; damaged data raises as :func:`async_ckpt.load` does.
+    """
+    reader = storage_reader or detect_reader(checkpoint_id)
+    try:
+        meta = decode_metadata(reader.read_metadata())
+    except BaseException:
+        reader.close()
+        raise
+    state = empty_state(meta)
+    run_load(state, reader, strict=True, verify=verify)
+    return _freeze(state, (), meta.containers)

@@ -1,0 +1,1 @@
+"""What the ``async-ckpt`` command runs: inspect, verify and convert checkpoints."""

@@ -1,0 +1,143 @@
+"""Conversions: to a ``torch.save`` file, to safetensors, from torch.distributed.checkpoint."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..api import save
+from ..errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+)
+from ..flatten import flatten
+from ..format.metadata import Metadata
+from ..materialize import materialize
+from ..storage.detect import detect_reader, detect_writer
+
+
+@dataclass
+class Converted:
+    """What a conversion wrote: tensors, other leaves, leaves left out (by key)."""
+
+    tensors: int = 0
+    others: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+def _refuse_existing_file(out: str | os.PathLike, overwrite: bool) -> None:
+    if not overwrite and os.path.exists(out):
+        raise CheckpointExistsError(f"{os.fspath(out)!r} exists; pass --force to replace it")
+
+
+def _count(state: dict[str, Any]) -> Converted:
+    leaves = flatten(state).leaves.values()
+    tensors = sum(isinstance(v, (torch.Tensor, np.ndarray)) for v in leaves)
+    return Converted(tensors=tensors, others=len(leaves) - tensors)
+
+
+def to_torch(
+    checkpoint_id: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False
+) -> Converted:
+    """Write the checkpoint's whole nested state with ``torch.save`` (checksums verified)."""
+    _refuse_existing_file(out, overwrite)
+    state = materialize(checkpoint_id)
+    torch.save(state, out)
+    return _count(state)
+
+
+def to_safetensors(
+    checkpoint_id: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False
+) -> Converted:
+    """Write the checkpoint's tensors to a safetensors file under their flat keys.
+
+    Non-tensor leaves (values, objects) have no place in safetensors: they are
+    left out and listed in the result.
+    """
+    from safetensors.torch import save_file
+
+    _refuse_existing_file(out, overwrite)
+    flat = flatten(materialize(checkpoint_id))
+    tensors: dict[str, torch.Tensor] = {}
+    result = Converted()
+    for key, leaf in flat.leaves.items():
+        if isinstance(leaf, np.ndarray):
+            leaf = torch.from_numpy(leaf)
+        if isinstance(leaf, torch.Tensor):
+            tensors[key] = leaf.contiguous()
+        else:
+            result.skipped.append(key)
+    result.others = len(result.skipped)
+    try:
+        save_file(tensors, os.fspath(out), metadata={"format": "pt"})
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"safetensors cannot store this checkpoint's tensors: {exc}") from exc
+    result.tensors = len(tensors)
+    return result
+
+
+def _exists(checkpoint_id: str | os.PathLike) -> bool:
+    reader = detect_reader(checkpoint_id)
+    try:
+        reader.read_metadata()
+        return True
+    except CheckpointError:
+        return False
+    finally:
+        reader.close()
+
+
+def _dcp_reason(exc: BaseException) -> str:
+    """The causes inside DCP's CheckpointException, without the tracebacks it pastes in."""
+    failures = getattr(exc, "failures", None)
+    errors = [pair[0] for pair in failures.values()] if isinstance(failures, dict) else [exc]
+    parts = []
+    for error in errors:
+        chain = [error, error.__context__] if error.__context__ is not None else [error]
+        parts += [f"{type(e).__name__}: {e}" for e in reversed(chain)]
+    return "; then ".join(dict.fromkeys(parts))
+
+
+def from_dcp(
+    dcp_dir: str | os.PathLike, out_id: str | os.PathLike, *, overwrite: bool = False
+) -> Metadata:
+    """Save a torch.distributed.checkpoint directory as an async_ckpt checkpoint.
+
+    The DCP checkpoint is read whole (every rank's shards) into memory. DCP
+    stores its ``.metadata`` as a pickle, so convert only checkpoints you trust.
+    """
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    if not os.path.isfile(os.path.join(dcp_dir, ".metadata")):
+        raise CheckpointNotFoundError(
+            f"{os.fspath(dcp_dir)!r} is not a torch.distributed.checkpoint directory: "
+            "it has no .metadata file"
+        )
+    if not overwrite and _exists(out_id):
+        raise CheckpointExistsError(
+            f"checkpoint {os.fspath(out_id)!r} already exists; pass --force to replace it"
+        )
+    with tempfile.TemporaryDirectory(prefix="async_ckpt-dcp-") as tmp:
+        path = os.path.join(tmp, "state.pt")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dcp_to_torch_save(dcp_dir, path)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # DCP's CheckpointException derives from BaseException
+            raise CorruptCheckpointError(
+                f"cannot read the DCP checkpoint {os.fspath(dcp_dir)!r}: {_dcp_reason(exc)}"
+            ) from exc
+        # Not weights_only: DCP checkpoints may hold arbitrary objects, and reading DCP
+        # already unpickled its .metadata, so the source is trusted by now.
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    return save(state, storage_writer=detect_writer(out_id, overwrite=overwrite), no_dist=True)

@@ -1,0 +1,162 @@
+"""Human-readable summaries: a checkpoint's key tree, and the steps under a manager root."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from typing import Any
+
+from ..format.metadata import Metadata, ObjectEntry, TensorEntry, ValueEntry
+from ..format.objects import decode_plain
+from ..steps import StepInfo, step_dir_name
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            break
+    return f"{n:.1f} {unit}"
+
+
+def _path_order(path: tuple) -> tuple:
+    """Sort key of a key path: list indices numerically, ints before strings."""
+    return tuple((0, p, "") if isinstance(p, int) else (1, 0, p) for p in path)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def entry_columns(entry: Any) -> list[str]:
+    """The columns after the name: kind, dtype or type, shape or value, bytes, chunks."""
+    if isinstance(entry, TensorEntry):
+        nbytes = sum(c.nbytes for c in entry.chunks)
+        return [
+            "ndarray" if entry.numpy else "tensor",
+            entry.dtype,
+            str(list(entry.shape)),
+            human_bytes(nbytes),
+            _plural(len(entry.chunks), "chunk"),
+        ]
+    if isinstance(entry, ValueEntry):
+        text = repr(decode_plain(entry.value))
+        text = text if len(text) <= 40 else text[:37] + "..."
+        return ["value", entry.value.get("type", "?"), text, "", ""]
+    return ["object", entry.type_name, "", human_bytes(entry.nbytes), ""]
+
+
+def _table(rows: Sequence[tuple[str, list[str]]]) -> list[str]:
+    """Left-aligned columns; empty trailing columns are dropped."""
+    widths: list[int] = []
+    for name, cols in rows:
+        for i, text in enumerate([name, *cols]):
+            if i >= len(widths):
+                widths.append(0)
+            widths[i] = max(widths[i], len(text))
+    lines = []
+    for name, cols in rows:
+        cells = [name, *cols]
+        lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip())
+    return lines
+
+
+def tree_lines(meta: Metadata, checkpoint_id: str) -> list[str]:
+    """The ``inspect`` report: header, one line per container and leaf, totals."""
+    lines = [
+        f"checkpoint {checkpoint_id}",
+        f"  format v{meta.version}, save id {meta.save_id}, written by "
+        f"{_plural(meta.world_size, 'rank')}, checksum block {human_bytes(meta.block_size)}",
+        "",
+    ]
+    rows: list[tuple[str, list[str]]] = []
+    shown: tuple = ()
+    for entry in sorted(meta.entries.values(), key=lambda e: _path_order(e.path)):
+        parents = entry.path[:-1]
+        common = 0
+        while common < min(len(shown), len(parents)) and shown[common] == parents[common]:
+            common += 1
+        for depth in range(common, len(parents)):
+            kind = meta.containers.get(".".join(str(p) for p in parents[: depth + 1]), "dict")
+            rows.append(("  " * depth + str(parents[depth]), [f"({kind})"]))
+        shown = parents
+        rows.append(("  " * len(parents) + str(entry.path[-1]), entry_columns(entry)))
+    lines += _table(rows)
+    t = totals(meta)
+    lines += [
+        "",
+        f"totals: {_plural(t['tensors'], 'tensor')} ({human_bytes(t['tensor_bytes'])} in "
+        f"{_plural(t['chunks'], 'chunk')}), {_plural(t['values'], 'value')}, "
+        f"{_plural(t['objects'], 'object')} ({human_bytes(t['object_bytes'])}); "
+        f"{_plural(len(meta.files), 'data file')}, {human_bytes(meta.total_bytes)}",
+    ]
+    return lines
+
+
+def totals(meta: Metadata) -> dict[str, int]:
+    """Counts and byte sums over the entries."""
+    tensors = [e for e in meta.entries.values() if isinstance(e, TensorEntry)]
+    objects = [e for e in meta.entries.values() if isinstance(e, ObjectEntry)]
+    return {
+        "tensors": len(tensors),
+        "chunks": sum(len(e.chunks) for e in tensors),
+        "tensor_bytes": sum(c.nbytes for e in tensors for c in e.chunks),
+        "values": sum(isinstance(e, ValueEntry) for e in meta.entries.values()),
+        "objects": len(objects),
+        "object_bytes": sum(e.nbytes for e in objects),
+        "files": len(meta.files),
+        "file_bytes": meta.total_bytes,
+    }
+
+
+def summary(meta: Metadata, checkpoint_id: str) -> dict[str, Any]:
+    """The ``inspect --json`` document."""
+    entries: dict[str, Any] = {}
+    for key, entry in sorted(meta.entries.items()):
+        if isinstance(entry, TensorEntry):
+            entries[key] = {
+                "kind": "ndarray" if entry.numpy else "tensor",
+                "dtype": entry.dtype,
+                "shape": list(entry.shape),
+                "bytes": sum(c.nbytes for c in entry.chunks),
+                "chunks": len(entry.chunks),
+            }
+        elif isinstance(entry, ValueEntry):
+            entries[key] = {"kind": "value", "type": entry.value.get("type")}
+        else:
+            entries[key] = {"kind": "object", "type": entry.type_name, "bytes": entry.nbytes}
+    return {
+        "checkpoint_id": checkpoint_id,
+        "format_version": meta.version,
+        "save_id": meta.save_id,
+        "world_size": meta.world_size,
+        "files": dict(sorted(meta.files.items())),
+        "entries": entries,
+        "totals": totals(meta),
+    }
+
+
+def steps_lines(root: str, infos: Sequence[StepInfo]) -> list[str]:
+    """The ``ls`` report: one line per step directory, then a summary."""
+    if not infos:
+        return [f"no checkpoints under {root}"]
+    rows = [("step", ["status", "size", "modified"])]
+    for info in infos:
+        stamp = (
+            datetime.datetime.fromtimestamp(info.mtime).strftime("%Y-%m-%d %H:%M:%S")
+            if info.mtime is not None
+            else "?"
+        )
+        status = "committed" if info.committed else "incomplete"
+        rows.append((step_dir_name(info.step), [status, human_bytes(info.size), stamp]))
+    committed = [i.step for i in infos if i.committed]
+    latest = f"step {committed[-1]}" if committed else "none"
+    return [
+        *_table(rows),
+        "",
+        f"{len(committed)} committed, {len(infos) - len(committed)} incomplete, "
+        f"{human_bytes(sum(i.size for i in infos))} in total; latest committed: {latest}",
+    ]

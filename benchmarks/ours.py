@@ -1,0 +1,266 @@
+"""async_ckpt itself, as benchmarked methods.
+
+* async_ckpt_save: synchronous ``async_ckpt.save`` / ``async_ckpt.load``.
+* async_ckpt_async_process / _thread: one ``AsyncCheckpointer`` reused for
+  every save, ``start()``-ed in setup (so run 1 is the first save *after*
+  start; the cost of start itself is in the JSON as ``info.start_s``).
+* async_ckpt_async_staging: ``StagerOptions(async_staging=True)``: save()
+  returns before the copy; ``fut.staged`` resolves when it is done.
+* async_ckpt_frozen90: ``skip_unchanged=True`` on a state where ~90 % of the
+  tensor bytes are frozen (never written between saves); its stall is
+  compared with ``async_ckpt_async_process`` (all tensors changed) of the
+  same run.
+
+Loads go through ``async_ckpt.load`` into the shared preallocated template,
+with checksum verification on (the default), as a resume would.
+
+For the process executor the worker's USS (pages private to it; the staging
+arena is shared with this process, so it is not counted) is sampled while
+each save is in flight.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+import async_ckpt
+from async_ckpt import AsyncCheckpointer, Stager, StagerOptions
+from benchmarks.base import BenchContext, Done, FuturePending, Method, Pending
+from benchmarks.metrics import now
+from benchmarks.state import iter_tensors
+
+ALL_CHANGED_REFERENCE = "async_ckpt_async_process"
+
+
+class UssSampler:
+    """Peak USS of one process (the checkpoint worker), sampled in a thread."""
+
+    def __init__(self, pid: int | None, interval_s: float = 0.05) -> None:
+        self.pid = pid
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._proc = psutil.Process(pid) if pid else None
+
+    def sample(self) -> int:
+        if self._proc is None:
+            return 0
+        try:
+            uss = self._proc.memory_full_info().uss
+        except psutil.Error:  # the worker exited (a failed save); keep the peak
+            return self.peak
+        self.peak = max(self.peak, uss)
+        return uss
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def start(self) -> UssSampler:
+        if self._proc is not None:
+            self.sample()
+            self._thread = threading.Thread(target=self._loop, name="uss-sampler", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> int:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self.sample()
+        return self.peak
+
+
+class _OursPending(FuturePending):
+    """FuturePending over a SaveFuture that also stops the worker's USS sampler."""
+
+    def __init__(self, fut: async_ckpt.SaveFuture, sampler: UssSampler | None) -> None:
+        super().__init__(fut, fut.staged)  # type: ignore[arg-type]  # duck-typed futures
+        self.fut = fut
+        self.sampler = sampler
+
+    def wait_committed(self) -> None:
+        try:
+            super().wait_committed()
+        finally:
+            if self.sampler is not None:
+                self.sampler.stop()
+
+
+class AsyncCkptSave(Method):
+    """Synchronous async_ckpt.save (writes straight from tensor memory) + load."""
+
+    can_load = True
+
+    def save(self, state: dict[str, Any], path: Path) -> Pending:
+        async_ckpt.save(state, checkpoint_id=str(path), no_dist=True)
+        return Done()
+
+    def load(self, ctx: BenchContext, path: Path) -> Any:
+        return ours_load(ctx, path)
+
+
+def ours_load(ctx: BenchContext, path: Path) -> Any:
+    target = ctx.template()
+    result = async_ckpt.load(target, checkpoint_id=str(path))
+    if result.missing_keys or result.unexpected_keys:
+        raise AssertionError(f"load did not match: {result}")
+    return target
+
+
+class AsyncCkptAsync(Method):
+    """One AsyncCheckpointer reused for every save (process or thread executor)."""
+
+    is_async = True
+    can_load = True
+    parallel_setup = True  # start() waits for the worker to import torch
+
+    def __init__(self, executor: str = "process", start: bool = True, **stager: Any) -> None:
+        self.executor = executor
+        self.do_start = start
+        self.stager_options = StagerOptions(**stager)
+        self.ckpt: AsyncCheckpointer | None = None
+        self._stager: Stager | None = None
+        self._start_s: float | None = None
+        self._idle_uss: int | None = None
+        self._last: _OursPending | None = None
+
+    def resident_factor(self) -> float:
+        return float(self.stager_options.num_buffers)  # the arena(s), held between saves
+
+    def setup(self, ctx: BenchContext) -> None:
+        self._stager = Stager(self.stager_options)
+        self.ckpt = AsyncCheckpointer(executor=self.executor, stager=self._stager, no_dist=True)  # type: ignore[arg-type]
+        if self.do_start:
+            t0 = now()
+            self.ckpt.start()
+            self._start_s = now() - t0
+            if self.ckpt.worker_pid:
+                self._idle_uss = UssSampler(self.ckpt.worker_pid).sample()
+
+    def save(self, state: dict[str, Any], path: Path) -> Pending:
+        assert self.ckpt is not None
+        fut = self.ckpt.save(state, checkpoint_id=str(path))
+        pid = self.ckpt.worker_pid
+        self._last = _OursPending(fut, UssSampler(pid).start() if pid else None)
+        return self._last
+
+    def run_info(self) -> dict[str, Any]:
+        """Per-save figures from SaveFuture.stats (called after the commit)."""
+        if self._last is None:
+            return {}
+        st = self._last.fut.stats
+        out: dict[str, Any] = {
+            "lib_stall_s": st.stall_s,
+            "lib_staged_s": st.staged_s,
+            "plan_s": st.plan_s,
+            "write_s": st.write_s,
+            "lib_commit_s": st.commit_s,
+            "copied_bytes": st.copied_bytes,
+        }
+        if self._last.sampler is not None:
+            out["worker_uss_peak"] = self._last.sampler.peak
+        self._last = None
+        return out
+
+    def load(self, ctx: BenchContext, path: Path) -> Any:
+        return ours_load(ctx, path)
+
+    def info(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "executor": self.executor,
+            "stager_options": repr(self.stager_options),
+            "started_in_setup": self.do_start,
+        }
+        if self._start_s is not None:
+            out["start_s"] = self._start_s
+        if self._idle_uss is not None:
+            out["worker_uss_idle"] = self._idle_uss
+        if self._stager is not None:
+            out["arenas_allocated"] = self._stager.arenas_allocated
+        return out
+
+    def teardown(self) -> None:
+        if self.ckpt is not None:
+            self.ckpt.close()
+            self.ckpt = None
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+
+
+class AsyncCkptFrozen(AsyncCkptAsync):
+    """skip_unchanged=True on a state whose tensors are ~`frozen` frozen (by bytes).
+
+    The harness mutates every tensor of the shared state before each save; this
+    method substitutes its own never-written copies for the frozen tensors, so
+    exactly the unfrozen ~10 % change between saves (their ``_version`` moves).
+    """
+
+    def __init__(self, frozen: float = 0.9, **kw: Any) -> None:
+        super().__init__(skip_unchanged=True, **kw)
+        self.frozen = frozen
+        self._copies: dict[int, torch.Tensor] = {}
+        self._frozen_bytes = 0
+        self._total_bytes = 0
+        self._n_tensors = 0
+
+    def resident_factor(self) -> float:
+        return super().resident_factor() + self.frozen  # + the frozen copies
+
+    def setup(self, ctx: BenchContext) -> None:
+        tensors = list(iter_tensors(ctx.state))
+        total = sum(t.nbytes for t in tensors)
+        changing = 0
+        seen = 0
+        # Spread the changing tensors over the whole state: a tensor changes
+        # whenever the changing share so far is below 1 - frozen.
+        for i, t in enumerate(tensors):
+            seen += t.nbytes
+            if changing < (1 - self.frozen) * seen:
+                changing += t.nbytes
+            else:
+                self._copies[i] = t.clone()
+        self._frozen_bytes = total - changing
+        self._total_bytes = total
+        self._n_tensors = len(tensors)
+        super().setup(ctx)
+
+    def _substitute(self, obj: Any, counter: list[int]) -> Any:
+        if isinstance(obj, torch.Tensor):
+            i = counter[0]
+            counter[0] += 1
+            return self._copies.get(i, obj)
+        if isinstance(obj, dict):
+            return {k: self._substitute(v, counter) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [self._substitute(v, counter) for v in obj]
+        if isinstance(obj, tuple):
+            return tuple(self._substitute(v, counter) for v in obj)
+        return obj
+
+    def save(self, state: dict[str, Any], path: Path) -> Pending:
+        return super().save(self._substitute(state, [0]), path)
+
+    def expected(self, state: dict[str, Any]) -> Any:
+        return self._substitute(state, [0])
+
+    def info(self) -> dict[str, Any]:
+        out = super().info()
+        out.update(
+            frozen_bytes_fraction=self._frozen_bytes / max(1, self._total_bytes),
+            frozen_tensors=len(self._copies),
+            tensors=self._n_tensors,
+            all_changed_reference=ALL_CHANGED_REFERENCE,
+        )
+        return out
+
+    def teardown(self) -> None:
+        super().teardown()
+        self._copies = {}

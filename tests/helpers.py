@@ -1,0 +1,105 @@
+"""Test helpers: dtypes to cover, exact tensor comparison, metadata surgery."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import crc32c
+import torch
+
+from async_ckpt.format.checksum import block_checksums
+
+GOLDEN = Path(__file__).parent / "golden"
+
+# Names of dtypes the round-trip tests cover, where this torch build has them.
+_DTYPE_NAMES = [
+    "float32",
+    "float16",
+    "float64",
+    "bfloat16",
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "float8_e4m3fnuz",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
+    "bool",
+    "complex64",
+    "complex128",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+]
+DTYPES = [getattr(torch, n) for n in _DTYPE_NAMES if hasattr(torch, n)]
+
+
+def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """A tensor of ``dtype`` whose bytes are random (every bit pattern, NaNs included)."""
+    gen = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=gen).bool()
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    n = 1
+    for s in shape:
+        n *= s
+    raw = torch.randint(0, 256, (n * itemsize,), dtype=torch.uint8, generator=gen)
+    return raw.view(dtype).reshape(shape)
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The exact bytes of ``t``'s elements in row-major order (bit-exact comparison)."""
+    t = t.detach().cpu().contiguous()
+    if t.numel() == 0:
+        return b""
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def assert_same_tensor(actual: Any, expected: torch.Tensor) -> None:
+    """Same type, dtype, shape and bytes (NaN payloads and float8 included)."""
+    assert isinstance(actual, torch.Tensor), type(actual)
+    assert actual.dtype == expected.dtype
+    assert tuple(actual.shape) == tuple(expected.shape)
+    assert tensor_bytes(actual) == tensor_bytes(expected)
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """The checkpoint's metadata.json as a dict."""
+    return json.loads((Path(path) / "metadata.json").read_bytes())
+
+
+def write_meta(path: Path, doc: dict[str, Any]) -> None:
+    """Replace the checkpoint's metadata.json (tests that damage metadata)."""
+    (Path(path) / "metadata.json").write_bytes(json.dumps(doc).encode())
+
+
+def data_files(path: Path) -> list[str]:
+    """Names of the ``*.data`` files in a checkpoint directory, sorted."""
+    return sorted(p.name for p in Path(path).iterdir() if p.name.endswith(".data"))
+
+
+def reseal_object(path: Path, key: str, payload: bytes) -> None:
+    """Make object entry ``key`` hold ``payload``, with sizes and checksums fixed up.
+
+    The payload gets a data file of its own, so only the allow-list stands
+    between a crafted payload and the unpickler.
+    """
+    doc = read_meta(path)
+    entry = doc["entries"][key]
+    (Path(path) / entry["file"]).write_bytes(payload)
+    doc["files"][entry["file"]] = {"size": len(payload)}
+    entry["offset"] = 0
+    entry["nbytes"] = len(payload)
+    block = doc["checksum"]["block_size"]
+    entry["checksums"] = block_checksums(memoryview(payload), block)
+    write_meta(path, doc)
+
+
+def crc(data: bytes) -> int:
+    """CRC-32C of ``data``."""
+    return crc32c.crc32c(data)

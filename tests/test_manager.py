@@ -1,0 +1,423 @@
+"""CheckpointManager: intervals, retention (also under failure), crash clean-up, resume."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import tensor_bytes
+
+import async_ckpt
+from async_ckpt.errors import CheckpointError, CheckpointNotFoundError
+from async_ckpt.manager import CheckpointManager
+from async_ckpt.storage.local import FileSystemWriter
+
+
+def _state(value: float = 0.0) -> dict[str, Any]:
+    return {"w": torch.full((64,), value), "step": 0}
+
+
+def _manager(root: Any, **kwargs: Any) -> CheckpointManager:
+    kwargs.setdefault("executor", "thread")
+    return CheckpointManager(root, **kwargs)
+
+
+def _save_steps(manager: CheckpointManager, steps: range) -> None:
+    for step in steps:
+        manager.save(step, {"w": torch.full((64,), float(step)), "step": step})
+    manager.wait()
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Control writes per step directory: ``gate["fail"]`` raises, ``gate["hold"]`` blocks."""
+    control: dict[str, Any] = {"fail": set(), "hold": {}}
+    original = FileSystemWriter.write_file
+
+    def write_file(self: FileSystemWriter, name: str, segments: Any, block_size: int) -> Any:
+        step_dir = self.path.name
+        if step_dir in control["fail"]:
+            raise OSError(f"injected write failure in {step_dir}")
+        if step_dir in control["hold"]:
+            control["hold"][step_dir].wait(30)
+        return original(self, name, segments, block_size)
+
+    monkeypatch.setattr(FileSystemWriter, "write_file", write_file)
+    return control
+
+
+# ------------------------------------------------------------------------------ intervals
+
+
+def test_maybe_save_every_n_steps(tmp_path: Path) -> None:
+    with _manager(tmp_path, save_every=5, keep_last=None) as manager:
+        futures = {s: manager.maybe_save(s, _state(s)) for s in range(1, 13)}
+        manager.wait()
+        assert [s for s, f in futures.items() if f is not None] == [5, 10]
+        assert manager.steps() == [5, 10]
+        assert manager.latest_step() == 10
+        assert (tmp_path / "step-00000010" / "metadata.json").is_file()
+
+
+def test_maybe_save_needs_save_every(tmp_path: Path) -> None:
+    with _manager(tmp_path) as manager, pytest.raises(CheckpointError, match="save_every"):
+        manager.maybe_save(1, _state())
+
+
+def test_maybe_save_skips_the_step_just_restored(tmp_path: Path) -> None:
+    with _manager(tmp_path, save_every=2) as manager:
+        manager.save(4, _state(4.0))
+        manager.wait()
+    with _manager(tmp_path, save_every=2) as manager:
+        assert manager.restore(_state()) == 4
+        assert manager.maybe_save(4, _state()) is None
+        assert manager.maybe_save(6, _state()) is not None
+
+
+def test_never_two_saves_in_flight(tmp_path: Path, gate: dict[str, Any]) -> None:
+    gate["hold"]["step-00000001"] = release = threading.Event()
+    with _manager(tmp_path) as manager:
+        first = manager.save(1, _state(1.0))
+        threading.Timer(0.3, release.set).start()
+        manager.save(2, _state(2.0))  # waits for the first save to commit
+        assert first.done() and first.exception() is None
+        manager.wait()
+        assert manager.steps() == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"keep_last": 0}, {"keep_every": -1}, {"save_every": 1.5}, {"keep_last": True}],
+)
+def test_invalid_settings(tmp_path: Path, kwargs: dict[str, Any]) -> None:
+    with pytest.raises(CheckpointError):
+        _manager(tmp_path, **kwargs)
+
+
+def test_invalid_step(tmp_path: Path) -> None:
+    with _manager(tmp_path) as manager, pytest.raises(CheckpointError, match="step"):
+        manager.save(-1, _state())
+
+
+# ------------------------------------------------------------------------------ retention
+
+
+def test_keep_last(tmp_path: Path) -> None:
+    with _manager(tmp_path, keep_last=2) as manager:
+        _save_steps(manager, range(1, 6))
+        assert manager.steps() == [4, 5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004", "step-00000005"]
+
+
+def test_keep_last_none_keeps_everything(tmp_path: Path) -> None:
+    with _manager(tmp_path, keep_last=None) as manager:
+        _save_steps(manager, range(1, 6))
+        assert manager.steps() == [1, 2, 3, 4, 5]
+
+
+def test_keep_every_keeps_multiples_forever(tmp_path: Path) -> None:
+    with _manager(tmp_path, keep_last=1, keep_every=3) as manager:
+        _save_steps(manager, range(1, 11))
+        assert manager.steps() == [3, 6, 9, 10]
+
+
+def test_retention_runs_after_each_commit(tmp_path: Path) -> None:
+    with _manager(tmp_path, keep_last=1) as manager:
+        manager.save(1, _state())
+        manager.save(2, _state())  # waits for step 1, whose commit triggered retention
+        manager.save(3, _state())  # step 2 committed: step 1 goes
+        assert 1 not in manager.steps()
+        manager.wait()
+        assert manager.steps() == [3]
+
+
+def test_failed_save_keeps_last_committed(tmp_path: Path, gate: dict[str, Any]) -> None:
+    with _manager(tmp_path, keep_last=1) as manager:
+        _save_steps(manager, range(1, 2))
+        gate["fail"].add("step-00000002")
+        future = manager.save(2, _state(2.0))
+        with pytest.raises(OSError, match="injected"):
+            manager.wait()
+        assert future.exception() is not None
+        assert manager.steps() == [1]
+        assert manager.retain() == []
+        restored = _state()
+        assert manager.restore(restored) == 1
+        assert torch.equal(restored["w"], torch.full((64,), 1.0))
+        # the failure was reported once; the next save goes ahead and retention resumes
+        _save_steps(manager, range(3, 4))
+        assert manager.steps() == [3]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000003"]
+
+
+def test_failed_save_error_surfaces_at_next_save(tmp_path: Path, gate: dict[str, Any]) -> None:
+    with _manager(tmp_path, keep_last=1, save_every=1) as manager:
+        _save_steps(manager, range(1, 2))
+        gate["fail"].add("step-00000002")
+        manager.maybe_save(2, _state())
+        with pytest.raises(OSError, match="injected"):
+            manager.maybe_save(3, _state())
+        assert manager.steps() == [1]
+        assert manager.maybe_save(3, _state()) is not None
+        manager.wait()
+        assert manager.steps() == [3]
+
+
+def test_newest_committed_kept_while_newer_save_in_flight(
+    tmp_path: Path, gate: dict[str, Any]
+) -> None:
+    with _manager(tmp_path, keep_last=1) as manager:
+        _save_steps(manager, range(1, 2))
+        gate["hold"]["step-00000002"] = release = threading.Event()
+        manager.save(2, _state(2.0))
+        time.sleep(0.1)
+        assert (tmp_path / "step-00000002").is_dir()  # being written
+        assert manager.retain() == []
+        assert manager.steps() == [1]
+        threading.Timer(0.2, release.set).start()
+        assert manager.restore(_state()) == 2  # waits for the pending save first
+        manager.wait()
+        assert manager.steps() == [2]
+
+
+def test_rewound_step_is_kept_and_newer_steps_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with _manager(tmp_path, keep_last=2) as manager:
+        _save_steps(manager, range(10, 13))
+        assert manager.steps() == [11, 12]
+        manager.restore(_state(), step=11)
+        with caplog.at_level(logging.WARNING, logger="async_ckpt"):
+            _save_steps(manager, range(5, 6))  # the newest save is kept, whatever its number
+        assert manager.steps() == [5, 11, 12]
+        assert "newer committed steps [11, 12]" in caplog.text
+
+
+def _two_rank_body(rank: int, world_size: int, root: str) -> tuple[int, list[int], bool]:
+    import torch.distributed as dist
+
+    with CheckpointManager(root, keep_last=1, save_every=1, executor="thread") as manager:
+        for step in range(1, 4):
+            manager.maybe_save(step, {"w": torch.full((8,), float(step)), "rank_free": step})
+    dist.barrier()
+    restored = {"w": torch.zeros(8), "rank_free": 0}
+    with CheckpointManager(root, executor="thread") as manager:
+        step = manager.restore(restored)
+        return manager.rank, manager.steps(), step == 3 and restored["w"][0].item() == 3.0
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_share_one_root(tmp_path: Path) -> None:
+    from dist_utils import run_ranks
+
+    (tmp_path / "step-00000007").mkdir()  # an earlier crash's leftover
+    results = run_ranks(_two_rank_body, 2, str(tmp_path))
+    assert results == [(0, [3], True), (1, [3], True)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000003"]
+
+
+def test_only_rank0_deletes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "step-00000009").mkdir()
+    monkeypatch.setattr("async_ckpt.manager._group_rank", lambda checkpointer: 1)
+    with _manager(tmp_path, keep_last=1) as manager:
+        assert (tmp_path / "step-00000009").is_dir()  # no clean-up on rank 1
+        _save_steps(manager, range(1, 4))
+        assert manager.retain() == []
+        assert manager.steps() == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------- crash and restore
+
+
+def test_incomplete_leftovers_removed_with_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with _manager(tmp_path, keep_last=None) as manager:
+        _save_steps(manager, range(1, 3))
+    leftover = tmp_path / "step-00000003"
+    leftover.mkdir()
+    (leftover / "0123abcd-r0-0.data").write_bytes(b"partial")
+    (tmp_path / "notes.txt").write_text("not ours")
+    (tmp_path / "step-3").mkdir()  # not a name the manager writes: left alone
+    with caplog.at_level(logging.WARNING, logger="async_ckpt"):
+        manager = _manager(tmp_path)
+    with manager:
+        assert not leftover.exists()
+        assert "step-00000003" in caplog.text and "incomplete" in caplog.text
+        assert (tmp_path / "notes.txt").exists() and (tmp_path / "step-3").is_dir()
+        assert manager.latest_step() == 2
+
+
+def test_restore_after_crash_picks_newest_committed(tmp_path: Path, gate: dict[str, Any]) -> None:
+    with _manager(tmp_path, keep_last=None) as manager:
+        _save_steps(manager, range(1, 3))
+    (tmp_path / "step-00000003").mkdir()  # a newer save that never committed
+    (tmp_path / "step-00000003" / "0123abcd-r0-0.data").write_bytes(b"partial")
+    # a manager on the same root is writing step 4 right now: that directory stays
+    gate["hold"]["step-00000004"] = release = threading.Event()
+    writer = _manager(tmp_path, keep_last=None)
+    writer.save(4, _state(4.0))
+    time.sleep(0.1)
+    with _manager(tmp_path) as manager:
+        assert (tmp_path / "step-00000004").is_dir()
+        assert not (tmp_path / "step-00000003").exists()
+        assert manager.steps() == [1, 2]
+        restored = _state()
+        assert manager.restore(restored) == 2
+        assert torch.equal(restored["w"], torch.full((64,), 2.0))
+        assert restored["step"] == 2
+    release.set()
+    writer.close()
+    assert writer.steps() == [1, 2, 4]
+
+
+def test_restore_without_checkpoint(tmp_path: Path) -> None:
+    with _manager(tmp_path / "empty") as manager:
+        assert manager.latest_step() is None and manager.steps() == []
+        with pytest.raises(CheckpointNotFoundError, match="no committed checkpoint"):
+            manager.restore(_state())
+
+
+# -------------------------------------------------------------------- storage, executors
+
+
+def test_fsspec_root(caplog: pytest.LogCaptureFixture) -> None:
+    import fsspec
+
+    root = "memory://manager-test"
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/manager-test/step-00000099/x.data", b"partial")
+    with caplog.at_level(logging.WARNING, logger="async_ckpt"):
+        manager = _manager(root, keep_last=2, save_every=1)
+    with manager:
+        assert "step-00000099" in caplog.text
+        for step in range(1, 5):
+            manager.maybe_save(step, _state(float(step)))
+        manager.wait()
+        assert manager.steps() == [3, 4]
+        restored = _state()
+        assert manager.restore(restored) == 4
+        assert torch.equal(restored["w"], torch.full((64,), 4.0))
+    fs.rm("/manager-test", recursive=True)
+
+
+@pytest.mark.multiprocess
+def test_process_executor_and_telemetry(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    seen: list[Any] = []
+    with caplog.at_level(logging.INFO, logger="async_ckpt"):
+        with CheckpointManager(tmp_path, keep_last=1, save_every=1, on_saved=seen.append) as mgr:
+            for step in range(1, 4):
+                future = mgr.maybe_save(step, _state(float(step)))
+                assert future.stats.stall_s > 0
+            mgr.wait()
+            assert mgr.steps() == [3]
+    assert [Path(s.checkpoint_id).name for s in seen] == [
+        "step-00000001",
+        "step-00000002",
+        "step-00000003",
+    ]
+    assert caplog.text.count("saved ") >= 3
+
+
+def test_given_checkpointer_is_not_closed(tmp_path: Path) -> None:
+    checkpointer = async_ckpt.AsyncCheckpointer(executor="thread")
+    with pytest.raises(CheckpointError, match="not both"):
+        CheckpointManager(tmp_path, checkpointer=checkpointer, timeout=3)
+    with CheckpointManager(tmp_path, checkpointer=checkpointer) as manager:
+        manager.save(1, _state())
+    checkpointer.save(_state(), checkpoint_id=tmp_path / "other").result()
+    checkpointer.close()
+
+
+def test_closed_manager_refuses_saves(tmp_path: Path) -> None:
+    manager = _manager(tmp_path)
+    manager.close()
+    manager.close()
+    with pytest.raises(CheckpointError, match="closed"):
+        manager.save(1, _state())
+
+
+# ------------------------------------------------------------------- resume after a kill
+
+TRAIN = textwrap.dedent(
+    """
+    import os, signal, sys
+    import torch
+    from async_ckpt.manager import CheckpointManager
+
+    torch.set_num_threads(1)
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+        return model, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def step_fn(model, optim, step):
+        gen = torch.Generator().manual_seed(step)
+        x = torch.randn(16, 8, generator=gen)
+        loss = (model(x) - x.sum(1, keepdim=True).sin()).pow(2).mean()
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+
+    def run(root, first, last, state, kill_at=None, every=4):
+        with CheckpointManager(root, save_every=every, keep_last=2, executor="thread") as mgr:
+            if first is None:
+                first = mgr.restore(state) + 1
+            for step in range(first, last + 1):
+                step_fn(state["model"], state["optim"], step)
+                state["step"] = step
+                mgr.maybe_save(step, state)
+                if step == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+    if __name__ == "__main__":
+        model, optim = build()
+        run(sys.argv[1], 1, int(sys.argv[2]), {"model": model, "optim": optim, "step": 0},
+            kill_at=int(sys.argv[3]))
+    """
+)
+
+
+@pytest.mark.multiprocess
+def test_resume_after_kill_is_bit_identical(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN)
+    namespace: dict[str, Any] = {"__name__": "train"}
+    threads = torch.get_num_threads()
+    try:
+        exec(compile(TRAIN, str(script), "exec"), namespace)  # sets 1 thread, like the child
+        total = 22
+        # killed one step after the step-16 save started: it may or may not have committed
+        proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ck"), "22", "17"])
+        assert proc.returncode == -signal.SIGKILL
+        model, optim = namespace["build"]()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)  # a different start: the restore must overwrite everything
+        resumed = {"model": model, "optim": optim, "step": 0}
+        namespace["run"](tmp_path / "ck", None, total, resumed)
+        assert resumed["step"] == total
+
+        model, optim = namespace["build"]()
+        reference = {"model": model, "optim": optim, "step": 0}
+        namespace["run"](tmp_path / "ref", 1, total, reference)
+    finally:
+        torch.set_num_threads(threads)
+    for (name, a), (_, b) in zip(
+        resumed["model"].state_dict().items(), reference["model"].state_dict().items(), strict=True
+    ):
+        assert tensor_bytes(a) == tensor_bytes(b), name
+    opt_a, opt_b = resumed["optim"].state_dict()["state"], reference["optim"].state_dict()["state"]
+    for index in opt_b:
+        for name in opt_b[index]:
+            assert tensor_bytes(opt_a[index][name]) == tensor_bytes(opt_b[index][name])

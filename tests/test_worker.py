@@ -1,0 +1,227 @@
+"""The persistent worker process: death, errors, reuse, leaks, scripts, shutdown."""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+import async_ckpt
+from async_ckpt import (
+    AsyncCheckpointer,
+    CheckpointError,
+    FileSystemWriter,
+    SaveFailedError,
+    WorkerDiedError,
+)
+
+SCRIPTS = Path(__file__).parent / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+from ckpt_test_writers import FailingWriter, GatedWriter  # noqa: E402
+
+pytestmark = pytest.mark.multiprocess
+MiB = 1 << 20
+
+
+def writer(path) -> FileSystemWriter:
+    return FileSystemWriter(path, sync_files=False)
+
+
+def loads_as(path, expected: dict) -> None:
+    got = {
+        k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else None for k, v in expected.items()
+    }
+    async_ckpt.load(got, checkpoint_id=path)
+    for key, want in expected.items():
+        if isinstance(want, torch.Tensor):
+            assert torch.equal(got[key], want), key
+        else:
+            assert got[key] == want, key
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_until(predicate, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.fixture(scope="module")
+def ckpt():
+    with AsyncCheckpointer() as c:
+        c.start()
+        yield c
+
+
+@pytest.fixture
+def gate(tmp_path):
+    path = tmp_path / "gate"
+    path.mkdir()
+    yield path
+    (path / "open").touch()
+
+
+def test_killed_worker_fails_the_save_and_is_replaced_then_closed(tmp_path, gate):
+    with AsyncCheckpointer() as ck:
+        early = {"w": torch.arange(100.0), "step": 1}
+        ck.save(early, storage_writer=writer(tmp_path / "early")).result(timeout=120)
+        first_pid = ck.worker_pid
+
+        fut = ck.save(
+            {"w": torch.ones(1000)}, storage_writer=GatedWriter(tmp_path / "doomed", gate=gate)
+        )
+        assert wait_until(lambda: (gate / "started").exists())
+        os.kill(first_pid, signal.SIGKILL)
+        with pytest.raises(WorkerDiedError, match=r"exited with code -9") as info:
+            fut.result(timeout=60)
+        assert str(first_pid) in str(info.value)
+        assert isinstance(info.value, SaveFailedError)
+
+        loads_as(tmp_path / "early", early)
+        later = {"w": torch.arange(5.0), "step": 2}
+        ck.save(later, storage_writer=writer(tmp_path / "later")).result(timeout=120)
+        assert ck.worker_pid not in (None, first_pid)
+        assert gone(first_pid)
+        pending = ck.save(later, storage_writer=writer(tmp_path / "at-exit"))
+    # Leaving the block closed it: the pending save finished, the worker is gone.
+    assert pending.done() and gone(ck.worker_pid)
+    loads_as(tmp_path / "at-exit", later)
+    ck.close()  # closing again is harmless
+    with pytest.raises(CheckpointError, match="closed"):
+        ck.save(later, storage_writer=writer(tmp_path / "closed"))
+    loads_as(tmp_path / "later", later)
+    with pytest.raises(async_ckpt.IncompleteCheckpointError):
+        async_ckpt.load({"w": torch.zeros(1000)}, checkpoint_id=tmp_path / "doomed")
+
+
+def test_error_in_the_worker_keeps_its_type_and_message(ckpt, tmp_path):
+    pid = ckpt.worker_pid
+    fut = ckpt.save({"w": torch.ones(10)}, storage_writer=FailingWriter(tmp_path / "fire"))
+    with pytest.raises(OSError, match="disk on fire"):
+        fut.result(timeout=60)
+    sd = {"w": torch.full((10,), 4.0)}
+    ckpt.save(sd, storage_writer=writer(tmp_path / "fine")).result(timeout=60)
+    assert ckpt.worker_pid == pid  # an error is not a crash
+    loads_as(tmp_path / "fine", sd)
+
+
+def test_writer_the_worker_cannot_import_fails_only_that_save(ckpt, tmp_path):
+    class LocalWriter(FileSystemWriter):  # not importable by anyone: pickling refuses
+        pass
+
+    fut = ckpt.save({"w": torch.ones(10)}, storage_writer=LocalWriter(tmp_path / "x"))
+    with pytest.raises(SaveFailedError, match="cannot be pickled"):
+        fut.result(timeout=60)
+    ckpt.save({"w": torch.ones(10)}, storage_writer=writer(tmp_path / "y")).result(timeout=60)
+
+
+def test_writer_class_from_main_fails_only_that_save(ckpt, tmp_path, monkeypatch):
+    # As when a training script defines its writer: it pickles by reference to
+    # __main__, which in the worker is the worker's own module.
+    class MainWriter(FileSystemWriter):
+        pass
+
+    MainWriter.__module__, MainWriter.__qualname__ = "__main__", "MainWriterOfTheScript"
+    monkeypatch.setattr(sys.modules["__main__"], "MainWriterOfTheScript", MainWriter, raising=False)
+    pid = ckpt.worker_pid
+    fut = ckpt.save({"w": torch.ones(10)}, storage_writer=MainWriter(tmp_path / "x"))
+    with pytest.raises(SaveFailedError, match="cannot load the storage writer"):
+        fut.result(timeout=60)
+    ckpt.save({"w": torch.ones(10)}, storage_writer=writer(tmp_path / "y")).result(timeout=60)
+    assert ckpt.worker_pid == pid
+
+
+def test_a_worker_that_cannot_start_fails_fast(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "executable", shutil.which("false") or "/bin/false")
+    ck = AsyncCheckpointer()
+    try:
+        started = time.monotonic()
+        with pytest.raises(WorkerDiedError, match="while starting"):
+            ck.start()
+        assert time.monotonic() - started < 60  # not the 120 s start-up allowance
+        fut = ck.save({"w": torch.ones(3)}, storage_writer=writer(tmp_path / "x"))
+        with pytest.raises(WorkerDiedError, match="worker"):
+            fut.result(timeout=60)
+    finally:
+        monkeypatch.undo()
+        ck.close()
+
+
+def test_one_worker_serves_many_saves_without_leaking(ckpt, tmp_path):
+    sd = {f"w{i}": torch.randn(MiB) for i in range(8)}  # 32 MiB
+    sd["step"] = 0
+    me = psutil.Process()
+    pids, fds, rss = set(), {}, {}
+    for n in range(1, 21):
+        sd["step"] = n
+        for i in range(8):
+            sd[f"w{i}"].add_(1)
+        ckpt.save(sd, storage_writer=writer(tmp_path / f"s{n % 3}")).result(timeout=60)
+        pids.add(ckpt.worker_pid)
+        if n in (5, 20):
+            gc.collect()
+            worker = psutil.Process(ckpt.worker_pid)
+            fds[n] = (me.num_fds(), worker.num_fds())
+            rss[n] = (me.memory_info().rss, worker.memory_info().rss)
+    assert len(pids) == 1
+    assert fds[20][0] - fds[5][0] <= 2 and fds[20][1] - fds[5][1] <= 2, fds
+    for side in (0, 1):
+        growth = rss[20][side] - rss[5][side]
+        assert growth < 24 * MiB, (
+            f"{'caller' if side == 0 else 'worker'} RSS grew {growth / MiB:.0f} MiB"
+        )
+    loads_as(tmp_path / "s2", {k: v for k, v in sd.items()})
+
+
+@pytest.fixture(scope="module")
+def script_run(tmp_path_factory):
+    """One run of scripts/no_main_guard.py: no main guard, exits without close()."""
+    root = tmp_path_factory.mktemp("script")
+    ids = [root / "committed", root / "pending", root / "dropped"]
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, str(SCRIPTS / "no_main_guard.py"), *map(str, ids)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return out, ids, time.monotonic() - started
+
+
+def test_script_without_main_guard_saves(script_run):
+    out, (committed, _, _), _ = script_run
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("script body runs") == 1  # the worker did not re-run it
+    loads_as(committed, {"w": torch.arange(1000, dtype=torch.float32), "step": 7})
+
+
+def test_exit_without_close_is_prompt_and_leaves_no_worker(script_run):
+    out, (_, pending, dropped), seconds = script_run
+    assert out.returncode == 0, out.stderr
+    assert seconds < 100
+    pids = [int(line) for line in out.stdout.split()[-2:]]
+    for pid in pids:
+        assert wait_until(lambda pid=pid: gone(pid), timeout=30), (
+            f"worker {pid} outlived its caller"
+        )
+    # The save still in flight at exit was finished by the exit hook.
+    loads_as(pending, {"w": torch.arange(1 << 20, dtype=torch.float32)})
+    loads_as(dropped, {"w": torch.ones(100)})
