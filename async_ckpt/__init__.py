@@ -28,6 +28,8 @@ from .errors import (
 )
 from .executor import AsyncCheckpointer, SaveFuture, SaveStats, async_save
 from .format.metadata import Metadata
+from .manager import CheckpointManager
+from .materialize import materialize
 from .format.objects import allow_class, allow_global
 from .pipeline.load import LoadResult
 from .staging import Stager, StagerOptions
@@ -44,6 +46,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncCheckpointer",
+    "CheckpointManager",
     "SaveFuture",
     "SaveStats",
     "Stager",
@@ -79,5 +82,6 @@ __all__ = [
     "allow_global",
     "assert_same_keys",
     "load",
+    "materialize",
     "save",
 ]

@@ -275,12 +275,6 @@ def test_a_trailing_newline_does_not_make_a_name_safe(name):
         decode_metadata(_with(change))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap in format/metadata.py: json.loads accepts NaN/Infinity (which the encoder "
-    "refuses, so such metadata cannot be re-encoded), duplicate keys (last wins) and "
-    "version true/1.0 (compared with ==); see docs/reliability.md",
-)
 @pytest.mark.parametrize(
     "raw",
     [

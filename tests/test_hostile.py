@@ -120,12 +120,6 @@ def test_a_payload_asking_for_a_petabyte_fails_fast(object_checkpoint, tmp_path)
     assert time.monotonic() - started < 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap: allow-listed callables run with checkpoint-chosen arguments, so a "
-    "50-byte object entry can allocate and zero any amount of memory (bytearray(n)) or "
-    "compute 10**n (Fraction('1e<n>')); see docs/reliability.md",
-)
 @pytest.mark.parametrize(
     "payload",
     [Reduce(bytearray, 256 << 20), Reduce(__import__("fractions").Fraction, "1e1500000")],
@@ -281,12 +275,6 @@ def test_a_consistent_offset_of_2_61_is_refused_before_reading_or_allocating(sav
         async_ckpt.load(_target(), checkpoint_id=saved)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap: the decoder checks that chunks add up to the tensor's volume, not that "
-    "they are disjoint; overlapping chunks leave elements of a fresh tensor uninitialized "
-    "(torch.empty), leaking process memory into the loaded state. docs/reliability.md",
-)
 def test_overlapping_chunks_that_add_up_to_the_shape_are_refused(tmp_path):
     path = tmp_path / "ckpt"
     async_ckpt.save({"t": torch.arange(8.0)}, storage_writer=_two_chunk_writer(path))
@@ -416,11 +404,6 @@ def test_bad_state_dicts_are_refused_at_the_save_call(ckpt, tmp_path, bad):
     assert torch.equal(got["w"], good["w"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap: the error for an unpicklable leaf names its type, not its key "
-    "(planning/items.py describe -> format/objects.py dumps_object); docs/reliability.md",
-)
 def test_an_unsupported_leaf_error_names_its_key(tmp_path):
     with pytest.raises(CheckpointError, match="model.hook"):
         async_ckpt.save({"model": {"hook": threading.Lock()}}, checkpoint_id=tmp_path / "c")

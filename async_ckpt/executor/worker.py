@@ -130,7 +130,10 @@ def serve(sock: socket.socket) -> None:
                 "error": _portable_error(exc),
                 "timings": timings,
             }
-        wire.send(sock, reply)
+        try:
+            wire.send(sock, reply)
+        except OSError:
+            break  # the caller has gone (exited or killed): nobody is waiting for replies
     for arena in arenas.values():
         arena.close()
 

@@ -239,10 +239,11 @@ def _decode_tensor(doc: dict, where: str, files: dict[str, int], block_size: int
             raise _fail(f"{cw}.nbytes {nbytes} does not match sizes {list(sizes)} of {dtype}")
         sums = _checksums(raw["checksums"], f"{cw}.checksums", nbytes, block_size)
         chunks.append(Chunk(offsets, sizes, name, offset, nbytes, sums))
-    # Chunks lie inside the shape (checked above); equal volume means no element is left out
-    # unless two chunks overlap, which only a hand-made file does.
+    # Chunks lie inside the shape (checked above); equal volume and no overlap mean
+    # every element is written exactly once.
     if sum(math.prod(c.sizes) for c in chunks) != math.prod(shape):
         raise _fail(f"{where}.chunks do not cover the tensor's shape {list(shape)} exactly")
+    _check_disjoint(chunks, where)
     return TensorEntry(
         path=_path(doc["path"], where),
         dtype=doc["dtype"],
@@ -276,18 +277,47 @@ def _decode_entry(doc: Any, where: str, files: dict[str, int], block_size: int) 
     raise _fail(f"{where} has unknown kind {kind!r}")
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid in metadata (the encoder never writes it)")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate keys in a JSON object")
+    return out
+
+
+def _check_disjoint(chunks: list[Chunk], where: str) -> None:
+    """Chunks must not overlap: an overlap leaves other elements of the tensor unwritten."""
+    ordered = sorted(chunks, key=lambda c: c.offsets)
+    for i, a in enumerate(ordered):
+        for b in ordered[i + 1 :]:
+            if a.offsets and b.offsets[0] >= a.offsets[0] + a.sizes[0]:
+                break  # sorted by dim 0: no later chunk can reach back into a
+            if all(
+                bo < ao + asz and ao < bo + bsz
+                for ao, asz, bo, bsz in zip(a.offsets, a.sizes, b.offsets, b.sizes, strict=True)
+            ):
+                raise _fail(
+                    f"{where} has overlapping chunks at {list(a.offsets)} and {list(b.offsets)}"
+                )
+
+
 def decode_metadata(data: bytes) -> Metadata:
     """Parse and validate a metadata file; any defect raises :class:`MetadataError`."""
     if len(data) > MAX_METADATA_BYTES:
         raise _fail(f"metadata is {len(data)} bytes, above the {MAX_METADATA_BYTES} limit")
     try:
-        doc = json.loads(data.decode("utf-8"))
+        doc = json.loads(
+            data.decode("utf-8"), parse_constant=_refuse_constant, object_pairs_hook=_unique_keys
+        )
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, 5000-digit ints
         raise _fail(f"not JSON ({exc}); the file is truncated, damaged or not ours") from exc
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
         raise _fail(f"not an {FORMAT_NAME} metadata file (missing 'format': '{FORMAT_NAME}')")
     version = doc.get("version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
         raise MetadataError(
             f"checkpoint format version {version!r} is not supported by this async_ckpt "
             f"(it reads version {FORMAT_VERSION}); upgrade async_ckpt to load it"

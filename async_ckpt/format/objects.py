@@ -92,8 +92,44 @@ def is_allowed(module: str, name: str) -> bool:
     return (module, name) in _SAFE_GLOBALS or module == _SAFE_NUMPY_DTYPE_MODULE
 
 
+_MAX_FRACTION_TEXT = 1000
+
+
+def _bytearray_from_bytes(*args: Any) -> bytearray:
+    # Pickling a bytearray yields bytearray(<bytes>); bytearray(<int>) would let a
+    # 50-byte entry allocate any amount of memory.
+    if len(args) > 2 or (args and not isinstance(args[0], (bytes, bytearray, str))):
+        raise UnsafeObjectError("object entry builds a bytearray from something other than bytes")
+    return bytearray(*args)
+
+
+def _bounded_fraction(*args: Any) -> Any:
+    import fractions
+    import re
+
+    if all(isinstance(a, int) and not isinstance(a, bool) for a in args) and len(args) <= 2:
+        return fractions.Fraction(*args)
+    if (
+        len(args) == 1
+        and isinstance(args[0], str)
+        and len(args[0]) <= _MAX_FRACTION_TEXT
+        and re.fullmatch(r"\s*[-+]?\d+(/\d+)?\s*", args[0])
+    ):
+        return fractions.Fraction(args[0])
+    raise UnsafeObjectError("object entry builds a Fraction from an unbounded or odd argument")
+
+
+# Allow-listed callables whose arguments must be bounded before they run.
+_GUARDED: dict[tuple[str, str], Any] = {
+    ("builtins", "bytearray"): _bytearray_from_bytes,
+    ("fractions", "Fraction"): _bounded_fraction,
+}
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _GUARDED:
+            return _GUARDED[(module, name)]
         if not is_allowed(module, name):
             raise UnsafeObjectError(
                 f"refusing to load {module}.{name} from a checkpoint object entry: it is not "
@@ -126,7 +162,9 @@ def loads_object(payload: bytes | memoryview) -> Any:
     except UnsafeObjectError:
         raise
     except Exception as exc:
-        raise UnsafeObjectError(f"object entry cannot be decoded: {exc}") from exc
+        raise UnsafeObjectError(
+            f"object entry cannot be decoded: {type(exc).__name__}: {exc}"[:500]
+        ) from exc
 
 
 def encode_plain(value: Any) -> dict[str, Any]:

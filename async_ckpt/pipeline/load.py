@@ -150,7 +150,8 @@ def _as_target(key: str, leaf: Any, entry: TensorEntry) -> _Target:
 
 
 def _new_tensor(entry: TensorEntry) -> torch.Tensor:
-    return torch.empty(entry.shape, dtype=dtype_from_name(entry.dtype))
+    # zeros, not empty: never hand back leftover process memory, whatever the metadata says
+    return torch.zeros(entry.shape, dtype=dtype_from_name(entry.dtype))
 
 
 def _fits_in_place(leaf: Any) -> bool:

@@ -20,7 +20,7 @@ from ..planning.comm import Comm
 from ..planning.items import LocalState
 from ..planning.plan import Planner
 from ..storage.base import SegmentRecord, StorageWriter, data_file_name
-from ..storage.retry import write_with_retry
+from ..storage.retry import RetryPolicy, call_with_retry, write_with_retry
 
 DEFAULT_WRITE_THREADS = 4
 
@@ -190,7 +190,12 @@ def run_save(
         else:
             try:
                 metadata = _assemble(state, results, save_id, block_size)
-                writer.commit(encode_metadata(metadata))
+                payload = encode_metadata(metadata)
+                call_with_retry(
+                    lambda: writer.commit(payload),
+                    what=f"committing checkpoint {writer.checkpoint_id!r}",
+                    policy=RetryPolicy.from_env(),
+                )
                 writer.remove_stale(metadata.files)
                 outcome = metadata
             except Exception as exc:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import StateDictError
+from ..errors import StateDictError, UnsafeObjectError
 from ..flatten import Flat, KeyPath
 from ..format.dtypes import dtype_name, itemsize
 from ..format.objects import PLAIN_TYPES, dumps_object, encode_plain
@@ -126,7 +126,11 @@ def describe(flat: Flat) -> tuple[LocalState, list[torch.Tensor]]:
             continue
         else:
             type_name = f"{type(leaf).__module__}.{type(leaf).__qualname__}"
-            state.objects.append(ObjectItem(key, path, type_name, dumps_object(leaf)))
+            try:
+                payload = dumps_object(leaf)
+            except UnsafeObjectError as exc:
+                raise UnsafeObjectError(f"cannot save {key!r}: {exc}") from exc
+            state.objects.append(ObjectItem(key, path, type_name, payload))
             continue
         if local.device.type == "meta":
             raise StateDictError(
