@@ -28,9 +28,9 @@ from .errors import (
 )
 from .executor import AsyncCheckpointer, SaveFuture, SaveStats, async_save
 from .format.metadata import Metadata
+from .format.objects import allow_class, allow_global
 from .manager import CheckpointManager
 from .materialize import materialize
-from .format.objects import allow_class, allow_global
 from .pipeline.load import LoadResult
 from .staging import Stager, StagerOptions
 from .storage import (

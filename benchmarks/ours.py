@@ -78,14 +78,21 @@ class UssSampler:
 
 
 class _OursPending(FuturePending):
-    """FuturePending over a SaveFuture that also stops the worker's USS sampler."""
+    """FuturePending over a SaveFuture that samples the worker's USS until the commit.
 
-    def __init__(self, fut: async_ckpt.SaveFuture, sampler: UssSampler | None) -> None:
+    The sampler starts in wait_committed, outside the stall and staged
+    windows (creating it reads /proc, which would otherwise count as stall).
+    """
+
+    def __init__(self, fut: async_ckpt.SaveFuture, pid: int | None) -> None:
         super().__init__(fut, fut.staged)  # type: ignore[arg-type]  # duck-typed futures
         self.fut = fut
-        self.sampler = sampler
+        self.pid = pid
+        self.sampler: UssSampler | None = None
 
     def wait_committed(self) -> None:
+        if self.pid:
+            self.sampler = UssSampler(self.pid).start()
         try:
             super().wait_committed()
         finally:
@@ -147,8 +154,7 @@ class AsyncCkptAsync(Method):
     def save(self, state: dict[str, Any], path: Path) -> Pending:
         assert self.ckpt is not None
         fut = self.ckpt.save(state, checkpoint_id=str(path))
-        pid = self.ckpt.worker_pid
-        self._last = _OursPending(fut, UssSampler(pid).start() if pid else None)
+        self._last = _OursPending(fut, self.ckpt.worker_pid)
         return self._last
 
     def run_info(self) -> dict[str, Any]:
