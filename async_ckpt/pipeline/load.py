@@ -232,16 +232,75 @@ def _read_all(
             verify_blocks(memoryview(buf), chunk, 0, meta.block_size, key)
         replaced[key] = loads_object(bytes(buf))
 
-    tasks = [(t, c) for t in targets for c in t.entry.chunks]
+    tasks = [
+        (t, c)
+        for t in targets
+        for c in t.entry.chunks
+        if _overlap(c.offsets, c.sizes, t.offsets, tuple(t.tensor.shape)) is not None
+    ]
     tasks.sort(key=lambda tc: (tc[1].file, tc[1].offset))
-    if read_threads > 1 and len(tasks) > 1:
+    coalesce = getattr(reader, "coalesce_reads", False)
+    groups = _windows(tasks) if coalesce else [[task] for task in tasks]
+
+    def run(group: list[tuple[_Target, Chunk]]) -> None:
+        source = _WindowReader.fetch(reader, group) if len(group) > 1 else reader
+        for t, c in group:
+            _read_chunk_part(source, t, c, meta, verify)
+
+    if read_threads > 1 and len(groups) > 1:
         with ThreadPoolExecutor(read_threads, thread_name_prefix="async_ckpt-read") as pool:
-            for f in [pool.submit(_read_chunk_part, reader, t, c, meta, verify) for t, c in tasks]:
+            for f in [pool.submit(run, g) for g in groups]:
                 f.result()
     else:
-        for t, c in tasks:
-            _read_chunk_part(reader, t, c, meta, verify)
+        for g in groups:
+            run(g)
     return targets, replaced
+
+
+_WINDOW_BYTES = 64 * 1024 * 1024
+
+
+def _windows(tasks: list[tuple[_Target, Chunk]]) -> list[list[tuple[_Target, Chunk]]]:
+    """Runs of back-to-back chunks of one file, up to 64 MiB each: one request per run.
+
+    Object stores charge per request (latency, and some servers read the whole
+    object per ranged GET), so many small tensors are fetched together.
+    """
+    groups: list[list[tuple[_Target, Chunk]]] = []
+    for t, c in tasks:
+        last = groups[-1] if groups else None
+        if last is not None:
+            first, prev = last[0][1], last[-1][1]
+            adjacent = prev.file == c.file and c.offset == prev.offset + prev.nbytes
+            if adjacent and c.offset + c.nbytes - first.offset <= _WINDOW_BYTES:
+                last.append((t, c))
+                continue
+        groups.append([(t, c)])
+    return groups
+
+
+class _WindowReader:
+    """Serves reads that fall inside one prefetched byte range of a data file."""
+
+    def __init__(self, reader: StorageReader, name: str, start: int, data: memoryview) -> None:
+        self.reader, self.name, self.start, self.data = reader, name, start, data
+        self.checkpoint_id = reader.checkpoint_id
+
+    @classmethod
+    def fetch(cls, reader: StorageReader, group: list[tuple[_Target, Chunk]]) -> _WindowReader:
+        first, last = group[0][1], group[-1][1]
+        buf = torch.empty(last.offset + last.nbytes - first.offset, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        reader.read_into(first.file, first.offset, view)
+        return cls(reader, first.file, first.offset, view)
+
+    def read_into(self, name: str, offset: int, dest: memoryview) -> None:
+        view = dest.cast("B") if dest.format != "B" else dest
+        lo = offset - self.start
+        if name != self.name or lo < 0 or lo + len(view) > len(self.data):
+            self.reader.read_into(name, offset, dest)
+            return
+        view[:] = self.data[lo : lo + len(view)]
 
 
 def run_load(

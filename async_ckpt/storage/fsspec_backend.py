@@ -123,6 +123,9 @@ class FsspecWriter(StorageWriter):
 class FsspecReader(StorageReader):
     """Reads a checkpoint under an fsspec URL, fetching only the byte ranges asked for."""
 
+    # Requests are costly here: the loader fetches back-to-back chunks together.
+    coalesce_reads = True
+
     def __init__(
         self, checkpoint_id: str, *, storage_options: dict[str, Any] | None = None
     ) -> None:
