@@ -87,10 +87,16 @@ class AsyncCheckpointer:
                 self._executor.start()  # new_group is a collective: run it on this thread
         return self._executor
 
-    def start(self) -> AsyncCheckpointer:
-        """Spawn the worker (and join the ranks' group) now rather than at the first save."""
+    def start(self, state_dict: Mapping[str, Any] | None = None) -> AsyncCheckpointer:
+        """Spawn the worker (and join the ranks' group) now rather than at the first save.
+
+        Given the state that will be saved, also allocate and pre-fault the
+        staging memory for it, so the first save stalls no longer than later ones.
+        """
         self._check_open()
         self._ensure_executor().start()
+        if state_dict is not None:
+            self.stager.reserve(*describe(flatten(state_dict)))
         return self
 
     @property

@@ -168,6 +168,12 @@ class Stager:
         return list(self._arenas)
 
     # ------------------------------------------------------------------- stage
+    def reserve(self, state: LocalState, tensors: list[torch.Tensor]) -> None:
+        """Allocate (and pre-fault) the arenas for this structure now, copying nothing."""
+        with self._lock:
+            layout = plan_layout(state.items, tensors)
+            self._ensure_arenas(layout, any(t.device.type == "cuda" for t in tensors))
+
     def stage(self, state: LocalState, tensors: list[torch.Tensor]) -> Snapshot:
         """Copy ``tensors`` (aligned with ``state.items``) into a free arena.
 
