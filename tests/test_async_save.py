@@ -28,7 +28,7 @@ from async_ckpt import (
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from ckpt_test_writers import GatedWriter  # noqa: E402
 
-pytestmark = pytest.mark.multiprocess
+PROCESS = pytest.param("process", marks=pytest.mark.multiprocess)
 
 
 def writer(path) -> FileSystemWriter:
@@ -92,7 +92,7 @@ def wait_for(path: Path, timeout: float = 60.0) -> None:
         time.sleep(0.005)
 
 
-@pytest.mark.parametrize("executor", ["process", "thread"])
+@pytest.mark.parametrize("executor", [PROCESS, "thread"])
 def test_training_loop_checkpoints_are_snapshots(tmp_path, executor, request):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64))
@@ -132,6 +132,7 @@ def test_training_loop_checkpoints_are_snapshots(tmp_path, executor, request):
         assert_same(got, want, f"step {step}")
 
 
+@pytest.mark.multiprocess
 @pytest.mark.asyncio
 async def test_futures_await_and_report(ckpt, tmp_path, gate):
     state = {"w": torch.randn(256, 256), "note": "hello"}
@@ -180,7 +181,7 @@ def test_async_staging_future_resolves_then_state_may_change(tmp_path):
     assert torch.equal(got["w"], want)
 
 
-@pytest.mark.parametrize("executor", ["process", "thread"])
+@pytest.mark.parametrize("executor", [PROCESS, "thread"])
 def test_timeout_stops_the_save_before_it_commits(tmp_path, gate, executor):
     target = tmp_path / "slow"
     # Made up front, so "nothing committed" reads the same whether or not the
@@ -201,7 +202,7 @@ def test_timeout_stops_the_save_before_it_commits(tmp_path, gate, executor):
         async_ckpt.load({"w": torch.zeros(1000)}, checkpoint_id=target)
 
 
-@pytest.mark.parametrize("executor", ["process", "thread"])
+@pytest.mark.parametrize("executor", [PROCESS, "thread"])
 def test_cancel_commits_nothing(tmp_path, gate, executor):
     target = tmp_path / "cancelled"
     with AsyncCheckpointer(executor=executor) as ck:
@@ -216,7 +217,7 @@ def test_cancel_commits_nothing(tmp_path, gate, executor):
         async_ckpt.load({"w": torch.zeros(1000)}, checkpoint_id=target)
 
 
-@pytest.mark.parametrize("executor", ["process", "thread"])
+@pytest.mark.parametrize("executor", [PROCESS, "thread"])
 def test_cancel_while_staging_commits_nothing(tmp_path, executor):
     # async staging: cancelled (most likely) before the snapshot reached the executor.
     sd = {f"w{i}": torch.randn(1 << 20) for i in range(16)}  # 64 MiB
@@ -232,6 +233,7 @@ def test_cancel_while_staging_commits_nothing(tmp_path, executor):
     assert (tmp_path / "y" / "metadata.json").exists()
 
 
+@pytest.mark.multiprocess
 def test_if_busy_raise_refuses_while_a_save_runs(ckpt, tmp_path, gate):
     ckpt.if_busy = "raise"
     try:
@@ -247,6 +249,7 @@ def test_if_busy_raise_refuses_while_a_save_runs(ckpt, tmp_path, gate):
         ckpt.if_busy = "wait"
 
 
+@pytest.mark.multiprocess
 def test_if_busy_wait_queues_behind_a_running_save(ckpt, tmp_path, gate):
     first_state = {"w": torch.full((100,), 1.0)}
     first = ckpt.save(first_state, storage_writer=GatedWriter(tmp_path / "a", gate=gate))
@@ -265,6 +268,7 @@ def test_if_busy_wait_queues_behind_a_running_save(ckpt, tmp_path, gate):
         assert torch.equal(got["w"], torch.full((100,), value)), name
 
 
+@pytest.mark.multiprocess
 def test_async_save_function_returns_a_future(tmp_path):
     from async_ckpt.executor import checkpointer
 

@@ -68,8 +68,12 @@ class Executor(ABC):
         """Queue ``job``; it runs once its snapshot is staged."""
 
     @abstractmethod
-    def abort(self, reason: BaseException) -> None:
-        """Stop the in-flight save so it cannot commit; fail its future with ``reason``."""
+    def abort(self, reason: BaseException, save_no: int | None = None) -> None:
+        """Stop save ``save_no`` (every in-flight save if None) so it cannot commit.
+
+        Its future fails with ``reason``. The process executor stops saves by
+        killing the worker, so saves queued behind it fail too (named as such).
+        """
 
     @abstractmethod
     def close(self) -> None:

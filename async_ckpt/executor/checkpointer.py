@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import logging
 import threading
 import time
@@ -139,7 +140,7 @@ class AsyncCheckpointer:
                 self._group.next_epoch()
                 self._executor.abort(CheckpointError("restarting the worker after a failed save"))
         if previous is not None and not previous.done():
-            if self.if_busy == "raise" and self.stager.options.num_buffers == 1:
+            if self.if_busy == "raise" and not self.stager.buffer_free():
                 raise SaveInProgressError(
                     f"a save to {previous.stats.checkpoint_id!r} is still running; await it "
                     "first, or use if_busy='wait'"
@@ -162,6 +163,7 @@ class AsyncCheckpointer:
             options={"arenas": self.stager.arenas},
             started=t0,
         )
+        future.save_no = save_no
         future._cancel_hook = lambda: self._abort(future, None)
         future.add_done_callback(self._after_save)
         executor.submit(job)
@@ -199,11 +201,14 @@ class AsyncCheckpointer:
                 f"save to {future.stats.checkpoint_id!r} did not commit within {limit} s; "
                 "it was stopped and nothing was committed"
             )
-        self._executor.abort(reason)
+        self._executor.abort(reason, save_no=future.save_no)
         return True
 
     def _after_save(self, future: SaveFuture) -> None:
-        if future.cancelled() or future.exception() is not None:
+        if future.cancelled():
+            log.warning("save to %s was cancelled", future.stats.checkpoint_id)
+            return
+        if future.exception() is not None:
             log.warning("save to %s failed: %s", future.stats.checkpoint_id, future.exception())
             return
         log.info(future.stats.line())
@@ -221,8 +226,14 @@ class AsyncCheckpointer:
             return
         self._closed = True
         if self._last is not None:
+            # Bounded: a hung storage write must not hang interpreter exit forever.
+            limit = self.timeout if self.timeout is not None else self.group_timeout
             try:
-                self._last.result(timeout=None)
+                self._last.result(timeout=limit)
+            except concurrent.futures.TimeoutError:  # not the builtin on Python 3.10
+                log.error("the last save did not finish within %s s of close(); stopping it", limit)
+                if self._executor is not None:
+                    self._executor.abort(SaveTimeoutError(f"stopped by close() after {limit} s"))
             except BaseException:  # reported through the future already
                 pass
         if self._executor is not None:

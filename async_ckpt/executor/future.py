@@ -59,6 +59,7 @@ class SaveFuture:
         self.staged: AwaitableFuture = staged or AwaitableFuture()
         self.stats = stats
         self._cancel_hook: Callable[[], bool] | None = None
+        self.save_no: int | None = None  # set by the checkpointer; names the save to abort
 
     # concurrent.futures-style surface
     def result(self, timeout: float | None = None) -> Metadata:
@@ -94,7 +95,9 @@ class SaveFuture:
     def _set_exception(self, exc: BaseException) -> None:
         if not self.staged.done():
             self.staged.set_exception(exc)
-        if not self._done.done():
+        if isinstance(exc, concurrent.futures.CancelledError):
+            self._set_cancelled()  # cancelled() is True, result() raises CancelledError
+        elif not self._done.done():
             self._done.set_exception(exc)
 
     def _set_cancelled(self) -> None:

@@ -204,23 +204,35 @@ class ProcessExecutor(Executor):
             )
         sock.close()
 
-    def abort(self, reason: BaseException) -> None:
+    def abort(self, reason: BaseException, save_no: int | None = None) -> None:
         with self._lock:
-            jobs = [job for job, _ in self._pending.values()]
+            sent = [job for job, _ in self._pending.values()]
             self._pending.clear()
             proc = self._proc
-            staging = list(self._unsent.values())
+            staging = [
+                job for job in self._unsent.values() if save_no is None or job.save_no == save_no
+            ]
             for job in staging:  # under the lock: _send checks the flag under it
                 job.aborted.set()
         for job in staging:
             # Its copy may still be writing the buffer: fail the future now; _send
             # releases the buffer once staging is over.
             job.future._set_exception(reason)
+        if not sent:
+            return
         if proc is not None and proc.poll() is None:
             proc.kill()  # a killed worker cannot commit; its partial files are never listed
             proc.wait()
-        for job in jobs:
-            job.finish(error=reason)
+        for job in sent:
+            if save_no is None or job.save_no == save_no:
+                job.finish(error=reason)
+            else:  # queued behind the stopped save in the same worker
+                job.finish(
+                    error=SaveFailedError(
+                        f"save to {job.writer.checkpoint_id!r} was stopped together with save "
+                        f"#{save_no} ({reason}); nothing was committed"
+                    )
+                )
 
     def close(self) -> None:
         with self._lock:

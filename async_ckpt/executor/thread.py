@@ -64,11 +64,11 @@ class ThreadExecutor(Executor):
             with self._lock:
                 self._jobs.pop(job.save_no, None)
 
-    def abort(self, reason: BaseException) -> None:
+    def abort(self, reason: BaseException, save_no: int | None = None) -> None:
         # A thread cannot be killed: the running save is marked and stops before its
         # commit, queued ones before they write; each keeps its buffer until it stops.
         with self._lock:
-            jobs = list(self._jobs.values())
+            jobs = [j for j in self._jobs.values() if save_no is None or j.save_no == save_no]
         for job in jobs:
             job.aborted.set()
             job.future._set_exception(reason)

@@ -168,6 +168,11 @@ class Stager:
         return list(self._arenas)
 
     # ------------------------------------------------------------------- stage
+    def buffer_free(self) -> bool:
+        """Whether the next stage would find its buffer free (no wait for a write)."""
+        with self._lock:
+            return not self._leases or self._leases[self._next].is_set()
+
     def reserve(self, state: LocalState, tensors: list[torch.Tensor]) -> None:
         """Allocate (and pre-fault) the arenas for this structure now, copying nothing."""
         with self._lock:
