@@ -8,11 +8,12 @@ async_ckpt, and reports:
   before each phase, so it is exact rather than sampled) over the RSS it had
   before building the state, for a synchronous save and for async saves;
   the target is state + one arena;
-* the worker's peak USS (pages private to the worker: the staging arena is
-  shared with this process and not counted) while saves are in flight;
-* the first save with ``start()`` called beforehand (and what start took) and
-  the first save of a checkpointer that was never started, next to the later
-  saves of the same checkpointer.
+* the worker's private memory: the peak of RssAnon while saves are in flight
+  and psutil's USS after each (pages private to the worker: the staging
+  arena is shared with this process and not counted);
+* the first save after ``start()`` (worker only), after ``start(state)``
+  (worker and staging arenas), and of a checkpointer that was never started,
+  next to the later saves, and what each start took.
 
     python -m benchmarks.isolated --size 1GiB --dir .bench-tmp
 """
@@ -31,7 +32,7 @@ from typing import Any
 import async_ckpt
 from benchmarks.base import remove_path
 from benchmarks.metrics import now
-from benchmarks.ours import UssSampler
+from benchmarks.ours import UssSampler, start_checkpointer, worker_uss
 from benchmarks.state import build_state, mutate, tensor_bytes
 
 
@@ -65,12 +66,16 @@ def _timed_save(ckpt: async_ckpt.AsyncCheckpointer, state: dict, path: Path) -> 
     mutate(state)  # training goes on while the write is in flight
     fut.result()
     t3 = now()
+    anon = sampler.stop() if sampler else None
+    uss = sampler.uss() if sampler else None
     rec = {
         "return_s": t1 - t0,
         "staged_s": t2 - t0,
         "commit_s": t3 - t0,
         "plan_s": fut.stats.plan_s,
-        "worker_uss_peak": sampler.stop() if sampler else None,
+        "worker_anon_peak": anon,
+        "worker_uss_after": uss,
+        "worker_uss_peak": max(anon or 0, uss or 0) or None,
     }
     remove_path(path)
     return rec
@@ -97,10 +102,20 @@ def profile(size: int, root: Path, seed: int, saves: int) -> dict[str, Any]:
     t0 = now()
     ckpt.start()
     out["start_s"] = now() - t0
-    idle = UssSampler(ckpt.worker_pid)
-    out["worker_uss_idle"] = idle.sample()
+    out["worker_uss_idle"] = worker_uss(ckpt.worker_pid)
     out["started"] = [_timed_save(ckpt, state, root / f"started-{k}") for k in range(saves)]
     out["async_peak_over_base"] = _status("VmHWM") - rss0
+    ckpt.close()
+
+    # 2b. start(state): the worker and the staging arenas before the first save
+    ckpt = async_ckpt.AsyncCheckpointer(no_dist=True)
+    t0 = now()
+    reserved = start_checkpointer(ckpt, state)
+    out["start_with_state_s"] = now() - t0
+    if reserved:
+        out["started_with_state"] = [
+            _timed_save(ckpt, state, root / f"reserved-{k}") for k in range(2)
+        ]
     ckpt.close()
 
     # 3. never started: the first save spawns the worker itself

@@ -18,7 +18,9 @@ ranks together after a barrier:
   ``DefaultStager`` with async staging.
 
 Per save: stall (until save() returned), staged, commit (this rank's
-future done) and the slowest rank's figures; "control overhead" is the time
+future done) and the slowest rank's figures. "busy" runs mutate the state
+again as soon as it is staged (CPU-bound training racing the write, as in
+the single-process harness); "idle" runs wait (training on an accelerator). "control overhead" is the time
 spent planning before the first byte is written: for async_ckpt
 ``SaveFuture.stats.plan_s`` (the fingerprint all-gather and plan-cache
 check); for DCP the time from ``set_up_planner`` to the end of
@@ -254,7 +256,15 @@ def _make(name: str) -> _Method:
 
 # ---------------------------------------------------------------- one rank
 def _rank_main(
-    rank: int, world: int, port: int, total: int, repeats: int, root: str, seed: int, out: str
+    rank: int,
+    world: int,
+    port: int,
+    total: int,
+    repeats: int,
+    root: str,
+    seed: int,
+    out: str,
+    busy: bool,
 ) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"  # for async_ckpt's worker group address
     torch.set_num_threads(1)
@@ -292,7 +302,8 @@ def _rank_main(
                 t1 = now()
                 pending.wait_staged()
                 t2 = now()
-                mutate_local(state)  # training goes on during the write
+                if busy:
+                    mutate_local(state)  # CPU-bound training goes on during the write
                 pending.wait_committed()
                 t3 = now()
                 rec = {"return_s": t1 - t0, "staged_s": t2 - t0, "commit_s": t3 - t0}
@@ -375,11 +386,18 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run(total: int, world: int, repeats: int, scratch: Path, seed: int = 0) -> dict[str, Any]:
-    """Spawn `world` ranks, run every method `repeats` times, summarise."""
+def run(
+    total: int, world: int, repeats: int, scratch: Path, seed: int = 0, busy: bool = True
+) -> dict[str, Any]:
+    """Spawn `world` ranks, run every method `repeats` times, summarise.
+
+    busy: each rank mutates its state again as soon as it is staged (CPU-bound
+    training racing the write); otherwise the ranks wait idle (training on an
+    accelerator), which shows the control traffic without CPU contention.
+    """
     import torch.multiprocessing as mp
 
-    root = scratch / f"ranks{world}"
+    root = scratch / f"ranks{world}-{'busy' if busy else 'idle'}"
     root.mkdir(parents=True, exist_ok=True)
     out = root / "result.json"
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
@@ -387,7 +405,7 @@ def run(total: int, world: int, repeats: int, scratch: Path, seed: int = 0) -> d
     try:
         ctx = mp.start_processes(
             _rank_main,
-            args=(world, store.port, total, repeats, str(root), seed, str(out)),
+            args=(world, store.port, total, repeats, str(root), seed, str(out), busy),
             nprocs=world,
             join=False,
             start_method="spawn",
@@ -404,6 +422,7 @@ def run(total: int, world: int, repeats: int, scratch: Path, seed: int = 0) -> d
         remove_path(root)
     raw["wall_s"] = time.perf_counter() - t0
     raw["repeats"] = repeats
+    raw["busy"] = busy
     raw["summary"] = summarize(raw)
     return raw
 

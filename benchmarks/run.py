@@ -83,6 +83,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="total state of the multi-rank runs (default: 1st --size)",
     )
     p.add_argument(
+        "--ranks-mode",
+        choices=("busy", "idle", "both"),
+        default="both",
+        help="multi-rank: ranks mutate their state during the write (busy: CPU-bound "
+        "training), wait (idle: training on an accelerator), or one run of each",
+    )
+    p.add_argument(
         "--isolated",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -149,15 +156,20 @@ def main(argv: list[str] | None = None) -> int:
             result["sizes"].append(bench_size(size, label, names, args, scratch))
         if args.ranks:
             shutdown_dcp()  # the 1-rank group and DCP's daemon are not needed any more
+        modes = {"busy": [True], "idle": [False], "both": [True, False]}[args.ranks_mode]
         for world in args.ranks:
-            log(f"[ranks {world}] {report.fmt_bytes(args.ranks_bytes)} in total, spawning ranks")
-            try:
-                mr = multirank.run(args.ranks_bytes, world, args.repeats, scratch, args.seed)
-                log(f"[ranks {world}] {multirank.one_line(mr)}")
-            except Exception:
-                mr = {"world": world, "error": traceback.format_exc()}
-                log(f"[ranks {world}] failed\n{mr['error']}")
-            result.setdefault("multirank", []).append(mr)
+            for busy in modes:
+                tag = f"[ranks {world} {'busy' if busy else 'idle'}]"
+                log(f"{tag} {report.fmt_bytes(args.ranks_bytes)} in total, spawning ranks")
+                try:
+                    mr = multirank.run(
+                        args.ranks_bytes, world, args.repeats, scratch, args.seed, busy
+                    )
+                    log(f"{tag} {multirank.one_line(mr)}")
+                except Exception:
+                    mr = {"world": world, "busy": busy, "error": traceback.format_exc()}
+                    log(f"{tag} failed\n{mr['error']}")
+                result.setdefault("multirank", []).append(mr)
     finally:
         result["machine"]["loadavg_end"] = os.getloadavg()
         shutdown_dcp()
