@@ -529,8 +529,12 @@ def write_png(result: dict[str, Any], path: Path) -> None:
     colors = {n: cmap(i % 20) for i, n in enumerate(dict.fromkeys(names + mr_names))}
     panels = []
     for key, title in (
-        ("staged_s", "stall (until state reusable)"),
-        ("commit_s", "time to durable commit"),
+        (
+            ("staged_s", "stall (until state reusable)"),
+            ("commit_s", "time to durable commit"),
+        )
+        if sizes
+        else ()
     ):
         groups = [
             {n: m.get("summary", {}).get(key) for n, m in s["methods"].items()} for s in sizes
@@ -542,12 +546,14 @@ def write_png(result: dict[str, Any], path: Path) -> None:
             for mr in multi
         ]
         ticks = [
-            f"{mr['world']} ranks {'busy' if mr.get('busy', True) else 'idle'}" for mr in multi
+            f"{mr['world']} ranks\n{'busy' if mr.get('busy', True) else 'idle'}" for mr in multi
         ]
         panels.append(("multi-rank: commit on all ranks", groups, ticks, mr_names))
     if not sizes and not multi:
         return
     width = max(8, 2 + 1.6 * max(1, len(sizes)) * len(names) / 3) * len(panels) / 2
+    if not sizes:
+        width = max(7, 1.2 * len(multi) * len(mr_names) / 2)
     fig, axes = plt.subplots(1, len(panels), figsize=(width, 4.8), squeeze=False)
     for ax, (title, groups, ticks, group_names) in zip(axes[0], panels, strict=True):
         _bars(ax, groups, group_names, colors)

@@ -40,4 +40,4 @@ def dtype_from_name(name: object) -> torch.dtype:
 
 def itemsize(dtype: torch.dtype) -> int:
     """Bytes per element of ``dtype``."""
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize  # no tensor allocation: this runs for every item of every save
