@@ -28,6 +28,7 @@ class SaveJob:
     writer: StorageWriter
     future: SaveFuture
     arena_generation: int
+    arenas: list[Any] = field(default_factory=list)  # sent to a worker once per generation
     options: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     aborted: threading.Event = field(default_factory=threading.Event)

@@ -126,7 +126,7 @@ class AsyncCheckpointer:
         self._check_open()
         t0 = time.perf_counter()
         writer = storage_writer or detect_writer(checkpoint_id)
-        if self.executor_kind == "process" and str(writer.checkpoint_id).startswith("memory://"):
+        if self.executor_kind == "process" and not writer.visible_across_processes:
             raise CheckpointError(
                 f"cannot save {writer.checkpoint_id!r} from a worker process: memory:// lives "
                 "inside one process, so the worker's copy would be invisible here. Use "
@@ -160,7 +160,7 @@ class AsyncCheckpointer:
             writer=writer,
             future=future,
             arena_generation=self.stager.generation,
-            options={"arenas": self.stager.arenas},
+            arenas=self.stager.arenas,
             started=t0,
         )
         future.save_no = save_no

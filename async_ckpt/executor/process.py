@@ -134,14 +134,13 @@ class ProcessExecutor(Executor):
                 if not self._alive():
                     self._spawn()
                 if self._sent_generation != job.arena_generation:
-                    arenas = job.options.pop("arenas")
+                    arenas = job.arenas
                     wire.send(
                         self._sock,
                         {"op": "arenas", "sizes": [a.nbytes for a in arenas]},
                         fds=[a.fd for a in arenas],
                     )
                     self._sent_generation = job.arena_generation
-                job.options.pop("arenas", None)
                 self._pending[job.save_no] = (job, self._proc)
                 wire.send(
                     self._sock,

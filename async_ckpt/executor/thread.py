@@ -36,7 +36,6 @@ class ThreadExecutor(Executor):
 
     def submit(self, job: SaveJob) -> None:
         self.start()
-        job.options.pop("arenas", None)
         with self._lock:
             self._jobs[job.save_no] = job
         self._pool.submit(self._run, job)

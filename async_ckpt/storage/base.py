@@ -56,6 +56,9 @@ class StorageWriter(ABC):
     """Writes one checkpoint's data files and commits its metadata."""
 
     checkpoint_id: str
+    # False for stores that live inside one process (memory://): a worker
+    # process writing there would be invisible to the caller.
+    visible_across_processes: bool = True
 
     @classmethod
     @abstractmethod

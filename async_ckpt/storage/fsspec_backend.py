@@ -67,6 +67,7 @@ class FsspecWriter(StorageWriter):
     ) -> None:
         self.checkpoint_id = os.fspath(checkpoint_id)
         self.fs, self.path = open_filesystem(self.checkpoint_id, storage_options)
+        self.visible_across_processes = url_protocol(self.checkpoint_id) != "memory"
         self.overwrite = overwrite
         self.thread_count = thread_count
 
