@@ -51,3 +51,12 @@ def memory_url() -> Iterator[str]:
     path = url.removeprefix("memory://")
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+@pytest.fixture(scope="module")
+def ckpt() -> Iterator[async_ckpt.AsyncCheckpointer]:
+    """One started process-executor checkpointer per test module; a test that kills its
+    worker leaves the next save to start a fresh one."""
+    with async_ckpt.AsyncCheckpointer(executor="process") as c:
+        c.start()
+        yield c

@@ -68,14 +68,6 @@ def assert_same(got, want, where: str = "") -> None:
         assert got == want, where
 
 
-@pytest.fixture(scope="module")
-def ckpt():
-    """One process-executor checkpointer (one worker) shared by this module's tests."""
-    with AsyncCheckpointer(executor="process") as c:
-        c.start()
-        yield c
-
-
 @pytest.fixture
 def gate(tmp_path):
     """A directory for GatedWriter; opened at teardown so no write waits forever."""

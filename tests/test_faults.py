@@ -28,7 +28,6 @@ from helpers import assert_same_tensor, random_tensor
 
 import async_ckpt
 from async_ckpt import (
-    AsyncCheckpointer,
     CheckpointNotFoundError,
     FileSystemWriter,
     IncompleteCheckpointError,
@@ -114,14 +113,6 @@ def wait_gone(pid: int, timeout: float = 30.0) -> None:
 def calls(log_dir: Path) -> list[str]:
     path = log_dir / "calls"
     return path.read_text().split() if path.exists() else []
-
-
-@pytest.fixture(scope="module")
-def ckpt():
-    """One process-executor checkpointer; tests that kill its worker get a fresh one next save."""
-    with AsyncCheckpointer(executor="process") as c:
-        c.start()
-        yield c
 
 
 @pytest.fixture

@@ -64,13 +64,6 @@ def wait_until(predicate, timeout: float = 60.0) -> bool:
     return True
 
 
-@pytest.fixture(scope="module")
-def ckpt():
-    with AsyncCheckpointer() as c:
-        c.start()
-        yield c
-
-
 @pytest.fixture
 def gate(tmp_path):
     path = tmp_path / "gate"
