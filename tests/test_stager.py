@@ -92,7 +92,7 @@ def test_buffers_are_reused_across_saves(stager_factory):
             t.add_(1)  # in place: the loop itself allocates nothing big
         state, tensors = described(sd)
         snap = stager.stage(state, tensors)
-        snap.release.set()  # what the executor does once the write is done
+        snap.release()  # what the executor does once the write is done
         assert stager.arenas_allocated == 1, f"stage {step + 1} allocated a new arena"
         assert stager.generation == 1
         gc.collect()
@@ -106,8 +106,8 @@ def test_buffers_are_reused_across_saves(stager_factory):
     snap = stager.stage(*described(sd))
     assert stager.generation == 2
     assert stager.arenas_allocated == 2
-    snap.release.set()
-    stager.stage(*described(sd)).release.set()
+    snap.release()
+    stager.stage(*described(sd)).release()
     assert stager.generation == 2
 
 
@@ -136,10 +136,10 @@ def test_one_buffer_waits_for_the_lease(stager_factory):
     assert not returned.wait(0.3), "the second stage did not wait for the first lease"
     assert_staged(first, tensors, first_expected)  # not overwritten while leased
     order.append("released")
-    first.release.set()
+    first.release()
     thread.join(30)
     assert order == ["released", "second staged"]
-    assert box["snap"].buffer_index == first.buffer_index
+    assert box["snap"].waves[0].buffer == first.waves[0].buffer
     assert_staged(box["snap"], tensors, second_expected)
 
 
@@ -158,7 +158,7 @@ def test_two_buffers_let_the_next_stage_proceed(stager_factory):
     thread.join(30)
     assert not thread.is_alive(), "the second stage blocked although a buffer was free"
     second = box["snap"]
-    assert second.buffer_index != first.buffer_index
+    assert second.waves[0].buffer != first.waves[0].buffer
     assert stager.arenas_allocated == 2
     assert_staged(first, tensors, first_expected)
     assert_staged(second, tensors, second_expected)
@@ -169,18 +169,18 @@ def test_skip_unchanged_copies_only_mutated_tensors(stager_factory):
     sd = {"moved": torch.zeros(1000), "still": torch.arange(3000.0)}
     snap = stager.stage(*described(sd))
     assert snap.copied_bytes == 4000 + 12000
-    snap.release.set()
+    snap.release()
 
     sd["moved"].add_(5)  # bumps _version
     state, tensors = described(sd)
     snap = stager.stage(state, tensors)
     assert snap.copied_bytes == 4000
     assert_staged(snap, tensors, [torch.full((1000,), 5.0), torch.arange(3000.0)])
-    snap.release.set()
+    snap.release()
 
     snap = stager.stage(*described(sd))
     assert snap.copied_bytes == 0
-    snap.release.set()
+    snap.release()
 
 
 def test_skip_unchanged_never_trusts_a_new_tensor_at_a_reused_address(stager_factory):
@@ -197,7 +197,7 @@ def test_skip_unchanged_never_trusts_a_new_tensor_at_a_reused_address(stager_fac
         assert torch.equal(got[0], torch.full((256,), float(step)))
         assert torch.equal(got[1], torch.full((64,), float(step)))
         del state, tensors
-        snap.release.set()
+        snap.release()
 
 
 def test_without_skip_unchanged_everything_is_copied(stager_factory):
@@ -206,7 +206,7 @@ def test_without_skip_unchanged_everything_is_copied(stager_factory):
     for _ in range(3):
         snap = stager.stage(*described(sd))
         assert snap.copied_bytes == 6000
-        snap.release.set()
+        snap.release()
 
 
 class TiedLM(nn.Module):
@@ -227,8 +227,8 @@ def test_tied_tensors_are_staged_once(stager_factory):
     snap = stager.stage(state, tensors)
     unique = 500 * 32 * 4 + (32 * 32 + 32) * 4
     assert snap.copied_bytes == unique
-    assert snap.arena.nbytes < unique + 4096  # one slot for both keys
-    snap.release.set()
+    assert snap.arenas[0].nbytes < unique + 4096  # one slot for both keys
+    snap.release()
 
 
 @pytest.mark.multiprocess
@@ -259,7 +259,7 @@ def test_thousands_of_tensors_use_few_fds(stager_factory):
     snap = stager.stage(state, tensors)
     assert proc.num_fds() - before <= 4
     assert torch.equal(staged_tensor(snap, 1999, tensors[1999]), torch.full((16,), 1999.0))
-    snap.release.set()
+    snap.release()
 
 
 @pytest.mark.gpu
@@ -281,8 +281,8 @@ def test_cuda_tensors_stage_into_pinned_memory(stager_factory):
         for t in tensors:
             t.mul_(-3)  # on the compute stream, right after staged resolved
     torch.cuda.synchronize()
-    assert snap.arena.pinned is True
+    assert snap.arenas[0].pinned is True
     assert torch.equal(expected[0], torch.full((4096, 1024), 20.0))
     for i, want in enumerate(expected):
         assert torch.equal(staged_tensor(snap, i, want), want)
-    snap.release.set()
+    snap.release()

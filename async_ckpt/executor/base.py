@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..pipeline.save import SaveTimings
-from ..staging.stager import Snapshot
+from ..staging.snapshot import Snapshot
 from ..storage.base import StorageWriter
 from .future import SaveFuture
 
@@ -39,8 +39,8 @@ class SaveJob:
         error: BaseException | None = None,
         timings: SaveTimings | None = None,
     ) -> None:
-        """Release the staging buffer, record the figures and resolve the future."""
-        self.snapshot.release.set()
+        """Release the staging buffers, record the figures and resolve the future."""
+        self.snapshot.release()
         stats = self.future.stats
         if timings is not None:
             stats.plan_s, stats.write_s, stats.commit_s = (

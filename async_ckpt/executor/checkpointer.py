@@ -15,6 +15,7 @@ from ..distributed import use_distributed
 from ..errors import CheckpointError, SaveInProgressError, SaveTimeoutError
 from ..flatten import flatten
 from ..planning.items import describe
+from ..staging.snapshot import Snapshot
 from ..staging.stager import Stager
 from ..storage.base import StorageWriter
 from ..storage.detect import detect_writer
@@ -150,10 +151,9 @@ class AsyncCheckpointer:
             self._save_no += 1
             save_no = self._save_no
         stats = SaveStats(checkpoint_id=writer.checkpoint_id)
-        snapshot = self.stager.stage(state, tensors)
+        snapshot = self.stager.begin(state, tensors)
         future = SaveFuture(stats, staged=AwaitableFuture())
-        stats.copied_bytes = snapshot.copied_bytes
-        self._chain_staged(snapshot.staged, future, t0)
+        self._chain_staged(snapshot, future, t0)
         job = SaveJob(
             save_no=save_no,
             snapshot=snapshot,
@@ -166,7 +166,8 @@ class AsyncCheckpointer:
         future.save_no = save_no
         future._cancel_hook = lambda: self._abort(future, None)
         future.add_done_callback(self._after_save)
-        executor.submit(job)
+        executor.submit(job)  # before the copy: later waves wait for earlier ones' writes
+        self.stager.fill(snapshot)
         limit = timeout if timeout is not None else self.timeout
         if limit is not None:
             timer = threading.Timer(limit, self._abort, args=(future, limit))
@@ -178,15 +179,16 @@ class AsyncCheckpointer:
         return future
 
     @staticmethod
-    def _chain_staged(staged: Any, future: SaveFuture, t0: float) -> None:
+    def _chain_staged(snapshot: Snapshot, future: SaveFuture, t0: float) -> None:
         def forward(f: Any) -> None:
             future.stats.staged_s = time.perf_counter() - t0
+            future.stats.copied_bytes = snapshot.copied_bytes
             if f.exception() is not None:
                 future._set_exception(f.exception())
             elif not future.staged.done():
                 future.staged.set_result(None)
 
-        staged.add_done_callback(forward)
+        snapshot.staged.add_done_callback(forward)
 
     def _abort(self, future: SaveFuture, limit: float | None) -> bool:
         if future.done() or self._executor is None:

@@ -101,7 +101,25 @@ class ProcessExecutor(Executor):
     def submit(self, job: SaveJob) -> None:
         with self._lock:
             self._unsent[job.save_no] = job
-        job.snapshot.staged.add_done_callback(lambda staged: self._send(job, staged))
+        first, *rest = job.snapshot.waves
+        first.staged.add_done_callback(lambda staged: self._send(job, staged))
+        for wave in rest:
+            wave.staged.add_done_callback(lambda staged, w=wave: self._send_wave(job, w, staged))
+
+    def _send_wave(self, job: SaveJob, wave: Any, staged: Any) -> None:
+        """Tell the worker a later wave is staged (or that staging failed, ending the save)."""
+        message: dict[str, Any] = {"op": "wave", "save_no": job.save_no}
+        if staged.exception() is not None:
+            message["error"] = SaveFailedError(f"staging failed: {staged.exception()!r}")
+        else:
+            message["wave"] = wave.descriptor()
+        with self._lock:
+            if self._pending.get(job.save_no, (None, None))[1] is not self._proc:
+                return  # the save has ended (or its worker died): nobody waits for this wave
+            try:
+                wire.send(self._sock, message)
+            except (OSError, ValueError, AttributeError):
+                pass  # the reader sees the worker go and fails the save
 
     def _send(self, job: SaveJob, staged: Any) -> None:
         if staged.exception() is not None:
@@ -147,8 +165,8 @@ class ProcessExecutor(Executor):
                     {
                         "op": "save",
                         "save_no": job.save_no,
-                        "buffer": snap.buffer_index,
-                        "offsets": snap.offsets,
+                        "waves": len(snap.waves),
+                        "wave": snap.waves[0].descriptor(),
                         "state": snap.state,
                         "writer": writer,
                         "group": self.group_spec() if self.group_spec else None,
@@ -175,6 +193,12 @@ class ProcessExecutor(Executor):
             msg, _ = received
             if msg["op"] == "pong":
                 self._pong.set()
+                continue
+            if msg["op"] == "wave_done":
+                with self._lock:
+                    job, _ = self._pending.get(msg["save_no"], (None, None))
+                if job is not None:
+                    job.snapshot.release_wave(msg["wave"])
                 continue
             with self._lock:
                 job, _ = self._pending.pop(msg["save_no"], (None, None))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 from typing import Any
 
-from ..pipeline.save import SaveTimings, run_save
+from ..pipeline.save import SaveTimings, WaveData, run_save
 from ..planning.comm import Comm
 from ..planning.plan import Planner
 from .base import Executor, SaveJob
@@ -43,15 +44,16 @@ class ThreadExecutor(Executor):
     def _run(self, job: SaveJob) -> None:
         timings = SaveTimings()
         try:
-            job.snapshot.staged.result()  # the buffer is released only after staging ends
+            job.snapshot.waves[0].staged.result()
             if job.aborted.is_set():
                 raise CancelledError("aborted before it started writing")
             meta = run_save(
                 job.snapshot.state,
-                job.snapshot.sources(),
+                None,
                 job.writer,
                 self._comm,
                 self._planner,
+                waves=self._waves(job),
                 timings=timings,
                 should_abort=job.aborted.is_set,
                 **job.options,
@@ -62,6 +64,17 @@ class ThreadExecutor(Executor):
         finally:
             with self._lock:
                 self._jobs.pop(job.save_no, None)
+
+    @staticmethod
+    def _waves(job: SaveJob) -> Iterator[WaveData]:
+        snap = job.snapshot
+        for wave in snap.waves:
+            wave.staged.result()  # raises if staging failed
+            if job.aborted.is_set():
+                raise CancelledError("aborted while its waves were staged")
+            yield WaveData(
+                wave.items, snap.wave_sources(wave), lambda k=wave.index: snap.release_wave(k)
+            )
 
     def abort(self, reason: BaseException, save_no: int | None = None) -> None:
         # A thread cannot be killed: the running save is marked and stops before its

@@ -15,10 +15,11 @@ import pickle
 import socket
 import sys
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 from ..errors import SaveFailedError
-from ..pipeline.save import SaveTimings, run_save
+from ..pipeline.save import SaveTimings, WaveData, run_save
 from ..planning.comm import Comm, GroupComm, LocalComm
 from ..planning.plan import Planner
 from ..staging.arena import Arena
@@ -83,6 +84,47 @@ def _load_writer(payload: bytes) -> Any:
         ) from exc
 
 
+def _receive_waves(
+    sock: socket.socket, msg: dict[str, Any], arenas: dict[int, Arena]
+) -> Iterator[WaveData]:
+    """The save's waves: the first came with it, the rest arrive as they are staged."""
+    state, save_no = msg["state"], msg["save_no"]
+
+    def wave_data(wave: dict[str, Any]) -> WaveData:
+        arena = arenas[wave["buffer"]]
+        sources = [
+            arena.memoryview(off, state.items[i].nbytes)
+            for i, off in zip(wave["items"], wave["offsets"], strict=True)
+        ]
+
+        def written() -> None:
+            try:
+                wire.send(sock, {"op": "wave_done", "save_no": save_no, "wave": wave["index"]})
+            except OSError:
+                pass  # the caller has gone; a fully staged save still commits
+
+        return WaveData(wave["items"], sources, written)
+
+    yield wave_data(msg["wave"])
+    for _ in range(1, msg["waves"]):
+        while True:
+            received = wire.recv(sock)
+            if received is None:
+                raise SaveFailedError("the caller went away while the save was being staged")
+            nxt, _ = received
+            if nxt["op"] == "ping":
+                wire.send(sock, {"op": "pong", "pid": os.getpid()})
+                continue
+            if nxt["op"] != "wave" or nxt["save_no"] != save_no:
+                raise SaveFailedError(
+                    f"protocol error: expected a wave of save {save_no}, got {nxt}"
+                )
+            break
+        if "error" in nxt:
+            raise nxt["error"]
+        yield wave_data(nxt["wave"])
+
+
 def serve(sock: socket.socket) -> None:
     """Handle messages until the caller closes the connection."""
     arenas: dict[int, Arena] = {}
@@ -107,21 +149,25 @@ def serve(sock: socket.socket) -> None:
         if op == "ping":
             wire.send(sock, {"op": "pong", "pid": os.getpid()})
             continue
+        if op == "wave":
+            continue  # a wave of a save that has already failed: its buffers went back
         timings = SaveTimings()
         try:
             writer = _load_writer(msg["writer"])
             if comm is None:
                 comm = connect_group(msg["group"]) if msg["group"] else LocalComm()
-            arena = arenas[msg["buffer"]]
-            state = msg["state"]
-            sources = [
-                arena.memoryview(off, it.nbytes)
-                for off, it in zip(msg["offsets"], state.items, strict=True)
-            ]
+            waves = _receive_waves(sock, msg, arenas)
             meta = run_save(
-                state, sources, writer, comm, planner, timings=timings, **msg["options"]
+                msg["state"],
+                None,
+                writer,
+                comm,
+                planner,
+                waves=waves,
+                timings=timings,
+                **msg["options"],
             )
-            del sources
+            del waves
             reply = {"op": "done", "save_no": msg["save_no"], "metadata": meta, "timings": timings}
         except Exception as exc:
             reply = {

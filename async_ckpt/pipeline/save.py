@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -42,6 +42,20 @@ class SaveTimings:
 
 
 @dataclass
+class WaveData:
+    """Staged bytes of some of a state's items, written together.
+
+    ``items`` are indices into ``LocalState.items``, ``sources`` their bytes
+    (aligned); ``written`` is called once they are stored (or skipped after a
+    failure), which lets the stager reuse their buffer.
+    """
+
+    items: list[int]
+    sources: Sequence[memoryview]
+    written: Callable[[], None] = lambda: None
+
+
+@dataclass
 class _RankResult:
     ok: bool
     error: str = ""
@@ -71,16 +85,18 @@ def _write_rank(
     block_size: int,
     files: dict[str, int],
 ) -> dict[int, tuple[str, SegmentRecord]]:
-    """Write this rank's segments into data files in parallel; returns where each landed.
+    """Write this rank's segments into new data files in parallel; returns where each landed.
 
     ``files`` receives each file's name and size as it completes, so that after a
-    failure the caller still knows which files to delete.
+    failure the caller still knows which files to delete (and the next wave's
+    files are numbered after them).
     """
-    groups = _split_files([s.nbytes for s in segments], threads)
+    groups = _split_files([s.nbytes for s in segments], threads) if segments else []
     placed: dict[int, tuple[str, SegmentRecord]] = {}
+    first = len(files)
 
     def write_one(index: int, members: list[int]) -> None:
-        name = data_file_name(save_id, rank, index)
+        name = data_file_name(save_id, rank, first + index)
         records = write_with_retry(writer, name, [segments[m] for m in members], block_size)
         for m, rec in zip(members, records, strict=True):
             placed[m] = (name, rec)
@@ -130,11 +146,12 @@ def _assemble(state: LocalState, results: list[_RankResult], save_id: str, block
 
 def run_save(
     state: LocalState,
-    sources: Sequence[memoryview],
+    sources: Sequence[memoryview] | None,
     writer: StorageWriter,
     comm: Comm,
     planner: Planner,
     *,
+    waves: Iterable[WaveData] | None = None,
     write_threads: int = DEFAULT_WRITE_THREADS,
     block_size: int = DEFAULT_BLOCK_SIZE,
     timings: SaveTimings | None = None,
@@ -142,12 +159,16 @@ def run_save(
 ) -> Metadata:
     """Plan, validate, write and commit one save; every rank calls it with its own state.
 
-    ``sources[i]`` holds the contiguous bytes of ``state.items[i]``. ``should_abort``
-    is asked once more just before the commit (cancellation). Returns the
-    committed metadata on every rank, or raises: the original error on a single
-    rank, :class:`SaveFailedError` naming each failing rank otherwise.
+    ``sources[i]`` holds the contiguous bytes of ``state.items[i]``; or else
+    ``waves`` yields them a few items at a time (a state staged in waves), each
+    wave written before the next is asked for. ``should_abort`` is asked once
+    more just before the commit (cancellation). Returns the committed metadata
+    on every rank, or raises: the original error on a single rank,
+    :class:`SaveFailedError` naming each failing rank otherwise.
     """
     timings = timings or SaveTimings()
+    if waves is None:
+        waves = [WaveData(list(range(len(state.items))), sources or [])]
     t0 = time.perf_counter()
     full_plans = planner.full_plans
     plan = planner.plan(state, comm)  # raises RankMismatchError on every rank alike
@@ -155,27 +176,40 @@ def run_save(
     timings.plan_s = time.perf_counter() - t0
     save_id = new_save_id()
     threads = writer.thread_count if getattr(writer, "thread_count", None) else write_threads
-    mine = plan.items_for(state, comm.rank)
-    segments = [sources[i] for i in mine]
+    mine = set(plan.items_for(state, comm.rank))
     objects = state.objects if comm.rank == 0 else []
-    segments += [memoryview(o.payload) for o in objects]
     written: dict[str, int] = {}
+    chunks: list[tuple] = []
+    object_records: list[tuple] = []
     local_error: BaseException | None = None
     t1 = time.perf_counter()
+    pending = iter(waves)
+    wave: WaveData | None = None
     try:
         writer.prepare(coordinator=comm.rank == 0)
-        placed = _write_rank(writer, segments, comm.rank, save_id, threads, block_size, written)
-        items = [state.items[i] for i in mine]
-        result = _RankResult(
-            ok=True,
-            chunks=[(it.key, it.offsets, it.sizes, *placed[n]) for n, it in enumerate(items)],
-            objects=[(o.key, *placed[len(items) + n]) for n, o in enumerate(objects)],
-            files=written,
-        )
+        for number, wave in enumerate(pending):
+            picked = [
+                (i, src) for i, src in zip(wave.items, wave.sources, strict=True) if i in mine
+            ]
+            segments = [src for _, src in picked]
+            if number == 0:
+                segments += [memoryview(o.payload) for o in objects]
+            placed = _write_rank(writer, segments, comm.rank, save_id, threads, block_size, written)
+            for n, (i, _) in enumerate(picked):
+                it = state.items[i]
+                chunks.append((it.key, it.offsets, it.sizes, *placed[n]))
+            if number == 0:
+                object_records = [(o.key, *placed[len(picked) + n]) for n, o in enumerate(objects)]
+            wave.written()
+            wave = None
+        result = _RankResult(ok=True, chunks=chunks, objects=object_records, files=written)
         timings.bytes_written = sum(written.values())
     except Exception as exc:  # reported to the coordinator, re-raised below
         local_error = exc
         result = _RankResult(ok=False, error=f"{type(exc).__name__}: {exc}")
+        if wave is not None:
+            wave.written()
+        _drain(pending)
     timings.write_s = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -217,3 +251,12 @@ def run_save(
         f"rank(s); nothing was committed:\n{lines}",
         failures=outcome,
     )
+
+
+def _drain(pending: Iterable[WaveData]) -> None:
+    """After a failed write, let the rest of the waves go so their buffers free up."""
+    try:
+        for wave in pending:
+            wave.written()
+    except Exception:
+        pass  # the save has failed already; staging stopped too

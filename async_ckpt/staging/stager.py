@@ -18,6 +18,12 @@ What the caller may touch, and when:
 A buffer is leased to a snapshot until its write is done; a new stage waits
 for a free buffer (``num_buffers=2`` lets one save stage while the previous
 one still writes), so a pending write is never overwritten.
+
+Under a memory budget (``max_staging_bytes``) a state bigger than one buffer
+is staged in waves that take turns in the buffers: each wave waits until the
+write of the wave before it in the same buffer is done. The stall then grows
+from the copy time to roughly the time to write all but the last
+``num_buffers`` waves; see docs/concepts.md.
 """
 
 from __future__ import annotations
@@ -26,15 +32,30 @@ import os
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import CheckpointError
-from ..planning.items import LocalState, TensorItem
-from .arena import Arena, align
+from ..planning.items import LocalState
+from .arena import Arena
+from .layout import Layout, _storage_key, buffer_capacity, plan_layout, split_to_fit
+from .snapshot import Snapshot, Wave
 
 _PARALLEL_COPY_BYTES = 16 * 1024 * 1024  # below this, one thread copies faster
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``"512MiB"``, ``"2G"`` or ``"1048576"`` as a number of bytes."""
+    raw = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = raw[-1:] if raw[-1:] in _UNITS and not raw[-1:].isdigit() else ""
+    try:
+        return int(float(raw[: len(raw) - len(unit)]) * _UNITS[unit])
+    except ValueError:
+        raise CheckpointError(f"cannot read {text!r} as a number or a size like '512MiB'") from None
 
 
 @dataclass
@@ -50,6 +71,11 @@ class StagerOptions:
     # and are missed: leave this off if the training loop writes that way.
     skip_unchanged: bool = False
     prefault: bool = True
+    # Cap on all staging buffers together, in bytes (0: no cap, one buffer the size of
+    # the state). A bigger state is staged and written in waves: each buffer holds
+    # max_staging_bytes / num_buffers, and save() stalls until all but the last
+    # num_buffers waves are written. Use the same value on every rank.
+    max_staging_bytes: int = 0
 
     @classmethod
     def from_env(cls, **overrides: object) -> StagerOptions:
@@ -57,61 +83,11 @@ class StagerOptions:
         for name, default in list(vars(opts).items()):
             raw = os.environ.get(f"ASYNC_CKPT_{name.upper()}")
             if raw is not None and name not in overrides:
-                value = (
-                    raw.lower() in ("1", "true", "yes") if isinstance(default, bool) else int(raw)
-                )
-                setattr(opts, name, value)
+                if isinstance(default, bool):
+                    setattr(opts, name, raw.lower() in ("1", "true", "yes"))
+                else:
+                    setattr(opts, name, parse_size(raw))
         return opts
-
-
-@dataclass
-class _Layout:
-    """Where each item lives in an arena; equal layouts reuse the same arenas."""
-
-    offsets: list[int]
-    nbytes: int
-    signature: tuple
-
-
-@dataclass
-class Snapshot:
-    """A staged state: arena slices for each item, the lease, and the staged future."""
-
-    state: LocalState
-    arena: Arena
-    buffer_index: int
-    offsets: list[int]
-    staged: Future = field(default_factory=Future)
-    release: threading.Event = field(default_factory=threading.Event)
-    copied_bytes: int = 0
-
-    def sources(self) -> list[memoryview]:
-        """The staged bytes of each item (valid once ``staged`` is done)."""
-        return [
-            self.arena.memoryview(off, it.nbytes)
-            for off, it in zip(self.offsets, self.state.items, strict=True)
-        ]
-
-
-def _storage_key(t: torch.Tensor) -> tuple:
-    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
-
-
-def plan_layout(items: list[TensorItem], tensors: list[torch.Tensor]) -> _Layout:
-    """Arena offsets for each item; identical views of one storage share a slot."""
-    offsets: list[int] = []
-    slot_of: dict[tuple, int] = {}
-    end = 0
-    for item, tensor in zip(items, tensors, strict=True):
-        key = _storage_key(tensor)
-        if key in slot_of and tensor.numel() > 0:
-            offsets.append(slot_of[key])
-            continue
-        slot_of[key] = end
-        offsets.append(end)
-        end += align(item.nbytes)
-    signature = tuple((it.dtype, it.sizes) for it in items) + tuple(offsets)
-    return _Layout(offsets, end, signature)
 
 
 class Stager:
@@ -121,7 +97,8 @@ class Stager:
         self.options = options or StagerOptions.from_env(**overrides)
         if self.options.num_buffers < 1:
             raise CheckpointError("StagerOptions.num_buffers must be at least 1")
-        self._layout: _Layout | None = None
+        self._layout: Layout | None = None
+        self._staging: Future | None = None  # the latest snapshot's staged future
         self._arenas: list[Arena] = []
         self._leases: list[threading.Event] = []
         self._seen: list[dict[int, tuple]] = []  # per buffer: item index -> last copy's mark
@@ -138,7 +115,7 @@ class Stager:
         self.generation = 0  # bumps whenever the arenas are re-planned
 
     # ------------------------------------------------------------------ arenas
-    def _ensure_arenas(self, layout: _Layout, cuda: bool) -> None:
+    def _ensure_arenas(self, layout: Layout, cuda: bool) -> None:
         if self._layout is not None and self._layout.signature == layout.signature:
             return
         for lease in self._leases:
@@ -173,59 +150,122 @@ class Stager:
         with self._lock:
             return not self._leases or self._leases[self._next].is_set()
 
+    def _fit(
+        self, state: LocalState, tensors: list[torch.Tensor]
+    ) -> tuple[LocalState, list[torch.Tensor], Layout]:
+        """The state (big tensors cut to the budget) and its layout in the arenas."""
+        budget = self.options.max_staging_bytes
+        if not budget:
+            return state, tensors, plan_layout(state.items, tensors)
+        capacity = buffer_capacity(budget, self.options.num_buffers)
+        state, tensors = split_to_fit(state, tensors, capacity)
+        return state, tensors, plan_layout(state.items, tensors, capacity)
+
     def reserve(self, state: LocalState, tensors: list[torch.Tensor]) -> None:
         """Allocate (and pre-fault) the arenas for this structure now, copying nothing."""
         with self._lock:
-            layout = plan_layout(state.items, tensors)
+            state, tensors, layout = self._fit(state, tensors)
             self._ensure_arenas(layout, any(t.device.type == "cuda" for t in tensors))
 
     def stage(self, state: LocalState, tensors: list[torch.Tensor]) -> Snapshot:
-        """Copy ``tensors`` (aligned with ``state.items``) into a free arena.
+        """Copy ``tensors`` (aligned with ``state.items``) into free arenas: ``begin`` + ``fill``.
 
-        Blocks until a buffer is free (its previous write released it). Returns
-        when the copy is done, or at once with ``async_staging``; either way
-        ``Snapshot.staged`` resolves when the bytes are in the arena.
+        A state staged in several waves (memory budget) needs its consumer
+        started between the two, since later waves wait for earlier ones to be
+        written: use ``begin``, hand the snapshot to the writer, then ``fill``.
+        """
+        return self.fill(self.begin(state, tensors))
+
+    def begin(self, state: LocalState, tensors: list[torch.Tensor]) -> Snapshot:
+        """Lay out the state in the arenas and hold the first buffer; copies nothing.
+
+        Blocks until that buffer is free (its previous write released it).
         """
         with self._lock:
-            layout = plan_layout(state.items, tensors)
+            previous = self._staging
+            if previous is not None:
+                try:
+                    previous.result()  # one snapshot stages at a time: waves take buffers in order
+                except BaseException:
+                    pass
+            state, tensors, layout = self._fit(state, tensors)
             cuda = [t.device for t in tensors if t.device.type == "cuda"][:1]
             self._ensure_arenas(layout, bool(cuda))
-            index = self._next
-            self._next = (self._next + 1) % len(self._arenas)
-            self._leases[index].wait()
-            self._leases[index].clear()
-        snap = Snapshot(state, self._arenas[index], index, layout.offsets)
-        snap.release = self._leases[index]
-        jobs = self._copy_jobs(snap, tensors, index)
-        snap.copied_bytes = sum(dst.nbytes for dst, _ in jobs)
+            count = len(self._arenas)
+            first = self._next
+            waves = [
+                Wave(k, items, (first + k) % count, offsets)
+                for k, (items, offsets) in enumerate(layout.waves)
+            ]
+            self._next = (first + len(waves)) % count
+            if len(waves) > 1:  # buffers change hands within the save: nothing stays staged
+                for seen in self._seen:
+                    seen.clear()
+            snap = Snapshot(state, list(self._arenas), waves, self._leases)
+            snap.acquire(waves[0].buffer)
+            self._staging = snap.staged
         # The caller's stream, read on the caller's thread: the copy thread's own
         # current stream is the default one, which may not order the caller's writes.
         compute = torch.cuda.current_stream(cuda[0]) if cuda else None
+        snap.to_copy = (tensors, compute)
+        return snap
+
+    def fill(self, snap: Snapshot) -> Snapshot:
+        """Copy the snapshot's tensors in, wave by wave.
+
+        Returns when the copy is done, or at once with ``async_staging``;
+        either way ``snap.staged`` resolves when every byte is in an arena.
+        Under a memory budget each wave waits for a buffer that an earlier
+        wave's write frees, so the copy takes longer (back-pressure).
+        """
+        if snap.to_copy is None:
+            raise CheckpointError("this snapshot was filled already")
+        (tensors, compute), snap.to_copy = snap.to_copy, None
         if self.options.async_staging:
             threading.Thread(
-                target=self._run_copies,
-                args=(snap, jobs, compute),
+                target=self._stage_waves,
+                args=(snap, tensors, compute),
                 name="async_ckpt-stage",
                 daemon=True,
             ).start()
         else:
-            self._run_copies(snap, jobs, compute)
+            self._stage_waves(snap, tensors, compute)
             snap.staged.result()
         return snap
 
+    def _stage_waves(self, snap: Snapshot, tensors: list[torch.Tensor], compute: object) -> None:
+        wave = snap.waves[0]
+        try:
+            for wave in snap.waves:
+                if wave.index > 0:
+                    snap.acquire(wave.buffer)  # waits for an earlier wave's write
+                jobs = self._copy_jobs(snap, wave, tensors)
+                snap.copied_bytes += sum(dst.nbytes for dst, _ in jobs)
+                self._run_copies(jobs, compute)
+                wave.staged.set_result(None)
+        except BaseException as exc:  # the save fails; this wave's buffer goes back
+            self._seen[wave.buffer].clear()  # the buffer's contents are unknown now
+            snap.release_wave(wave.index)
+            for rest in snap.waves[wave.index :]:
+                rest.staged.set_exception(exc)
+            snap.staged.set_exception(exc)
+            return
+        snap.staged.set_result(None)
+
     def _copy_jobs(
-        self, snap: Snapshot, tensors: list[torch.Tensor], index: int
+        self, snap: Snapshot, wave: Wave, tensors: list[torch.Tensor]
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        seen, views = self._seen[index], self._views[index]
+        seen, views = self._seen[wave.buffer], self._views[wave.buffer]
+        arena = snap.arenas[wave.buffer]
+        items = snap.state.items
         done_slots: set[int] = set()
         jobs = []
-        for n, (item, src, off) in enumerate(
-            zip(snap.state.items, tensors, snap.offsets, strict=True)
-        ):
+        for n, off in zip(wave.items, wave.offsets, strict=True):
+            item, src = items[n], tensors[n]
             if off in done_slots or item.nbytes == 0:
                 continue
             done_slots.add(off)
-            if self.options.skip_unchanged:
+            if self.options.skip_unchanged and len(snap.waves) == 1:
                 # The storage itself (weakly) is part of the mark: a freed tensor's
                 # address is soon reused by a new one with the same _version (0), e.g.
                 # torch.get_rng_state() or a numpy leaf re-wrapped at every save.
@@ -237,25 +277,17 @@ class Stager:
                 seen[n] = (mark, weakref.ref(storage))
             dst = views.get(n)
             if dst is None:  # first stage of this layout; later stages reuse the view
-                dst = views[n] = snap.arena.view(off, item.nbytes).view(src.dtype).view(src.shape)
+                dst = views[n] = arena.view(off, item.nbytes).view(src.dtype).view(src.shape)
             jobs.append((dst, src))
         return jobs
 
-    def _run_copies(
-        self, snap: Snapshot, jobs: list[tuple[torch.Tensor, torch.Tensor]], compute: object
-    ) -> None:
-        try:
-            cuda_jobs = [(d, s) for d, s in jobs if s.device.type == "cuda"]
-            cpu_jobs = [(d, s) for d, s in jobs if s.device.type != "cuda"]
-            event = self._copy_cuda(cuda_jobs, compute) if cuda_jobs else None
-            self._copy_cpu(cpu_jobs)
-            if event is not None:
-                event.synchronize()  # "staged" only after the D2H copies completed
-            snap.staged.set_result(None)
-        except BaseException as exc:  # the save fails; the lease goes back
-            self._seen[snap.buffer_index].clear()  # the buffer's contents are unknown now
-            snap.release.set()
-            snap.staged.set_exception(exc)
+    def _run_copies(self, jobs: list[tuple[torch.Tensor, torch.Tensor]], compute: object) -> None:
+        cuda_jobs = [(d, s) for d, s in jobs if s.device.type == "cuda"]
+        cpu_jobs = [(d, s) for d, s in jobs if s.device.type != "cuda"]
+        event = self._copy_cuda(cuda_jobs, compute) if cuda_jobs else None
+        self._copy_cpu(cpu_jobs)
+        if event is not None:
+            event.synchronize()  # "staged" only after the D2H copies completed
 
     def _copy_cuda(self, jobs: list[tuple[torch.Tensor, torch.Tensor]], compute: object):
         device = jobs[0][1].device

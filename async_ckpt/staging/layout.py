@@ -1,0 +1,116 @@
+"""Where each staged tensor lives: arena offsets, waves, and splits under a memory budget.
+
+Without a budget a state is one *wave*: every item has its own slot in one
+arena the size of the state. With a budget (``max_staging_bytes``) each
+arena holds at most ``budget // num_buffers`` bytes, so the items are packed
+in order into several waves that take turns in the arenas; a tensor bigger
+than one arena is cut along its first dimension into row blocks, each saved
+as its own chunk (the format stores sharded tensors the same way).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..errors import CheckpointError
+from ..planning.items import LocalState, TensorItem
+from .arena import ALIGNMENT, align
+
+
+@dataclass
+class Layout:
+    """Per wave, the item indices and their arena offsets; equal layouts reuse arenas."""
+
+    waves: list[tuple[list[int], list[int]]]
+    nbytes: int  # the size of each arena
+    signature: tuple
+
+    @property
+    def offsets(self) -> list[int]:
+        """Offset of every item, in item order (single-wave layouts only)."""
+        return self.waves[0][1]
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+
+
+def plan_layout(
+    items: list[TensorItem], tensors: list[torch.Tensor], capacity: int | None = None
+) -> Layout:
+    """Arena offsets for each item, packed into waves of at most ``capacity`` bytes.
+
+    Identical views of one storage within a wave share a slot. Every item must
+    already fit ``capacity`` (see :func:`split_to_fit`).
+    """
+    waves: list[tuple[list[int], list[int]]] = []
+    indices: list[int] = []
+    offsets: list[int] = []
+    slot_of: dict[tuple, int] = {}
+    end = largest = 0
+    for n, (item, tensor) in enumerate(zip(items, tensors, strict=True)):
+        key = _storage_key(tensor)
+        if key in slot_of and tensor.numel() > 0:
+            indices.append(n)
+            offsets.append(slot_of[key])
+            continue
+        size = align(item.nbytes)
+        if capacity is not None and end + size > capacity and indices:
+            waves.append((indices, offsets))
+            indices, offsets, slot_of, end = [], [], {}, 0
+        slot_of[key] = end
+        indices.append(n)
+        offsets.append(end)
+        end += size
+        largest = max(largest, end)
+    waves.append((indices, offsets))
+    signature = tuple((it.dtype, it.sizes) for it in items) + tuple(
+        (tuple(i), tuple(o)) for i, o in waves
+    )
+    return Layout(waves, largest, signature)
+
+
+def buffer_capacity(budget: int, num_buffers: int) -> int:
+    """Bytes one arena may hold under ``budget`` for all ``num_buffers`` arenas."""
+    capacity = (budget // num_buffers) // ALIGNMENT * ALIGNMENT
+    if capacity < ALIGNMENT:
+        raise CheckpointError(
+            f"max_staging_bytes={budget} is too small for {num_buffers} staging buffer(s)"
+        )
+    return capacity
+
+
+def split_to_fit(
+    state: LocalState, tensors: list[torch.Tensor], capacity: int
+) -> tuple[LocalState, list[torch.Tensor]]:
+    """Cut every item bigger than ``capacity`` into row blocks that fit; others unchanged."""
+    if all(align(it.nbytes) <= capacity for it in state.items):
+        return state, tensors
+    items: list[TensorItem] = []
+    pieces: list[torch.Tensor] = []
+    for item, tensor in zip(state.items, tensors, strict=True):
+        if align(item.nbytes) <= capacity:
+            items.append(item)
+            pieces.append(tensor)
+            continue
+        row_bytes = item.nbytes // item.sizes[0] if item.sizes and item.sizes[0] else 0
+        rows = capacity // row_bytes if row_bytes else 0
+        if rows == 0:
+            raise CheckpointError(
+                f"tensor {item.key!r} ({item.nbytes} bytes, shape {list(item.sizes)}) cannot "
+                f"be cut to fit a staging buffer of {capacity} bytes: one row along its first "
+                "dimension is larger. Raise max_staging_bytes (it is shared by all buffers)."
+            )
+        for start in range(0, item.sizes[0], rows):
+            count = min(rows, item.sizes[0] - start)
+            items.append(
+                replace(
+                    item,
+                    offsets=(item.offsets[0] + start, *item.offsets[1:]),
+                    sizes=(count, *item.sizes[1:]),
+                )
+            )
+            pieces.append(tensor.narrow(0, start, count))
+    return replace(state, items=items), pieces
