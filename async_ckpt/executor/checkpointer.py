@@ -14,7 +14,7 @@ from typing import Any, Literal
 from ..distributed import use_distributed
 from ..errors import CheckpointError, SaveInProgressError, SaveTimeoutError
 from ..flatten import flatten
-from ..planning.items import describe
+from ..planning.items import DescribeCache, describe
 from ..staging.snapshot import Snapshot
 from ..staging.stager import Stager
 from ..storage.base import StorageWriter
@@ -74,6 +74,7 @@ class AsyncCheckpointer:
         self._save_no = 0
         self._lock = threading.Lock()
         self._closed = False
+        self._describe_cache = DescribeCache()
         _LIVE.add(self)
 
     # ------------------------------------------------------------------ lifecycle
@@ -146,7 +147,7 @@ class AsyncCheckpointer:
                     f"a save to {previous.stats.checkpoint_id!r} is still running; await it "
                     "first, or use if_busy='wait'"
                 )
-        state, tensors = describe(flatten(state_dict))
+        state, tensors = describe(flatten(state_dict), self._describe_cache)
         with self._lock:
             self._save_no += 1
             save_no = self._save_no
@@ -167,7 +168,6 @@ class AsyncCheckpointer:
         future._cancel_hook = lambda: self._abort(future, None)
         future.add_done_callback(self._after_save)
         executor.submit(job)  # before the copy: later waves wait for earlier ones' writes
-        self.stager.fill(snapshot)
         limit = timeout if timeout is not None else self.timeout
         if limit is not None:
             timer = threading.Timer(limit, self._abort, args=(future, limit))
@@ -175,6 +175,9 @@ class AsyncCheckpointer:
             timer.start()
             future.add_done_callback(lambda _: timer.cancel())
         self._last = future
+        # Last, so that with async staging nothing of ours runs here after the
+        # staging thread starts (it would compete with this thread for the GIL).
+        self.stager.fill(snapshot)
         stats.stall_s = time.perf_counter() - t0
         return future
 

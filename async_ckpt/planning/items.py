@@ -107,12 +107,54 @@ def _is_dtensor(value: Any) -> bool:
     return cls.__name__ == "DTensor" and cls.__module__.startswith("torch.distributed")
 
 
-def describe(flat: Flat) -> tuple[LocalState, list[torch.Tensor]]:
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+class DescribeCache:
+    """The previous save's items, reused while a key holds the same tensor unchanged.
+
+    Repeated saves of one model hand over the same parameter and optimizer
+    tensor objects each time; rebuilding their descriptors is most of the
+    Python time a save spends before its copy. The cache holds the previous
+    save's tensors (not their data) until the next save.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[str, tuple[Any, torch.Size, torch.dtype, KeyPath, TensorItem]] = {}
+
+    def get(self, key: str, leaf: Any, path: KeyPath) -> TensorItem | None:
+        hit = self._items.get(key)
+        if (
+            hit is not None
+            and hit[0] is leaf
+            and hit[1] == leaf.shape
+            and hit[2] == leaf.dtype
+            and hit[3] == path
+            and not leaf.is_meta
+        ):
+            return hit[4]
+        return None
+
+    def update(self, entries: dict[str, tuple]) -> None:
+        self._items = entries
+
+
+def describe(
+    flat: Flat, cache: DescribeCache | None = None
+) -> tuple[LocalState, list[torch.Tensor]]:
     """Describe a flattened state; returns the descriptors and the tensors, item-aligned."""
     state = LocalState(containers=dict(flat.containers))
     tensors: list[torch.Tensor] = []
+    fresh: dict[str, tuple] = {}
     for key, leaf in flat.leaves.items():
         path = flat.paths[key]
+        if cache is not None and type(leaf) in _PLAIN_TENSORS:
+            item = cache.get(key, leaf, path)
+            if item is not None:
+                state.items.append(item)
+                tensors.append(leaf.detach())  # again: ``.data =`` may have swapped its storage
+                fresh[key] = (leaf, leaf.shape, leaf.dtype, path, item)
+                continue
         numpy = False
         if isinstance(leaf, np.ndarray) and leaf.dtype.kind in "biufc" and leaf.dtype != np.uint64:
             # not np.ascontiguousarray: it turns a 0-d array into shape (1,)
@@ -139,18 +181,23 @@ def describe(flat: Flat) -> tuple[LocalState, list[torch.Tensor]]:
             )
         if local.is_sparse or local.layout != torch.strided:
             raise StateDictError(f"tensor {key!r} has layout {local.layout}; save it dense")
-        state.items.append(
-            TensorItem(
-                key=key,
-                path=path,
-                dtype=dtype_name(local.dtype),
-                shape=tuple(int(s) for s in shape),
-                offsets=offsets,
-                sizes=tuple(int(s) for s in local.shape),
-                numpy=numpy,
-            )
+        item = TensorItem(
+            key=key,
+            path=path,
+            dtype=dtype_name(local.dtype),
+            shape=tuple(int(s) for s in shape),
+            offsets=offsets,
+            sizes=tuple(int(s) for s in local.shape),
+            numpy=numpy,
         )
+        state.items.append(item)
         tensors.append(local.detach())
+        if (
+            local is leaf and not numpy
+        ):  # plain tensors only: DTensor and numpy leaves are rebuilt each time
+            fresh[key] = (leaf, leaf.shape, leaf.dtype, path, item)
+    if cache is not None:
+        cache.update(fresh)
     return state, tensors
 
 

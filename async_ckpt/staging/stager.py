@@ -29,6 +29,7 @@ from the copy time to roughly the time to write all but the last
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -99,6 +100,9 @@ class Stager:
             raise CheckpointError("StagerOptions.num_buffers must be at least 1")
         self._layout: Layout | None = None
         self._staging: Future | None = None  # the latest snapshot's staged future
+        self._stage_queue: queue.SimpleQueue = queue.SimpleQueue()  # async staging's work
+        self._stage_thread: threading.Thread | None = None
+        self._last_layout: tuple | None = None  # (items, data pointers, layout) of the last stage
         self._arenas: list[Arena] = []
         self._leases: list[threading.Event] = []
         self._seen: list[dict[int, tuple]] = []  # per buffer: item index -> last copy's mark
@@ -116,7 +120,9 @@ class Stager:
 
     # ------------------------------------------------------------------ arenas
     def _ensure_arenas(self, layout: Layout, cuda: bool) -> None:
-        if self._layout is not None and self._layout.signature == layout.signature:
+        if self._layout is not None and (
+            self._layout is layout or self._layout.signature == layout.signature
+        ):
             return
         for lease in self._leases:
             lease.wait()  # old arenas may still be written from
@@ -156,10 +162,26 @@ class Stager:
         """The state (big tensors cut to the budget) and its layout in the arenas."""
         budget = self.options.max_staging_bytes
         if not budget:
-            return state, tensors, plan_layout(state.items, tensors)
+            return state, tensors, self._cached_layout(state, tensors)
         capacity = buffer_capacity(budget, self.options.num_buffers)
         state, tensors = split_to_fit(state, tensors, capacity)
         return state, tensors, plan_layout(state.items, tensors, capacity)
+
+    def _cached_layout(self, state: LocalState, tensors: list[torch.Tensor]) -> Layout:
+        """The previous layout while the items (same objects) and storages are unchanged."""
+        pointers = [t.data_ptr() for t in tensors]
+        last = self._last_layout
+        if (
+            last is not None
+            and len(last[0]) == len(state.items)
+            and last[1] == pointers
+            and all(a is b for a, b in zip(last[0], state.items, strict=True))
+        ):
+            return last[2]
+        layout = plan_layout(state.items, tensors)
+        # the items are kept alive by the entry, so their ids cannot be reused meanwhile
+        self._last_layout = (list(state.items), pointers, layout)
+        return layout
 
     def reserve(self, state: LocalState, tensors: list[torch.Tensor]) -> None:
         """Allocate (and pre-fault) the arenas for this structure now, copying nothing."""
@@ -222,16 +244,23 @@ class Stager:
             raise CheckpointError("this snapshot was filled already")
         (tensors, compute), snap.to_copy = snap.to_copy, None
         if self.options.async_staging:
-            threading.Thread(
-                target=self._stage_waves,
-                args=(snap, tensors, compute),
-                name="async_ckpt-stage",
-                daemon=True,
-            ).start()
+            # A standing thread: starting one per save made the caller wait for it
+            # to be scheduled, milliseconds on a busy machine.
+            if self._stage_thread is None:
+                self._stage_thread = threading.Thread(
+                    target=self._stage_loop, name="async_ckpt-stage", daemon=True
+                )
+                self._stage_thread.start()
+            self._stage_queue.put((snap, tensors, compute))
         else:
             self._stage_waves(snap, tensors, compute)
             snap.staged.result()
         return snap
+
+    def _stage_loop(self) -> None:
+        while (work := self._stage_queue.get()) is not None:
+            self._stage_waves(*work)
+            del work  # do not hold the caller's tensors until the next save
 
     def _stage_waves(self, snap: Snapshot, tensors: list[torch.Tensor], compute: object) -> None:
         wave = snap.waves[0]
@@ -333,6 +362,10 @@ class Stager:
 
     def close(self) -> None:
         """Free the arenas once no write uses them."""
+        if self._stage_thread is not None:
+            self._stage_queue.put(None)
+            self._stage_thread.join(timeout=60)
+            self._stage_thread = None
         with self._lock:
             for lease in self._leases:
                 lease.wait(timeout=60)

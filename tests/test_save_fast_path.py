@@ -1,0 +1,57 @@
+"""Per-save caches (descriptors, arena layout) never serve a stale picture of the state."""
+
+from __future__ import annotations
+
+import torch
+
+import async_ckpt
+from async_ckpt import AsyncCheckpointer, Stager
+from async_ckpt.flatten import flatten
+from async_ckpt.planning.items import DescribeCache, describe
+
+
+def test_describe_cache_reuses_items_of_unchanged_tensors():
+    cache = DescribeCache()
+    weight, bias = torch.randn(4, 3), torch.randn(3)
+    first, _ = describe(flatten({"w": weight, "b": bias}), cache)
+    second, tensors = describe(flatten({"w": weight, "b": bias}), cache)
+    assert all(a is b for a, b in zip(first.items, second.items, strict=True))
+    assert tensors[0].data_ptr() == weight.data_ptr()
+
+
+def test_describe_cache_rebuilds_what_changed():
+    cache = DescribeCache()
+    weight = torch.randn(4, 3)
+    first, _ = describe(flatten({"w": weight, "x": torch.zeros(2)}), cache)
+    weight.resize_(6, 3)  # same object, new shape
+    second, _ = describe(flatten({"w": weight, "x": torch.zeros(2, dtype=torch.int8)}), cache)
+    assert second.items[0].shape == (6, 3)
+    assert second.items[1].dtype == "int8"  # same key, a different tensor
+    third, _ = describe(flatten({"renamed": weight}), cache)
+    assert third.items[0].key == "renamed"
+
+
+def test_swapped_storage_is_staged_from_the_new_data(tmp_path):
+    """``param.data = ...`` keeps the object and shape but moves the bytes."""
+    model = torch.nn.Linear(8, 4)
+    with AsyncCheckpointer(executor="thread", stager=Stager(async_staging=True)) as ckpt:
+        ckpt.save({"model": model}, checkpoint_id=tmp_path / "a").result(timeout=60)
+        model.weight.data = torch.full_like(model.weight, 7.0)
+        ckpt.save({"model": model}, checkpoint_id=tmp_path / "b").result(timeout=60)
+    loaded = {"model": torch.nn.Linear(8, 4)}
+    async_ckpt.load(loaded, checkpoint_id=tmp_path / "b")
+    assert torch.equal(loaded["model"].weight, torch.full((4, 8), 7.0))
+    assert torch.equal(loaded["model"].bias, model.bias)
+
+
+def test_layout_follows_newly_tied_tensors(tmp_path):
+    """Two keys that start sharing one storage are staged (and loaded) consistently."""
+    a, b = torch.randn(16), torch.randn(16)
+    with AsyncCheckpointer(executor="thread") as ckpt:
+        ckpt.save({"a": a, "b": b}, checkpoint_id=tmp_path / "1").result(timeout=60)
+        b2 = a.view(16)  # a new tensor object for "b", aliasing "a"
+        a.add_(1)
+        ckpt.save({"a": a, "b": b2}, checkpoint_id=tmp_path / "2").result(timeout=60)
+    out = {"a": torch.zeros(16), "b": torch.zeros(16)}
+    async_ckpt.load(out, checkpoint_id=tmp_path / "2")
+    assert torch.equal(out["a"], a) and torch.equal(out["b"], a)
