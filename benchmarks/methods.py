@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
 from benchmarks.base import Method
 from benchmarks.limits import MemcpyShm, RawWriteFsync
-from benchmarks.ours import AsyncCkptAsync, AsyncCkptFrozen, AsyncCkptSave
+from benchmarks.ours import AsyncCkptAsync, AsyncCkptBudget, AsyncCkptFrozen, AsyncCkptSave
 from benchmarks.peers import DcpAsync, DcpSave, TorchSave, best_staging
 
 Factory = Callable[[], Method]
@@ -41,6 +41,8 @@ REGISTRY: dict[str, Factory] = {
     "async_ckpt_async_process": lambda: AsyncCkptAsync("process"),
     "async_ckpt_async_thread": lambda: AsyncCkptAsync("thread"),
     "async_ckpt_async_staging": lambda: AsyncCkptAsync("process", async_staging=True),
+    "async_ckpt_async_whole": lambda: AsyncCkptAsync("process", async_staging=True, wave_bytes=0),
+    "async_ckpt_budget25": lambda: AsyncCkptBudget(0.25, executor="process"),
     "async_ckpt_frozen90": lambda: AsyncCkptFrozen(0.9, executor="process"),
 }
 

@@ -6,7 +6,12 @@
   reserved), so run 1 is the first save *after* start; the cost of start
   itself is in the JSON as ``info.start_s``.
 * async_ckpt_async_staging: ``StagerOptions(async_staging=True)``: save()
-  returns before the copy; ``fut.staged`` resolves when it is done.
+  returns before the copy; ``fut.staged`` resolves when it is done. The
+  worker writes each 128 MiB part while the next is copied (the default
+  ``wave_bytes`` with async staging); async_ckpt_async_whole is the same
+  with ``wave_bytes=0`` (write after the whole copy).
+* async_ckpt_budget25: ``max_staging_bytes`` = 25 % of the state, two
+  buffers: staged and written in waves, the stall grows with the writes.
 * async_ckpt_frozen90: ``skip_unchanged=True`` on a state where ~90 % of the
   tensor bytes are frozen (never written between saves); its stall is
   compared with ``async_ckpt_async_process`` (all tensors changed) of the
@@ -246,6 +251,22 @@ class AsyncCkptAsync(Method):
         if self._stager is not None:
             self._stager.close()
             self._stager = None
+
+
+class AsyncCkptBudget(AsyncCkptAsync):
+    """``max_staging_bytes`` = ``fraction`` of the state: staged and written in waves."""
+
+    def __init__(self, fraction: float = 0.25, **kw: Any) -> None:
+        super().__init__(num_buffers=2, **kw)
+        self.fraction = fraction
+
+    def resident_factor(self) -> float:
+        return self.fraction
+
+    def setup(self, ctx: BenchContext) -> None:
+        total = sum(t.nbytes for t in iter_tensors(ctx.state))
+        self.stager_options.max_staging_bytes = int(total * self.fraction)
+        super().setup(ctx)
 
 
 class AsyncCkptFrozen(AsyncCkptAsync):

@@ -21,11 +21,16 @@ from .arena import ALIGNMENT, align
 
 @dataclass
 class Layout:
-    """Per wave, the item indices and their arena offsets; equal layouts reuse arenas."""
+    """Per wave, the item indices and their arena offsets; equal layouts reuse arenas.
+
+    ``shared_arena``: the waves are consecutive parts of one arena (written
+    while later parts are still being copied) rather than turns in the buffers.
+    """
 
     waves: list[tuple[list[int], list[int]]]
     nbytes: int  # the size of each arena
     signature: tuple
+    shared_arena: bool = False
 
     @property
     def offsets(self) -> list[int]:
@@ -70,6 +75,24 @@ def plan_layout(
         (tuple(i), tuple(o)) for i, o in waves
     )
     return Layout(waves, largest, signature)
+
+
+def in_parts(layout: Layout, items: list[TensorItem], part_bytes: int) -> Layout:
+    """A one-wave layout cut into waves of about ``part_bytes``, in the same arena."""
+    if len(layout.waves) != 1 or not part_bytes:
+        return layout
+    waves: list[tuple[list[int], list[int]]] = [([], [])]
+    filled = 0
+    for n, off in zip(*layout.waves[0], strict=True):
+        if filled >= part_bytes:
+            waves.append(([], []))
+            filled = 0
+        waves[-1][0].append(n)
+        waves[-1][1].append(off)
+        filled += items[n].nbytes
+    if len(waves) == 1:
+        return layout
+    return Layout(waves, layout.nbytes, (layout.signature, part_bytes), shared_arena=True)
 
 
 def buffer_capacity(budget: int, num_buffers: int) -> int:

@@ -19,12 +19,19 @@ from .arena import Arena
 
 @dataclass
 class Wave:
-    """Items ``items`` (indices into the state's items) at ``offsets`` of buffer ``buffer``."""
+    """Items ``items`` (indices into the state's items) at ``offsets`` of buffer ``buffer``.
+
+    ``fresh``: this wave takes its buffer (waits for the lease) rather than
+    continuing the wave before it in the same buffer; ``last``: writing it
+    ends this snapshot's use of the buffer, so its lease goes back.
+    """
 
     index: int
     items: list[int]
     buffer: int
     offsets: list[int]
+    fresh: bool = True
+    last: bool = True
     staged: Future = field(default_factory=Future)
 
     def descriptor(self) -> dict:
@@ -74,9 +81,11 @@ class Snapshot:
 
     def release_wave(self, index: int) -> None:
         """Wave ``index`` is written: its buffer may take the next wave or save."""
-        self._release(self.waves[index].buffer)
+        if self.waves[index].last:
+            self.release_buffer(self.waves[index].buffer)
 
-    def _release(self, buffer: int) -> None:
+    def release_buffer(self, buffer: int) -> None:
+        """Give ``buffer`` back if this snapshot holds it."""
         with self._lock:
             if buffer in self._held:
                 self._held.discard(buffer)
