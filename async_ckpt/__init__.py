@@ -26,7 +26,7 @@ from .errors import (
     UnsafeObjectError,
     WorkerDiedError,
 )
-from .executor import AsyncCheckpointer, SaveFuture, SaveStats, async_save
+from .executor import AsyncCheckpointer, SaveFuture, SaveStats, async_save, close_async_saves
 from .format.metadata import Metadata
 from .format.objects import allow_class, allow_global
 from .manager import CheckpointManager
@@ -52,6 +52,7 @@ __all__ = [
     "Stager",
     "StagerOptions",
     "async_save",
+    "close_async_saves",
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",

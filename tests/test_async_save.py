@@ -271,9 +271,10 @@ def test_async_save_function_returns_a_future(tmp_path):
         fut.result(timeout=120)
         again = async_ckpt.async_save(sd, checkpoint_id=tmp_path / "g")
         again.result(timeout=120)
+        shared = list(checkpointer._DEFAULT.values())
     finally:
-        for ck in checkpointer._DEFAULT.values():  # no public way to close the shared one
-            ck.close()
+        async_ckpt.close_async_saves()
+    assert not checkpointer._DEFAULT and all(ck._closed for ck in shared)
     got = {"w": torch.zeros(10), "epoch": 0}
     async_ckpt.load(got, checkpoint_id=tmp_path / "g")
     assert torch.equal(got["w"], torch.arange(10.0)) and got["epoch"] == 3

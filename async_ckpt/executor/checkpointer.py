@@ -289,3 +289,15 @@ def async_save(
         )
         _DEFAULT[key] = ckpt
     return ckpt.save(state_dict, checkpoint_id=checkpoint_id, storage_writer=storage_writer)
+
+
+def close_async_saves() -> None:
+    """Finish pending ``async_save`` calls and stop their shared workers and buffers.
+
+    ``async_save`` keeps one checkpointer per configuration for the life of the
+    process (they also close at exit). Call this to free that memory early; a
+    later ``async_save`` starts a fresh one.
+    """
+    while _DEFAULT:
+        _, ckpt = _DEFAULT.popitem()
+        ckpt.close()
