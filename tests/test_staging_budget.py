@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import CancelledError
 
 import pytest
 import torch
@@ -218,3 +219,20 @@ def test_async_staging_in_parts_loads_bit_exact(tmp_path, executor):
                 assert torch.equal(loaded["tied"]["b"], expected["embed"])
         assert stager.arenas_allocated == 2
     assert len(read_meta(tmp_path / "s1")["files"]) > 3  # each part went to its own files
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+def test_cancelling_a_save_mid_waves_frees_the_buffers(tmp_path, executor):
+    tests_on_worker_path()
+    stager = Stager(max_staging_bytes=BUDGET, num_buffers=2, async_staging=True)
+    with AsyncCheckpointer(executor=executor, stager=stager) as ckpt:
+        slow = SlowWriter(str(tmp_path / "slow"), delay_s=0.3)
+        future = ckpt.save(big_state(), storage_writer=slow)
+        assert future.cancel()
+        with pytest.raises(CancelledError):
+            future.result(timeout=60)
+        assert not (tmp_path / "slow" / "metadata.json").exists()
+        ckpt.save(big_state(2), checkpoint_id=tmp_path / "next").result(timeout=60)
+    loaded = zeros_like_state(big_state(2))
+    async_ckpt.load(loaded, checkpoint_id=tmp_path / "next")
+    assert_state_equal(loaded, big_state(2))
