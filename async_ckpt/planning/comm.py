@@ -1,8 +1,11 @@
 """Collectives used by checkpoint control traffic (planning, validation, commit).
 
-Only small Python objects travel here, never tensor bytes. ``LocalComm`` is
-the single-process case; ``GroupComm`` wraps a gloo process group that belongs
-to the checkpoint engine (never the training job's own group).
+Only small values travel here, never checkpoint data: fixed-size digests
+(one tensor collective, no pickling: the per-save fast path) and small
+Python objects (pickled; only when a plan changes, ranks disagree, or at the
+commit). ``LocalComm`` is the single-process case; ``GroupComm`` wraps a
+process group: the checkpoint engine's own gloo group for asynchronous saves,
+the caller's group for synchronous calls.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import torch
 import torch.distributed as dist
 
 from ..errors import SaveFailedError
@@ -42,6 +46,10 @@ class Comm(Protocol):
     world_size: int
     collective_count: int
 
+    def all_gather_digests(self, digest: bytes) -> list[bytes]:
+        """Every rank's ``digest``, indexed by rank; all ranks pass the same length."""
+        ...
+
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, indexed by rank."""
         ...
@@ -64,6 +72,10 @@ class LocalComm:
     def __init__(self) -> None:
         self.collective_count = 0
 
+    def all_gather_digests(self, digest: bytes) -> list[bytes]:
+        self.collective_count += 1
+        return [bytes(digest)]
+
     def all_gather_object(self, obj: Any) -> list[Any]:
         self.collective_count += 1
         return [obj]
@@ -85,6 +97,35 @@ class GroupComm:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.collective_count = 0
+        self._device: torch.device | None = None
+
+    def _tensor_device(self) -> torch.device:
+        """Where the group's tensor collectives run: CPU for gloo, the current GPU for NCCL."""
+        if self._device is None:
+            try:
+                from torch.distributed.distributed_c10d import _get_object_coll_device
+
+                self._device = torch.device(_get_object_coll_device(self.group))
+            except (ImportError, AttributeError):  # private helper gone: gloo is the norm
+                self._device = torch.device("cpu")
+        return self._device
+
+    @_peer_failure
+    def all_gather_digests(self, digest: bytes) -> list[bytes]:
+        """One fixed-size tensor collective: no pickling, no size exchange.
+
+        An all-to-all that sends the same digest to every rank rather than an
+        all-gather: gloo's all-gather is a ring of world_size - 1 dependent
+        steps, its all-to-all posts every send and receive at once (one step).
+        """
+        self.collective_count += 1
+        n = len(digest)
+        device = self._tensor_device()
+        sent = torch.frombuffer(bytearray(digest * self.world_size), dtype=torch.uint8)
+        received = torch.empty(self.world_size * n, dtype=torch.uint8, device=device)
+        dist.all_to_all_single(received, sent.to(device), group=self.group)
+        data = received.cpu().numpy().tobytes()
+        return [data[r * n : (r + 1) * n] for r in range(self.world_size)]
 
     @_peer_failure
     def all_gather_object(self, obj: Any) -> list[Any]:

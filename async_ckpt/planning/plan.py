@@ -1,8 +1,9 @@
 """Global save plan: key validation across ranks, dedup of replicated data, plan cache.
 
-Per save, ranks exchange one small object (two fingerprints). When every rank
+Per save, ranks exchange one fixed-size digest (two 16-byte fingerprints) in
+a single tensor all-gather: no pickling, no size exchange. When every rank
 reports the same key fingerprint and the same plan fingerprints as last time,
-the cached plan is reused; the full key lists travel only when something
+the cached plan is reused; the full chunk lists travel only when something
 changed, and the per-rank key diff only when ranks disagree.
 """
 
@@ -73,14 +74,15 @@ class Planner:
 
     def plan(self, state: LocalState, comm: Comm) -> GlobalPlan:
         """Validate keys across ranks and return the global plan (one collective if cached)."""
-        fingerprints = comm.all_gather_object((state.keys_fingerprint(), state.plan_fingerprint()))
-        if len({keys for keys, _ in fingerprints}) > 1:
+        keys_digest = bytes.fromhex(state.keys_fingerprint())
+        digests = comm.all_gather_digests(keys_digest + bytes.fromhex(state.plan_fingerprint()))
+        if len({d[: len(keys_digest)] for d in digests}) > 1:
             summaries = comm.all_gather_object(state.key_summary())
             raise RankMismatchError(
                 "ranks disagree on the state dict they save (keys, shapes or dtypes); "
                 "every rank must save the same keys:\n" + key_mismatch_report(summaries)
             )
-        cache_key = tuple(fingerprints)
+        cache_key = tuple(digests)
         if cache_key == self._cache_key and self._cache_plan is not None:
             return self._cache_plan
         chunks = [(it.chunk_id, it.nbytes) for it in state.items]
@@ -93,8 +95,8 @@ class Planner:
 
 def check_same_keys(state: LocalState, comm: Comm) -> None:
     """Raise RankMismatchError naming each rank's extra keys unless all ranks agree."""
-    fingerprints = comm.all_gather_object(state.keys_fingerprint())
-    if len(set(fingerprints)) > 1:
+    digests = comm.all_gather_digests(bytes.fromhex(state.keys_fingerprint()))
+    if len(set(digests)) > 1:
         summaries = comm.all_gather_object(state.key_summary())
         raise RankMismatchError(
             "ranks disagree on the keys of their state dicts:\n" + key_mismatch_report(summaries)
