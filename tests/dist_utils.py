@@ -1,4 +1,11 @@
-"""Run a function on several gloo ranks (processes on loopback) and collect results."""
+"""Run a function on several gloo ranks (processes on loopback) and collect results.
+
+Ranks start from a forkserver that has imported torch (and DTensor, and
+async_ckpt) once per test session: each rank is a fork of it, ready in tens
+of milliseconds, where a spawned rank re-imports torch (seconds per rank, and
+several ranks at once contend for the CPUs). The ranks are still fresh
+processes with their own process group per call.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,19 @@ from typing import Any
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+# What every rank imports anyway; loaded once in the forkserver, inherited by each fork.
+# torch._dynamo: the first distribute_tensor() imports it (``torch._disable_dynamo``),
+# seconds per rank.
+_PRELOAD = [
+    "torch",
+    "torch._dynamo",
+    "torch.distributed",
+    "torch.distributed.device_mesh",
+    "torch.distributed.tensor",
+    "async_ckpt",
+    "pytest",
+]
 
 
 def _entry(
@@ -35,7 +55,8 @@ def run_ranks(
     ``reporting`` is how many ranks are expected to report (fewer when a test
     kills a rank on purpose); missing ranks give None.
     """
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)  # no effect once the forkserver runs
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
