@@ -81,9 +81,11 @@ class ProcessExecutor(Executor):
 
     def start(self) -> None:
         with self._lock:
+            # Cleared before the spawn: a worker that dies at once makes the reader set
+            # it immediately, and clearing after that would wait out the whole allowance.
+            self._pong.clear()
             if not self._alive():
                 self._spawn()
-            self._pong.clear()
             proc = self._proc
             try:
                 wire.send(self._sock, {"op": "ping"})
