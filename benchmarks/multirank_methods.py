@@ -8,6 +8,8 @@ replicated). The methods:
   (the floor);
 * ``async_ckpt_async``: one ``AsyncCheckpointer`` per rank (process
   executor, started before the first save);
+* ``async_ckpt_async_staging``: the same with ``async_staging=True``, so the
+  worker writes each 128 MiB part while the next is copied;
 * ``dcp_async``: ``dcp.async_save`` as shipped (THREAD executor, fresh
   staging memory per save, default planner), on its own gloo group;
 * ``dcp_async_cached``: the same with DCP's best options for repeated saves:
@@ -32,7 +34,13 @@ from benchmarks.limits import _byte_view, fsync_dir
 from benchmarks.metrics import now
 from benchmarks.state import iter_tensors, plan_shapes
 
-METHODS = ("raw_parallel_write", "async_ckpt_async", "dcp_async", "dcp_async_cached")
+METHODS = (
+    "raw_parallel_write",
+    "async_ckpt_async",
+    "async_ckpt_async_staging",
+    "dcp_async",
+    "dcp_async_cached",
+)
 FLOOR = "raw_parallel_write"
 
 
@@ -125,15 +133,19 @@ class RawParallel(_Method):
 class OursAsync(_Method):
     name = "async_ckpt_async"
 
-    def __init__(self) -> None:
+    def __init__(self, async_staging: bool = False) -> None:
         self.ckpt: Any = None
         self.fut: Any = None
         self.start_s = 0.0
+        self.async_staging = async_staging
+        self.name = "async_ckpt_async_staging" if async_staging else "async_ckpt_async"
 
     def setup(self) -> None:
         import async_ckpt
 
-        self.ckpt = async_ckpt.AsyncCheckpointer()  # process executor, the default group
+        stager = async_ckpt.Stager(async_staging=self.async_staging)
+        # process executor, the default group
+        self.ckpt = async_ckpt.AsyncCheckpointer(stager=stager)
         t0 = now()
         self.ckpt.start()
         self.start_s = now() - t0
@@ -155,6 +167,7 @@ class OursAsync(_Method):
     def teardown(self) -> None:
         if self.ckpt is not None:
             self.ckpt.close()
+            self.ckpt.stager.close()
 
 
 def _timed_planner(cached: bool) -> Any:
@@ -234,6 +247,7 @@ def make_method(name: str) -> _Method:
     return {
         "raw_parallel_write": RawParallel,
         "async_ckpt_async": OursAsync,
+        "async_ckpt_async_staging": lambda: OursAsync(async_staging=True),
         "dcp_async": lambda: DcpAsyncMR(False),
         "dcp_async_cached": lambda: DcpAsyncMR(True),
     }[name]()
