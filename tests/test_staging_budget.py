@@ -236,3 +236,38 @@ def test_cancelling_a_save_mid_waves_frees_the_buffers(tmp_path, executor):
     loaded = zeros_like_state(big_state(2))
     async_ckpt.load(loaded, checkpoint_id=tmp_path / "next")
     assert_state_equal(loaded, big_state(2))
+
+
+# --------------------------------------------------------------------- two ranks
+GLOBAL = torch.arange(512 * 64, dtype=torch.float32).reshape(512, 64)  # 128 KiB
+
+
+def _budget_rank(rank, world_size, root):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    state = {
+        "sharded": distribute_tensor(GLOBAL.clone(), mesh, [Shard(0)]),  # 64 KiB per rank
+        "replicated": GLOBAL * 3,  # the same on both ranks: written once
+        "step": 5,
+    }
+    stager = Stager(max_staging_bytes=32 * KiB, num_buffers=2)
+    with AsyncCheckpointer(stager=stager) as ckpt:
+        meta = ckpt.save(state, checkpoint_id=f"{root}/ckpt").result(timeout=120)
+    return {"waves": len(stager._layout.waves), "files": meta.files}
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_under_a_budget_dedup_and_load_anywhere(tmp_path):
+    from dist_utils import run_ranks
+
+    results = run_ranks(_budget_rank, 2, str(tmp_path))
+    assert all(r["waves"] > 4 for r in results)
+    # replicated row blocks are cut alike on both ranks, so they are stored once
+    assert sum(results[0]["files"].values()) == 2 * GLOBAL.nbytes
+    out = {"sharded": torch.zeros(512, 64), "replicated": torch.zeros(512, 64), "step": 0}
+    async_ckpt.load(out, checkpoint_id=tmp_path / "ckpt", no_dist=True)
+    assert torch.equal(out["sharded"], GLOBAL)
+    assert torch.equal(out["replicated"], GLOBAL * 3)
+    assert out["step"] == 5
