@@ -41,7 +41,9 @@ REGISTRY: dict[str, Factory] = {
     "async_ckpt_async_process": lambda: AsyncCkptAsync("process"),
     "async_ckpt_async_thread": lambda: AsyncCkptAsync("thread"),
     "async_ckpt_async_staging": lambda: AsyncCkptAsync("process", async_staging=True),
-    "async_ckpt_async_whole": lambda: AsyncCkptAsync("process", async_staging=True, wave_bytes=0),
+    "async_ckpt_async_parts": lambda: AsyncCkptAsync(
+        "process", async_staging=True, wave_bytes=128 << 20
+    ),
     "async_ckpt_budget25": lambda: AsyncCkptBudget(0.25, executor="process"),
     "async_ckpt_frozen90": lambda: AsyncCkptFrozen(0.9, executor="process"),
 }

@@ -8,8 +8,7 @@ replicated). The methods:
   (the floor);
 * ``async_ckpt_async``: one ``AsyncCheckpointer`` per rank (process
   executor, started before the first save);
-* ``async_ckpt_async_staging``: the same with ``async_staging=True``, so the
-  worker writes each 128 MiB part while the next is copied;
+* ``async_ckpt_async_staging``: the same with ``async_staging=True``;
 * ``dcp_async``: ``dcp.async_save`` as shipped (THREAD executor, fresh
   staging memory per save, default planner), on its own gloo group;
 * ``dcp_async_cached``: the same with DCP's best options for repeated saves:

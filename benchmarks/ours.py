@@ -6,10 +6,9 @@
   reserved), so run 1 is the first save *after* start; the cost of start
   itself is in the JSON as ``info.start_s``.
 * async_ckpt_async_staging: ``StagerOptions(async_staging=True)``: save()
-  returns before the copy; ``fut.staged`` resolves when it is done. The
-  worker writes each 128 MiB part while the next is copied (the default
-  ``wave_bytes`` with async staging); async_ckpt_async_whole is the same
-  with ``wave_bytes=0`` (write after the whole copy).
+  returns before the copy; ``fut.staged`` resolves when it is done.
+* async_ckpt_async_parts: the same with ``wave_bytes=128MiB``: the worker
+  writes each 128 MiB part while the next is copied.
 * async_ckpt_budget25: ``max_staging_bytes`` = 25 % of the state, two
   buffers: staged and written in waves, the stall grows with the writes.
 * async_ckpt_frozen90: ``skip_unchanged=True`` on a state where ~90 % of the

@@ -5,7 +5,9 @@ arena the size of the state. With a budget (``max_staging_bytes``) each
 arena holds at most ``budget // num_buffers`` bytes, so the items are packed
 in order into several waves that take turns in the arenas; a tensor bigger
 than one arena is cut along its first dimension into row blocks, each saved
-as its own chunk (the format stores sharded tensors the same way).
+as its own chunk (the format stores sharded tensors the same way). Without a
+budget, ``wave_bytes`` cuts the one arena into consecutive parts instead
+(:func:`in_parts`), so that the first part is written while the next is copied.
 """
 
 from __future__ import annotations
@@ -32,13 +34,9 @@ class Layout:
     signature: tuple
     shared_arena: bool = False
 
-    @property
-    def offsets(self) -> list[int]:
-        """Offset of every item, in item order (single-wave layouts only)."""
-        return self.waves[0][1]
 
-
-def _storage_key(t: torch.Tensor) -> tuple:
+def storage_key(t: torch.Tensor) -> tuple:
+    """Equal for two tensors that view the same bytes the same way (tied weights)."""
     return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
 
 
@@ -56,7 +54,7 @@ def plan_layout(
     slot_of: dict[tuple, int] = {}
     end = largest = 0
     for n, (item, tensor) in enumerate(zip(items, tensors, strict=True)):
-        key = _storage_key(tensor)
+        key = storage_key(tensor)
         if key in slot_of and tensor.numel() > 0:
             indices.append(n)
             offsets.append(slot_of[key])
