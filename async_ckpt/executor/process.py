@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
+import queue
 import socket
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from ..errors import SaveFailedError, WorkerDiedError
 from . import wire
 from .base import Executor, SaveJob
 
+log = logging.getLogger("async_ckpt")
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
@@ -48,6 +51,8 @@ class ProcessExecutor(Executor):
         self._sent_generation = -1
         self._pong = threading.Event()
         self._closed = False
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # (send function, args)
+        self._sender: threading.Thread | None = None
 
     # ------------------------------------------------------------ lifecycle
     @property
@@ -104,9 +109,31 @@ class ProcessExecutor(Executor):
         with self._lock:
             self._unsent[job.save_no] = job
         first, *rest = job.snapshot.waves
-        first.staged.add_done_callback(lambda staged: self._send(job, staged))
+        first.staged.add_done_callback(lambda staged: self._post(self._send, job, staged))
         for wave in rest:
-            wave.staged.add_done_callback(lambda staged, w=wave: self._send_wave(job, w, staged))
+            wave.staged.add_done_callback(
+                lambda staged, w=wave: self._post(self._send_wave, job, w, staged)
+            )
+
+    def _post(self, send: Any, *args: Any) -> None:
+        """Send from the outbox thread, in order: a synchronous save's caller (on whose
+        thread "staged" resolves) then does not wait for the pickling and the socket."""
+        with self._lock:
+            if self._sender is None:
+                self._sender = threading.Thread(
+                    target=self._send_loop, name="async_ckpt-send", daemon=True
+                )
+                self._sender.start()
+        self._outbox.put((send, args))
+
+    def _send_loop(self) -> None:
+        while (item := self._outbox.get()) is not None:
+            send, args = item
+            try:
+                send(*args)
+            except Exception:  # never lose the thread: later saves queue behind it
+                log.exception("async_ckpt: handing a save to the worker failed")
+            del item, send, args  # do not keep the last job alive until the next save
 
     def _send_wave(self, job: SaveJob, wave: Any, staged: Any) -> None:
         """Tell the worker a later wave is staged (or that staging failed, ending the save)."""
@@ -264,6 +291,11 @@ class ProcessExecutor(Executor):
             if self._closed:
                 return
             self._closed = True
+            sender = self._sender
+        if sender is not None:  # what is queued is sent before the worker is told to stop
+            self._outbox.put(None)
+            sender.join(timeout=60)
+        with self._lock:
             sock, proc = self._sock, self._proc
         if sock is not None:
             try:
