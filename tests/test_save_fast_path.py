@@ -55,3 +55,30 @@ def test_layout_follows_newly_tied_tensors(tmp_path):
     out = {"a": torch.zeros(16), "b": torch.zeros(16)}
     async_ckpt.load(out, checkpoint_id=tmp_path / "2")
     assert torch.equal(out["a"], a) and torch.equal(out["b"], a)
+
+
+def test_fingerprints_are_reused_only_for_an_unchanged_structure():
+    cache = DescribeCache()
+    w = torch.randn(4)
+    states = [describe(flatten({"w": w, "step": i}), cache)[0] for i in range(3)]
+    assert states[0].known_fingerprints is None  # first sight: the worker hashes it
+    assert states[2].known_fingerprints == states[1].known_fingerprints
+    fresh = describe(flatten({"w": w, "step": 0}))[0]  # no cache: computed from scratch
+    assert states[2].keys_fingerprint() == fresh.keys_fingerprint()
+    assert states[2].plan_fingerprint() == fresh.plan_fingerprint()
+    added = describe(flatten({"w": w, "step": 3, "epoch": 1}), cache)[0]
+    assert added.known_fingerprints is None
+    assert added.keys_fingerprint() != fresh.keys_fingerprint()
+
+
+def test_a_budget_split_drops_the_known_fingerprints():
+    from async_ckpt.staging.layout import split_to_fit
+
+    cache = DescribeCache()
+    big = torch.randn(64, 64)
+    for _ in range(2):
+        state, tensors = describe(flatten({"big": big}), cache)
+    assert state.known_fingerprints is not None
+    split, _ = split_to_fit(state, tensors, 4096)
+    assert split.known_fingerprints is None
+    assert split.plan_fingerprint() != state.plan_fingerprint()

@@ -134,4 +134,4 @@ def split_to_fit(
                 )
             )
             pieces.append(tensor.narrow(0, start, count))
-    return replace(state, items=items), pieces
+    return replace(state, items=items, known_fingerprints=None), pieces
