@@ -82,3 +82,16 @@ def test_a_budget_split_drops_the_known_fingerprints():
     split, _ = split_to_fit(state, tensors, 4096)
     assert split.known_fingerprints is None
     assert split.plan_fingerprint() != state.plan_fingerprint()
+
+
+def test_describe_cache_keeps_no_tensor_alive():
+    import gc
+    import weakref
+
+    cache = DescribeCache()
+    temp = torch.randn(1000)
+    alive = weakref.ref(temp)
+    describe(flatten({"t": temp}), cache)
+    del temp
+    gc.collect()
+    assert alive() is None

@@ -271,3 +271,64 @@ def test_two_ranks_under_a_budget_dedup_and_load_anywhere(tmp_path):
     assert torch.equal(out["sharded"], GLOBAL)
     assert torch.equal(out["replicated"], GLOBAL * 3)
     assert out["step"] == 5
+
+
+def test_a_timeout_while_waves_stage_fails_the_future_not_save(tmp_path):
+    """Synchronous staging: save() returns its future; the future says why the save ended."""
+    stager = Stager(max_staging_bytes=BUDGET, num_buffers=1)
+    with AsyncCheckpointer(executor="thread", stager=stager) as ckpt:
+        slow = SlowWriter(str(tmp_path / "slow"), delay_s=0.4)
+        future = ckpt.save(big_state(), storage_writer=slow, timeout=0.2)
+        with pytest.raises(async_ckpt.SaveTimeoutError):
+            future.result(timeout=60)
+        ckpt.save(big_state(3), checkpoint_id=tmp_path / "next").result(timeout=60)
+    assert not (tmp_path / "slow" / "metadata.json").exists()
+
+
+def test_stage_alone_refuses_more_waves_than_buffers():
+    stager = Stager(max_staging_bytes=BUDGET, num_buffers=2)
+    try:
+        with pytest.raises(CheckpointError, match="waves"):
+            stager.stage(*describe(flatten(big_state())))
+        assert stager.buffer_free()  # the refused snapshot gave its buffer back
+    finally:
+        stager.close()
+
+
+def test_close_while_a_cancelled_save_still_stages_frees_the_buffer(tmp_path):
+    """The copy outlives close(): its hand-off must fail the save, not vanish."""
+    stager = Stager(async_staging=True)
+    state = {"w": torch.ones(64 << 20)}  # 256 MiB: the copy takes tens of milliseconds
+    ckpt = AsyncCheckpointer(stager=stager).start(state)
+    future = ckpt.save(state, checkpoint_id=tmp_path / "a")
+    future.cancel()
+    ckpt.close()
+    with AsyncCheckpointer(stager=stager) as again:  # the shared stager's buffer came back
+        again.save(state, checkpoint_id=tmp_path / "b").result(timeout=60)
+    stager.close()
+    assert not (tmp_path / "a" / "metadata.json").exists()
+
+
+UNEVEN = torch.arange(129 * 64, dtype=torch.float32).reshape(129, 64)  # 65 + 64 rows
+
+
+def _uneven_rank(rank, world_size, root):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    state = {"vocab": distribute_tensor(UNEVEN.clone(), mesh, [Shard(0)])}
+    # 16 KiB buffers hold 64 rows: rank 0 cuts its 65 rows in two, rank 1 keeps one piece
+    with AsyncCheckpointer(stager=Stager(max_staging_bytes=32 * KiB, num_buffers=2)) as ckpt:
+        ckpt.save(state, checkpoint_id=f"{root}/ckpt").result(timeout=120)
+    return True
+
+
+@pytest.mark.multiprocess
+def test_uneven_shards_cut_differently_per_rank_still_agree(tmp_path):
+    from dist_utils import run_ranks
+
+    run_ranks(_uneven_rank, 2, str(tmp_path))
+    out = {"vocab": torch.zeros(129, 64)}
+    async_ckpt.load(out, checkpoint_id=tmp_path / "ckpt", no_dist=True)
+    assert torch.equal(out["vocab"], UNEVEN)

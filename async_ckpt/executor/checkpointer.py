@@ -236,9 +236,15 @@ class AsyncCheckpointer:
             try:
                 self._last.result(timeout=limit)
             except concurrent.futures.TimeoutError:  # not the builtin on Python 3.10
-                log.error("the last save did not finish within %s s of close(); stopping it", limit)
-                if self._executor is not None:
-                    self._executor.abort(SaveTimeoutError(f"stopped by close() after {limit} s"))
+                # SaveTimeoutError is a TimeoutError too: only a save still running is hung
+                if not self._last.done():
+                    log.error(
+                        "the last save did not finish within %s s of close(); stopping it", limit
+                    )
+                    if self._executor is not None:
+                        self._executor.abort(
+                            SaveTimeoutError(f"stopped by close() after {limit} s")
+                        )
             except BaseException:  # reported through the future already
                 pass
         if self._executor is not None:

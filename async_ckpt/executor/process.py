@@ -14,7 +14,7 @@ from concurrent.futures import CancelledError
 from pathlib import Path
 from typing import Any
 
-from ..errors import SaveFailedError, WorkerDiedError
+from ..errors import CheckpointError, SaveFailedError, WorkerDiedError
 from . import wire
 from .base import Executor, SaveJob
 
@@ -52,6 +52,8 @@ class ProcessExecutor(Executor):
         self._pong = threading.Event()
         self._closed = False
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # (send function, args)
+        self._outbox_lock = threading.Lock()
+        self._outbox_closed = False
         self._sender: threading.Thread | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -115,16 +117,25 @@ class ProcessExecutor(Executor):
                 lambda staged, w=wave: self._post(self._send_wave, job, w, staged)
             )
 
-    def _post(self, send: Any, *args: Any) -> None:
+    def _post(self, send: Any, job: SaveJob, *args: Any) -> None:
         """Send from the outbox thread, in order: a synchronous save's caller (on whose
-        thread "staged" resolves) then does not wait for the pickling and the socket."""
-        with self._lock:
+        thread "staged" resolves) then does not wait for the pickling and the socket.
+
+        Its own lock, not the executor's: the sender holds that one while it sends.
+        """
+        with self._outbox_lock:
+            if self._outbox_closed:  # close() came first: this save cannot reach a worker
+                with self._lock:
+                    self._unsent.pop(job.save_no, None)
+                    self._pending.pop(job.save_no, None)
+                job.finish(error=CheckpointError("the checkpointer was closed during this save"))
+                return
             if self._sender is None:
                 self._sender = threading.Thread(
                     target=self._send_loop, name="async_ckpt-send", daemon=True
                 )
                 self._sender.start()
-        self._outbox.put((send, args))
+            self._outbox.put((send, (job, *args)))
 
     def _send_loop(self) -> None:
         while (item := self._outbox.get()) is not None:
@@ -291,9 +302,11 @@ class ProcessExecutor(Executor):
             if self._closed:
                 return
             self._closed = True
+        with self._outbox_lock:  # what is queued is sent before the worker is told to stop
+            self._outbox_closed = True
             sender = self._sender
-        if sender is not None:  # what is queued is sent before the worker is told to stop
             self._outbox.put(None)
+        if sender is not None:
             sender.join(timeout=60)
         with self._lock:
             sock, proc = self._sock, self._proc

@@ -14,6 +14,7 @@ import os
 import pickle
 import socket
 import sys
+import threading
 import traceback
 from collections.abc import Iterator
 from typing import Any
@@ -85,7 +86,7 @@ def _load_writer(payload: bytes) -> Any:
 
 
 def _receive_waves(
-    sock: socket.socket, msg: dict[str, Any], arenas: dict[int, Arena]
+    sock: socket.socket, msg: dict[str, Any], arenas: dict[int, Arena], closing: threading.Event
 ) -> Iterator[WaveData]:
     """The save's waves: the first came with it, the rest arrive as they are staged."""
     state, save_no = msg["state"], msg["save_no"]
@@ -115,6 +116,9 @@ def _receive_waves(
             if nxt["op"] == "ping":
                 wire.send(sock, {"op": "pong", "pid": os.getpid()})
                 continue
+            if nxt["op"] == "close":
+                closing.set()
+                raise SaveFailedError("the caller closed while this save was still being staged")
             if nxt["op"] != "wave" or nxt["save_no"] != save_no:
                 raise SaveFailedError(
                     f"protocol error: expected a wave of save {save_no}, got {nxt}"
@@ -130,6 +134,7 @@ def serve(sock: socket.socket) -> None:
     arenas: dict[int, Arena] = {}
     planner = Planner()
     comm: Comm | None = None
+    closing = threading.Event()
     while True:
         received = wire.recv(sock)
         if received is None:
@@ -156,7 +161,7 @@ def serve(sock: socket.socket) -> None:
             writer = _load_writer(msg["writer"])
             if comm is None:
                 comm = connect_group(msg["group"]) if msg["group"] else LocalComm()
-            waves = _receive_waves(sock, msg, arenas)
+            waves = _receive_waves(sock, msg, arenas, closing)
             meta = run_save(
                 msg["state"],
                 None,
@@ -180,6 +185,8 @@ def serve(sock: socket.socket) -> None:
             wire.send(sock, reply)
         except OSError:
             break  # the caller has gone (exited or killed): nobody is waiting for replies
+        if closing.is_set():  # "close" came in the middle of that save's waves
+            break
     for arena in arenas.values():
         arena.close()
 

@@ -2,7 +2,7 @@
 
 The same function runs in the caller's process (synchronous save, thread
 executor) and in the worker process; only where the tensor bytes come from
-differs (caller memory or staging arena), given as ``sources``.
+differs (caller memory, given as ``sources``, or staging-arena waves).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,8 +71,10 @@ class LocalState:
         if self.known_fingerprints is not None:
             return self.known_fingerprints[0]
         h = hashlib.blake2b(digest_size=16)
-        for it in sorted(self.items, key=lambda i: i.key):
-            h.update(f"T{it.key}|{it.dtype}|{it.shape}\n".encode())
+        # once per key: ranks may hold different numbers of pieces of one tensor
+        # (uneven shards cut into row blocks under a staging budget)
+        for key, dtype, shape in sorted({(it.key, it.dtype, it.shape) for it in self.items}):
+            h.update(f"T{key}|{dtype}|{shape}\n".encode())
         for key in sorted(self.values):
             h.update(f"V{key}\n".encode())
         for obj in sorted(self.objects, key=lambda o: o.key):
@@ -121,11 +124,12 @@ class DescribeCache:
 
     Repeated saves of one model hand over the same parameter and optimizer
     tensor objects each time; rebuilding their descriptors is most of the
-    Python time a save spends before its copy. The cache holds the previous
-    save's tensors (not their data) until the next save.
+    Python time a save spends before its copy. The tensors are held weakly,
+    so the cache keeps nothing alive.
     """
 
     def __init__(self) -> None:
+        # key -> (weak reference to the tensor, its shape, dtype, path, item)
         self._items: dict[str, tuple[Any, torch.Size, torch.dtype, KeyPath, TensorItem]] = {}
         # The previous state's items and other keys, and their fingerprints once computed:
         # a save whose describe is all cache hits in the same order reuses them.
@@ -136,7 +140,7 @@ class DescribeCache:
         hit = self._items.get(key)
         if (
             hit is not None
-            and hit[0] is leaf
+            and hit[0]() is leaf
             and hit[1] == leaf.shape
             and hit[2] == leaf.dtype
             and hit[3] == path
@@ -178,7 +182,7 @@ def describe(
             if item is not None:
                 state.items.append(item)
                 tensors.append(leaf.detach())  # again: ``.data =`` may have swapped its storage
-                fresh[key] = (leaf, leaf.shape, leaf.dtype, path, item)
+                fresh[key] = (weakref.ref(leaf), leaf.shape, leaf.dtype, path, item)
                 continue
         numpy = False
         if isinstance(leaf, np.ndarray) and leaf.dtype.kind in "biufc" and leaf.dtype != np.uint64:
@@ -220,7 +224,7 @@ def describe(
         if (
             local is leaf and not numpy
         ):  # plain tensors only: DTensor and numpy leaves are rebuilt each time
-            fresh[key] = (leaf, leaf.shape, leaf.dtype, path, item)
+            fresh[key] = (weakref.ref(leaf), leaf.shape, leaf.dtype, path, item)
     if cache is not None:
         cache.update(fresh, state)
     return state, tensors

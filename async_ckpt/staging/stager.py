@@ -166,6 +166,8 @@ class Stager:
     def buffer_free(self) -> bool:
         """Whether the next stage would find its buffer free (no wait for a write)."""
         with self._lock:
+            if self._staging is not None and not self._staging.done():
+                return False  # the next stage waits for this one's waves (and their writes)
             return not self._leases or self._leases[self._next].is_set()
 
     def _fit(
@@ -183,8 +185,8 @@ class Stager:
         return state, tensors, plan_layout(state.items, tensors, capacity)
 
     def _cached_layout(self, state: LocalState, tensors: list[torch.Tensor]) -> Layout:
-        """The previous layout while the items (same objects) and storages are unchanged."""
-        pointers = [t.data_ptr() for t in tensors]
+        """The previous layout while the items (same objects) and their memory are unchanged."""
+        pointers = [(t.data_ptr(), t.stride()) for t in tensors]  # what tying depends on
         last = self._last_layout
         if (
             last is not None
@@ -211,7 +213,20 @@ class Stager:
         started between the two, since later waves wait for earlier ones to be
         written: use ``begin``, hand the snapshot to the writer, then ``fill``.
         """
-        return self.fill(self.begin(state, tensors))
+        snap = self.begin(state, tensors)
+        if sum(w.fresh for w in snap.waves) > len(snap.arenas):
+            snap.release()
+            error = CheckpointError(
+                f"this state needs {len(snap.waves)} waves under max_staging_bytes, more than "
+                f"the {len(snap.arenas)} buffer(s): stage() would wait for writes nobody does. "
+                "Save through AsyncCheckpointer, or use begin() and fill() with a writer that "
+                "calls release_wave() as waves are written."
+            )
+            snap.staged.set_exception(error)  # the next stage need not wait for this one
+            raise error
+        self.fill(snap)
+        snap.staged.result()  # raises what the copy raised
+        return snap
 
     def begin(self, state: LocalState, tensors: list[torch.Tensor]) -> Snapshot:
         """Lay out the state in the arenas and hold the first buffer; copies nothing.
@@ -260,9 +275,10 @@ class Stager:
         """Copy the snapshot's tensors in, wave by wave.
 
         Returns when the copy is done, or at once with ``async_staging``;
-        either way ``snap.staged`` resolves when every byte is in an arena.
-        Under a memory budget each wave waits for a buffer that an earlier
-        wave's write frees, so the copy takes longer (back-pressure).
+        either way ``snap.staged`` resolves when every byte is in an arena, or
+        with the copy's error (``fill`` itself does not raise it). Under a
+        memory budget each wave waits for a buffer that an earlier wave's
+        write frees, so the copy takes longer (back-pressure).
         """
         if snap.to_copy is None:
             raise CheckpointError("this snapshot was filled already")
@@ -277,8 +293,7 @@ class Stager:
                 self._stage_thread.start()
             self._stage_queue.put((snap, tensors, compute))
         else:
-            self._stage_waves(snap, tensors, compute)
-            snap.staged.result()
+            self._stage_waves(snap, tensors, compute)  # errors land in snap.staged
         return snap
 
     def _stage_loop(self) -> None:
@@ -314,6 +329,8 @@ class Stager:
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Copies for the wave's items, skipping slots already filled in this buffer."""
         seen, views = self._seen[wave.buffer], self._views[wave.buffer]
+        # Only while the buffers stay with their items: not when waves take turns in them.
+        skip_unchanged = self.options.skip_unchanged and not any(w.fresh for w in snap.waves[1:])
         arena = snap.arenas[wave.buffer]
         items = snap.state.items
         jobs = []
@@ -322,7 +339,7 @@ class Stager:
             if off in done_slots or item.nbytes == 0:
                 continue
             done_slots.add(off)
-            if self.options.skip_unchanged and not any(w.fresh for w in snap.waves[1:]):
+            if skip_unchanged:
                 # The storage itself (weakly) is part of the mark: a freed tensor's
                 # address is soon reused by a new one with the same _version (0), e.g.
                 # torch.get_rng_state() or a numpy leaf re-wrapped at every save.
