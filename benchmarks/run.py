@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -21,33 +20,21 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from async_ckpt import CheckpointError
+from async_ckpt.staging import parse_size as library_parse_size
 from benchmarks import methods as registry
 from benchmarks import multirank, report
 from benchmarks.harness import bench_size, log
 from benchmarks.limits import check_fadvise
 from benchmarks.peers import shutdown_dcp
 
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1 << 10,
-    "kib": 1 << 10,
-    "m": 1 << 20,
-    "mib": 1 << 20,
-    "g": 1 << 30,
-    "gib": 1 << 30,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-}
-
 
 def parse_size(text: str) -> int:
     """'512MiB', '1GiB', '1.5G', '100MB', '4096' -> bytes (K/M/G are binary)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}; use e.g. 256MiB or 1GiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    try:
+        return library_parse_size(text)
+    except CheckpointError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}; use e.g. 256MiB or 1GiB") from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -33,7 +33,6 @@ import queue
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
@@ -48,59 +47,10 @@ from .layout import (
     split_to_fit,
     storage_key,
 )
+from .options import StagerOptions
 from .snapshot import Snapshot, Wave
 
 _PARALLEL_COPY_BYTES = 16 * 1024 * 1024  # below this, one thread copies faster
-
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """``"512MiB"``, ``"2G"`` or ``"1048576"`` as a number of bytes."""
-    raw = text.strip().upper().removesuffix("B").removesuffix("I")
-    unit = raw[-1:] if raw[-1:] in _UNITS and not raw[-1:].isdigit() else ""
-    try:
-        return int(float(raw[: len(raw) - len(unit)]) * _UNITS[unit])
-    except ValueError:
-        raise CheckpointError(f"cannot read {text!r} as a number or a size like '512MiB'") from None
-
-
-@dataclass
-class StagerOptions:
-    """Tunable staging behaviour; every field has an ``ASYNC_CKPT_<NAME>`` env override."""
-
-    num_buffers: int = 1
-    async_staging: bool = False
-    copy_threads: int = 0  # 0: the machine's cores, at most 4
-    pin_memory: bool = True  # for CUDA states; ignored without CUDA
-    # Re-copy only tensors whose storage or ``_version`` changed since this buffer's
-    # last stage. In-place writes through ``tensor.data`` do not bump ``_version``
-    # and are missed: leave this off if the training loop writes that way.
-    skip_unchanged: bool = False
-    prefault: bool = True
-    # Cap on all staging buffers together, in bytes (0: no cap, one buffer the size of
-    # the state). A bigger state is staged and written in waves: each buffer holds
-    # max_staging_bytes / num_buffers, and save() stalls until all but the last
-    # num_buffers waves are written. Use the same value on every rank.
-    max_staging_bytes: int = 0
-    # Hand the state to the writer in parts of about this many bytes, so that writing
-    # starts while the rest is still being copied (0: in one piece). Opt-in: on a
-    # 2-core machine the writer competes with the copy, and the measured effect on
-    # the commit ranged from 14% sooner to 9% later (docs/performance.md).
-    wave_bytes: int = 0
-
-    @classmethod
-    def from_env(cls, **overrides: object) -> StagerOptions:
-        opts = cls(**overrides)  # type: ignore[arg-type]
-        for name, default in list(vars(opts).items()):
-            raw = os.environ.get(f"ASYNC_CKPT_{name.upper()}")
-            if raw is not None and name not in overrides:
-                if isinstance(default, bool):
-                    setattr(opts, name, raw.lower() in ("1", "true", "yes"))
-                else:
-                    setattr(opts, name, parse_size(raw))
-        return opts
 
 
 class Stager:
