@@ -17,13 +17,14 @@ from typing import Any
 
 import psutil
 
-from benchmarks import isolated, report
+from benchmarks import isolated
 from benchmarks import methods as registry
 from benchmarks.base import BenchContext, Method, remove_path
 from benchmarks.limits import drop_page_cache, page_cache_fraction
 from benchmarks.metrics import (
     RssSampler,
     StepProbe,
+    fmt_bytes,
     median_ms,
     now,
     slowdown,
@@ -162,8 +163,7 @@ def bench_size(
     ctx = BenchContext(root=root, state=state, nbytes=tensor_bytes(state))
     n_tensors = count_tensors(state)
     log(
-        f"[{label}] built state: {report.fmt_bytes(ctx.nbytes)} in "
-        f"{n_tensors} tensors ({now() - t0:.1f}s)"
+        f"[{label}] built state: {fmt_bytes(ctx.nbytes)} in {n_tensors} tensors ({now() - t0:.1f}s)"
     )
     out: dict[str, dict[str, Any]] = {n: {"runs": []} for n in names}
     created: dict[str, Method] = {}
@@ -176,8 +176,8 @@ def bench_size(
     skipped, memory = plan_memory(created, ctx.nbytes, not args.no_load)
     if skipped:
         why = (
-            f"skipped: not enough RAM for all methods at once ({report.fmt_bytes(memory['available'])} "
-            f"available, {report.fmt_bytes(memory['resident'])} resident buffers kept)"
+            f"skipped: not enough RAM for all methods at once ({fmt_bytes(memory['available'])} "
+            f"available, {fmt_bytes(memory['resident'])} resident buffers kept)"
         )
         log(f"[{label}] {why}: {', '.join(skipped)}")
         for name in skipped:
@@ -221,9 +221,9 @@ def bench_size(
             log(
                 f"[{label}] run {r + 1}/{args.repeats} {name:<26} return {rec['return_s']:.3f}s "
                 f"staged {rec['staged_s']:.3f}s commit {rec['commit_s']:.3f}s{load} "
-                f"RSS+{report.fmt_bytes(rec['rss_main_delta'])} "
-                f"children {report.fmt_bytes(rec['rss_children_peak'])} "
-                f"(+{report.fmt_bytes(rec['rss_children_delta'])})"
+                f"RSS+{fmt_bytes(rec['rss_main_delta'])} "
+                f"children {fmt_bytes(rec['rss_children_peak'])} "
+                f"(+{fmt_bytes(rec['rss_children_delta'])})"
             )
     if not args.no_probe:
         probe = StepProbe(seed=args.seed)

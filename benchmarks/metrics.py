@@ -212,3 +212,11 @@ def slowdown(alone: list[float], during: list[float]) -> float | None:
     if not alone or not during:
         return None
     return statistics.median(during) / statistics.median(alone)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= scale:
+            v = n / scale
+            return f"{v:.0f} {unit}" if abs(v) >= 100 else f"{v:.3g} {unit}"
+    return f"{int(n)} B"

@@ -23,9 +23,10 @@ from typing import Any
 from async_ckpt import CheckpointError
 from async_ckpt.staging import parse_size as library_parse_size
 from benchmarks import methods as registry
-from benchmarks import multirank, report
+from benchmarks import multirank, report, targets
 from benchmarks.harness import bench_size, log
 from benchmarks.limits import check_fadvise
+from benchmarks.metrics import fmt_bytes
 from benchmarks.peers import shutdown_dcp
 
 
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         for world in args.ranks:
             for busy in modes:
                 tag = f"[ranks {world} {'busy' if busy else 'idle'}]"
-                log(f"{tag} {report.fmt_bytes(args.ranks_bytes)} in total, spawning ranks")
+                log(f"{tag} {fmt_bytes(args.ranks_bytes)} in total, spawning ranks")
                 try:
                     mr = multirank.run(
                         args.ranks_bytes, world, args.repeats, scratch, args.seed, busy
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         result["machine"]["loadavg_end"] = os.getloadavg()
         shutdown_dcp()
         shutil.rmtree(scratch, ignore_errors=True)
-    result["targets"] = report.targets(result)
+    result["targets"] = targets.targets(result)
     md = report.markdown(result)
     print(md)
     base = args.out / f"bench-{stamp}"
