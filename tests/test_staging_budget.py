@@ -332,3 +332,20 @@ def test_uneven_shards_cut_differently_per_rank_still_agree(tmp_path):
     out = {"vocab": torch.zeros(129, 64)}
     async_ckpt.load(out, checkpoint_id=tmp_path / "ckpt", no_dist=True)
     assert torch.equal(out["vocab"], UNEVEN)
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+def test_a_failed_write_stops_the_copy_of_later_waves(tmp_path, executor):
+    tests_on_worker_path()
+    stager = Stager(max_staging_bytes=BUDGET, num_buffers=1)
+    with AsyncCheckpointer(executor=executor, stager=stager) as ckpt:
+        future = ckpt.save(big_state(), storage_writer=FailingWriter(str(tmp_path / "bad")))
+        with pytest.raises(Exception, match="disk on fire"):
+            future.result(timeout=60)
+        total = sum(it.nbytes for it in describe(flatten(big_state()))[0].items)
+        # wave 1 waited for wave 0's write, which failed: nothing after wave 0 was copied
+        assert future.stats.copied_bytes <= BUDGET < total
+        ckpt.save(big_state(1), checkpoint_id=tmp_path / "good").result(timeout=60)
+    loaded = zeros_like_state(big_state(1))
+    async_ckpt.load(loaded, checkpoint_id=tmp_path / "good")
+    assert_state_equal(loaded, big_state(1))

@@ -186,7 +186,11 @@ class AsyncCheckpointer:
         def forward(f: Any) -> None:
             future.stats.staged_s = time.perf_counter() - t0
             future.stats.copied_bytes = snapshot.copied_bytes
-            if f.exception() is not None:
+            if f.exception() is not None and snapshot.stopped.is_set():
+                # staging stopped because a write failed: that error ends the save
+                if not future.staged.done():
+                    future.staged.set_exception(f.exception())
+            elif f.exception() is not None:
                 future._set_exception(f.exception())
             elif not future.staged.done():
                 future.staged.set_result(None)

@@ -238,6 +238,8 @@ class ProcessExecutor(Executor):
                 with self._lock:
                     job, _ = self._pending.get(msg["save_no"], (None, None))
                 if job is not None:
+                    if not msg.get("ok", True):  # its write failed: copying more is wasted
+                        job.snapshot.stop_staging()  # before the release wakes the stager
                     job.snapshot.release_wave(msg["wave"])
                 continue
             with self._lock:

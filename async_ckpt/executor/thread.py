@@ -5,12 +5,20 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from concurrent.futures import CancelledError, ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 from ..pipeline.save import SaveTimings, WaveData, run_save
 from ..planning.comm import Comm
 from ..planning.plan import Planner
+from ..staging.snapshot import Snapshot
 from .base import Executor, SaveJob
+
+
+def _written(snap: Snapshot, index: int, ok: bool) -> None:
+    if not ok:  # its write failed: copying more is wasted
+        snap.stop_staging()  # before the release wakes the stager
+    snap.release_wave(index)
 
 
 class ThreadExecutor(Executor):
@@ -72,9 +80,7 @@ class ThreadExecutor(Executor):
             wave.staged.result()  # raises if staging failed
             if job.aborted.is_set():
                 raise CancelledError("aborted while its waves were staged")
-            yield WaveData(
-                wave.items, snap.wave_sources(wave), lambda k=wave.index: snap.release_wave(k)
-            )
+            yield WaveData(wave.items, snap.wave_sources(wave), partial(_written, snap, wave.index))
 
     def abort(self, reason: BaseException, save_no: int | None = None) -> None:
         # A thread cannot be killed: the running save is marked and stops before its

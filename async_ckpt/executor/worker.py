@@ -98,9 +98,10 @@ def _receive_waves(
             for i, off in zip(wave["items"], wave["offsets"], strict=True)
         ]
 
-        def written() -> None:
+        def written(ok: bool) -> None:
+            done = {"op": "wave_done", "save_no": save_no, "wave": wave["index"], "ok": ok}
             try:
-                wire.send(sock, {"op": "wave_done", "save_no": save_no, "wave": wave["index"]})
+                wire.send(sock, done)
             except OSError:
                 pass  # the caller has gone; a fully staged save still commits
 

@@ -46,13 +46,14 @@ class WaveData:
     """Staged bytes of some of a state's items, written together.
 
     ``items`` are indices into ``LocalState.items``, ``sources`` their bytes
-    (aligned); ``written`` is called once they are stored (or skipped after a
-    failure), which lets the stager reuse their buffer.
+    (aligned); ``written(ok)`` is called once they are stored (``ok``) or
+    skipped after a failed write (not ``ok``: the stager may stop copying the
+    rest), and lets the stager reuse their buffer.
     """
 
     items: list[int]
     sources: Sequence[memoryview]
-    written: Callable[[], None] = lambda: None
+    written: Callable[[bool], None] = lambda ok: None
 
 
 @dataclass
@@ -200,7 +201,7 @@ def run_save(
                 chunks.append((it.key, it.offsets, it.sizes, *placed[n]))
             if number == 0:
                 object_records = [(o.key, *placed[len(picked) + n]) for n, o in enumerate(objects)]
-            wave.written()
+            wave.written(True)
             wave = None
         result = _RankResult(ok=True, chunks=chunks, objects=object_records, files=written)
         timings.bytes_written = sum(written.values())
@@ -208,7 +209,7 @@ def run_save(
         local_error = exc
         result = _RankResult(ok=False, error=f"{type(exc).__name__}: {exc}")
         if wave is not None:
-            wave.written()
+            wave.written(False)
         _drain(pending)
     timings.write_s = time.perf_counter() - t1
 
@@ -257,6 +258,6 @@ def _drain(pending: Iterable[WaveData]) -> None:
     """After a failed write, let the rest of the waves go so their buffers free up."""
     try:
         for wave in pending:
-            wave.written()
+            wave.written(False)
     except Exception:
         pass  # the save has failed already; staging stopped too

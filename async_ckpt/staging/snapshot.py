@@ -64,6 +64,7 @@ class Snapshot:
         self._held: set[int] = set()
         self._lock = threading.Lock()
         self.abandoned = threading.Event()  # the save ended early: stop staging its waves
+        self.stopped = threading.Event()  # a write failed: stage no further wave
 
     # ------------------------------------------------------------------ leases
     def acquire(self, buffer: int) -> None:
@@ -90,6 +91,10 @@ class Snapshot:
             if buffer in self._held:
                 self._held.discard(buffer)
                 self._leases[buffer].set()
+
+    def stop_staging(self) -> None:
+        """A write of this save failed: later waves need not be copied (the save fails)."""
+        self.stopped.set()
 
     def release(self) -> None:
         """The save is over (done, failed or stopped): give back every buffer still held."""

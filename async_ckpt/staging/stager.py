@@ -36,7 +36,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, SaveFailedError
 from ..planning.items import LocalState
 from .arena import Arena
 from .layout import (
@@ -258,6 +258,8 @@ class Stager:
             for wave in snap.waves:
                 if wave.fresh and wave.index > 0:
                     snap.acquire(wave.buffer)  # waits for an earlier wave's write
+                if snap.stopped.is_set():
+                    raise SaveFailedError("staging stopped: a write of this save failed")
                 if wave.fresh:
                     done_slots = set()
                 jobs = self._copy_jobs(snap, wave, tensors, done_slots)
