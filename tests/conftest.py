@@ -53,6 +53,16 @@ def memory_url() -> Iterator[str]:
         fs.rm(path, recursive=True)
 
 
+@pytest.fixture
+def gate(tmp_path: Path) -> Iterator[Path]:
+    """A directory for ``faulty_storage.StopAtWriter`` to wait in; released at teardown,
+    so no save waits on it after its test."""
+    path = tmp_path / "gate"
+    path.mkdir()
+    yield path
+    (path / "release").touch()
+
+
 @pytest.fixture(scope="module")
 def ckpt() -> Iterator[async_ckpt.AsyncCheckpointer]:
     """One started process-executor checkpointer per test module; a test that kills its

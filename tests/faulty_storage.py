@@ -1,10 +1,19 @@
-"""Storage writers that fail on purpose; importable by worker processes."""
+"""Storage writers that fail on purpose (importable by worker processes), and the
+training state and checks that the fault tests share.
+"""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import time
+from pathlib import Path
 
+import torch
+from helpers import assert_same_tensor, random_tensor
+
+import async_ckpt
 from async_ckpt.storage.local import FileSystemWriter
 
 
@@ -44,8 +53,9 @@ def tests_on_worker_path() -> None:
 
 
 # ---------------------------------------------------------------------------- reliability tests
-# Writers for tests/test_faults.py and tests/test_soak.py. Each records what it did in
-# files under a directory the test owns, because it runs in the worker process.
+# Writers for tests/test_faults.py, tests/test_faults_storage.py and tests/test_async_save.py.
+# Each records what it did in files under a directory the test owns, because it runs in
+# the worker process.
 
 GATE_WAIT_S = 60.0  # a gate nobody opens fails the save instead of hanging the suite
 
@@ -67,8 +77,19 @@ def _wait_at(gate: str, point: str) -> None:
         time.sleep(0.005)
 
 
+def wait_reached(gate: Path, point: str, timeout: float = 60.0) -> int:
+    """Wait until a gated writer announces ``point``; returns the pid of the process there."""
+    reached = gate / f"{point}.reached"
+    deadline = time.monotonic() + timeout
+    while not reached.exists():
+        assert time.monotonic() < deadline, f"{reached} never appeared"
+        time.sleep(0.005)
+    return int(reached.read_text())
+
+
 class StopAtWriter(FileSystemWriter):
-    """Stops a save at one point and waits there, so a test can kill the process.
+    """Stops a save at one point and waits there, so a test can kill the process or act
+    while the save is held. The test opens the gate by creating ``<gate>/release``.
 
     Points, in the order a save reaches them:
 
@@ -76,12 +97,21 @@ class StopAtWriter(FileSystemWriter):
       unpickled there), before planning;
     * ``"after-plan"``: planning and key validation are done, nothing written
       (``prepare`` is the first writer call after the plan);
+    * ``"before-write"``: the first data-file write has started, nothing written
+      (a save held in flight, for tests that act meanwhile);
     * ``"mid-write"``: the first data file is half written and flushed;
     * ``"before-metadata"``: every data file is written, the metadata is not;
     * ``"mid-commit"``: the metadata's temporary file is written, not renamed.
     """
 
-    POINTS = ("before-plan", "after-plan", "mid-write", "before-metadata", "mid-commit")
+    POINTS = (
+        "before-plan",
+        "after-plan",
+        "before-write",
+        "mid-write",
+        "before-metadata",
+        "mid-commit",
+    )
 
     def __init__(self, checkpoint_id, *, gate, point: str, sync_files: bool = False) -> None:
         if point not in self.POINTS:
@@ -108,7 +138,9 @@ class StopAtWriter(FileSystemWriter):
         super().prepare(coordinator=coordinator)
 
     def write_file(self, name, segments, block_size):
-        if self._stop("mid-write"):
+        if self._stop("before-write"):
+            _wait_at(self.gate, self.point)
+        elif self._stop("mid-write"):
             data = b"".join(bytes(s.cast("B") if s.format != "B" else s) for s in segments)
             with open(self.path / name, "wb") as f:
                 f.write(data[: max(1, len(data) // 2)])
@@ -167,8 +199,6 @@ class NoSpaceWriter(FileSystemWriter):
         _log_call(self.log_dir, name)
         if not _claim_failure(self.log_dir, self.files or -1):
             return super().write_file(name, segments, block_size)
-        import errno  # appended section: the module's header stays as it was
-
         data = b"".join(bytes(s.cast("B") if s.format != "B" else s) for s in segments)
         with open(self.path / name, "wb") as f:
             f.write(data[: self.fail_after])
@@ -192,8 +222,6 @@ class FlakyWriter(FileSystemWriter):
         self.error = error
 
     def _exception(self, name: str) -> OSError:
-        import errno  # appended section: the module's header stays as it was
-
         if self.error == "connection":
             return ConnectionResetError(errno.ECONNRESET, "connection reset by storage", name)
         if self.error == "timeout":
@@ -208,3 +236,60 @@ class FlakyWriter(FileSystemWriter):
                 f.write(b"partial")
             raise self._exception(name)
         return super().write_file(name, segments, block_size)
+
+
+# ---------------------------------------------------------------------------- fault-test state
+# A training state of four tensors, and the checks every fault test makes on it.
+
+# Four tensors of random bit patterns (NaN payloads included): four data files per save.
+SHAPES = {"w0": (256, 512), "w1": (128, 256), "w2": (4096,), "w3": (33, 7)}
+
+
+def new_state() -> dict:
+    """A training state: four float32 tensors and a step counter."""
+    return {**{k: torch.zeros(s) for k, s in SHAPES.items()}, "step": -1}
+
+
+def fill_(state: dict, step: int) -> dict:
+    """The state of training step ``step``, written in place (what an optimizer does)."""
+    for n, (key, shape) in enumerate(SHAPES.items()):
+        state[key].copy_(random_tensor(torch.float32, shape, seed=1000 * step + n))
+    state["step"] = step
+    return state
+
+
+def clone(state: dict) -> dict:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
+def committed(ckpt, state: dict, path: Path) -> dict:
+    """Save ``state`` to ``path`` and wait for the commit; returns what it holds."""
+    ckpt.save(state, storage_writer=FileSystemWriter(path, sync_files=False)).result(timeout=120)
+    return clone(state)
+
+
+def assert_loads_exactly(path: Path, want: dict) -> None:
+    """``path`` loads, and holds exactly ``want`` (bit for bit)."""
+    got = {
+        k: torch.full_like(v, 7.0) if isinstance(v, torch.Tensor) else None for k, v in want.items()
+    }
+    async_ckpt.load(got, checkpoint_id=path)
+    for key, value in want.items():
+        if isinstance(value, torch.Tensor):
+            assert_same_tensor(got[key], value)
+        else:
+            assert got[key] == value, f"{key}: loaded {got[key]!r}, saved {value!r}"
+
+
+def data_files(path: Path) -> set[str]:
+    """Names of the ``*.data`` files in ``path`` (none when it does not exist)."""
+    return {p.name for p in path.iterdir() if p.name.endswith(".data")} if path.exists() else set()
+
+
+def assert_only_committed_files(path: Path) -> None:
+    """The checkpoint directory holds its metadata and the files it lists, nothing else."""
+    listed = set(json.loads((path / "metadata.json").read_bytes())["files"])
+    held = {p.name for p in path.iterdir()}
+    assert held == listed | {"metadata.json"}, (
+        f"{path} holds {sorted(held)}, lists {sorted(listed)}"
+    )

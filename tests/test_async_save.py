@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import copy
-import sys
 import threading
-import time
 from concurrent.futures import CancelledError
-from pathlib import Path
 
 import pytest
 import torch
+from faulty_storage import StopAtWriter, wait_reached
 from torch import nn
 
 import async_ckpt
@@ -25,14 +23,16 @@ from async_ckpt import (
     StagerOptions,
 )
 
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from ckpt_test_writers import GatedWriter  # noqa: E402
-
 PROCESS = pytest.param("process", marks=pytest.mark.multiprocess)
 
 
 def writer(path) -> FileSystemWriter:
     return FileSystemWriter(path, sync_files=False)  # durability is not what these test
+
+
+def held_writer(path, gate) -> StopAtWriter:
+    """Holds the save's first data-file write until the test releases ``gate``."""
+    return StopAtWriter(path, gate=gate, point="before-write")
 
 
 def zeros_like_state(state):
@@ -66,22 +66,6 @@ def assert_same(got, want, where: str = "") -> None:
             assert_same(g, w, f"{where}.{i}")
     else:
         assert got == want, where
-
-
-@pytest.fixture
-def gate(tmp_path):
-    """A directory for GatedWriter; opened at teardown so no write waits forever."""
-    path = tmp_path / "gate"
-    path.mkdir()
-    yield path
-    (path / "open").touch()
-
-
-def wait_for(path: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.005)
 
 
 @pytest.mark.parametrize("executor", [PROCESS, "thread"])
@@ -148,12 +132,12 @@ async def test_futures_await_and_report(ckpt, tmp_path, gate):
     assert str(tmp_path / "a") in stats.line()
 
     # A callback registered while the write is held runs once it commits.
-    fut = ckpt.save(state, storage_writer=GatedWriter(tmp_path / "b", gate=gate))
+    fut = ckpt.save(state, storage_writer=held_writer(tmp_path / "b", gate))
     later = []
     fut.add_done_callback(later.append)
     await fut.staged
     assert not fut.done() and later == []
-    (gate / "open").touch()
+    (gate / "release").touch()
     assert isinstance(await fut, Metadata)
     assert later == [fut]
 
@@ -183,11 +167,11 @@ def test_timeout_stops_the_save_before_it_commits(tmp_path, gate, executor):
         # A first save has the worker up, so the timeout hits the write itself.
         ck.save({"w": torch.ones(10)}, storage_writer=writer(tmp_path / "ok")).result(120)
         fut = ck.save(
-            {"w": torch.ones(1000)}, storage_writer=GatedWriter(target, gate=gate), timeout=0.5
+            {"w": torch.ones(1000)}, storage_writer=held_writer(target, gate), timeout=0.5
         )
         with pytest.raises(SaveTimeoutError, match="did not commit within 0.5 s"):
             fut.result(timeout=60)
-        (gate / "open").touch()  # a thread executor's write goes on; it must not commit
+        (gate / "release").touch()  # a thread executor's write goes on; it must not commit
         if executor == "thread":  # (the process executor's next save: test_worker.py)
             ck.save({"w": torch.zeros(3)}, storage_writer=writer(tmp_path / "after")).result(60)
     with pytest.raises(IncompleteCheckpointError):
@@ -198,13 +182,13 @@ def test_timeout_stops_the_save_before_it_commits(tmp_path, gate, executor):
 def test_cancel_commits_nothing(tmp_path, gate, executor):
     target = tmp_path / "cancelled"
     with AsyncCheckpointer(executor=executor) as ck:
-        fut = ck.save({"w": torch.ones(1000)}, storage_writer=GatedWriter(target, gate=gate))
-        wait_for(gate / "started")
+        fut = ck.save({"w": torch.ones(1000)}, storage_writer=held_writer(target, gate))
+        wait_reached(gate, "before-write")
         assert fut.cancel() is True
         with pytest.raises(CancelledError):
             fut.result(timeout=60)
         assert fut.cancel() is False  # already finished
-        (gate / "open").touch()
+        (gate / "release").touch()
     with pytest.raises(IncompleteCheckpointError):
         async_ckpt.load({"w": torch.zeros(1000)}, checkpoint_id=target)
 
@@ -229,12 +213,10 @@ def test_cancel_while_staging_commits_nothing(tmp_path, executor):
 def test_if_busy_raise_refuses_while_a_save_runs(ckpt, tmp_path, gate):
     ckpt.if_busy = "raise"
     try:
-        slow = ckpt.save(
-            {"w": torch.ones(100)}, storage_writer=GatedWriter(tmp_path / "a", gate=gate)
-        )
+        slow = ckpt.save({"w": torch.ones(100)}, storage_writer=held_writer(tmp_path / "a", gate))
         with pytest.raises(SaveInProgressError, match="still running"):
             ckpt.save({"w": torch.ones(100)}, storage_writer=writer(tmp_path / "b"))
-        (gate / "open").touch()
+        (gate / "release").touch()
         slow.result(timeout=120)
         ckpt.save({"w": torch.ones(100)}, storage_writer=writer(tmp_path / "b")).result(120)
     finally:
@@ -244,11 +226,11 @@ def test_if_busy_raise_refuses_while_a_save_runs(ckpt, tmp_path, gate):
 @pytest.mark.multiprocess
 def test_if_busy_wait_queues_behind_a_running_save(ckpt, tmp_path, gate):
     first_state = {"w": torch.full((100,), 1.0)}
-    first = ckpt.save(first_state, storage_writer=GatedWriter(tmp_path / "a", gate=gate))
-    wait_for(gate / "started")
+    first = ckpt.save(first_state, storage_writer=held_writer(tmp_path / "a", gate))
+    wait_reached(gate, "before-write")
     first_state["w"].fill_(9.0)
     # The second save waits for the first one's buffer, so the gate opens from a thread.
-    opener = threading.Thread(target=lambda: (gate / "open").touch())
+    opener = threading.Thread(target=lambda: (gate / "release").touch())
     opener.start()
     second = ckpt.save({"w": torch.full((100,), 2.0)}, storage_writer=writer(tmp_path / "b"))
     opener.join()
