@@ -128,7 +128,7 @@ def test_saves_under_a_budget_load_bit_exact(tmp_path, executor, num_buffers, as
     assert meta["entries"]["embed"]["shape"] == [600, 256]
 
 
-class GatedWriter(FileSystemWriter):
+class EventGatedWriter(FileSystemWriter):
     """Holds the first data file until ``gate`` opens (thread executor: same process)."""
 
     def __init__(self, checkpoint_id: str, gate: threading.Event) -> None:
@@ -146,7 +146,7 @@ class GatedWriter(FileSystemWriter):
 def test_save_waits_for_storage_when_the_state_exceeds_the_budget(tmp_path):
     """Back-pressure: with one buffer, staging wave 2 waits for wave 1's write."""
     gate = threading.Event()
-    writer = GatedWriter(str(tmp_path / "ckpt"), gate)
+    writer = EventGatedWriter(str(tmp_path / "ckpt"), gate)
     stager = Stager(max_staging_bytes=BUDGET, num_buffers=1)
     with AsyncCheckpointer(executor="thread", stager=stager) as ckpt:
         returned = threading.Event()

@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from faulty_storage import FailingWriter, StopAtWriter, wait_reached
 
 import async_ckpt
 from async_ckpt import (
@@ -25,8 +26,6 @@ from async_ckpt import (
 )
 
 SCRIPTS = Path(__file__).parent / "scripts"
-sys.path.insert(0, str(SCRIPTS))
-from ckpt_test_writers import FailingWriter, GatedWriter  # noqa: E402
 
 pytestmark = pytest.mark.multiprocess
 MiB = 1 << 20
@@ -64,24 +63,15 @@ def wait_until(predicate, timeout: float = 60.0) -> bool:
     return True
 
 
-@pytest.fixture
-def gate(tmp_path):
-    path = tmp_path / "gate"
-    path.mkdir()
-    yield path
-    (path / "open").touch()
-
-
 def test_killed_worker_fails_the_save_and_is_replaced_then_closed(tmp_path, gate):
     with AsyncCheckpointer() as ck:
         early = {"w": torch.arange(100.0), "step": 1}
         ck.save(early, storage_writer=writer(tmp_path / "early")).result(timeout=120)
         first_pid = ck.worker_pid
 
-        fut = ck.save(
-            {"w": torch.ones(1000)}, storage_writer=GatedWriter(tmp_path / "doomed", gate=gate)
-        )
-        assert wait_until(lambda: (gate / "started").exists())
+        held = StopAtWriter(tmp_path / "doomed", gate=gate, point="before-write")
+        fut = ck.save({"w": torch.ones(1000)}, storage_writer=held)
+        wait_reached(gate, "before-write")
         os.kill(first_pid, signal.SIGKILL)
         with pytest.raises(WorkerDiedError, match=r"exited with code -9") as info:
             fut.result(timeout=60)
