@@ -13,6 +13,8 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from .errors import StateDictError
 
 KeyPath = tuple[str | int, ...]
@@ -67,7 +69,15 @@ def _add(flat: Flat, path: KeyPath, kind: str | None, leaf: Any = None) -> None:
         flat.containers[key] = kind
 
 
+# Leaves that are never containers or Stateful: skip the abstract-class checks for them
+# (most of a state's nodes are tensors and numbers).
+_PLAIN_LEAVES = frozenset({torch.Tensor, torch.nn.Parameter, int, float, str, bool, type(None)})
+
+
 def _visit(obj: Any, path: KeyPath, flat: Flat, active: set[int]) -> Any:
+    if type(obj) in _PLAIN_LEAVES and path:
+        _add(flat, path, None, obj)
+        return obj
     if is_stateful(obj):
         obj_state = obj.state_dict()
         flat.stateful[key_of(path)] = (obj, obj_state)
