@@ -23,7 +23,7 @@ from typing import Any
 from async_ckpt import CheckpointError
 from async_ckpt.staging import parse_size as library_parse_size
 from benchmarks import methods as registry
-from benchmarks import multirank, report, targets
+from benchmarks import multirank, plots, report, targets
 from benchmarks.harness import bench_size, log
 from benchmarks.limits import check_fadvise
 from benchmarks.metrics import fmt_bytes
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     base = args.out / f"bench-{stamp}"
     report.write_json(result, base.with_suffix(".json"))
     (base.with_suffix(".md")).write_text(md)
-    report.write_png(result, base.with_suffix(".png"))
+    plots.write_png(result, base.with_suffix(".png"))
     log(f"wrote {base}.json, .md and .png")
     failed = [n for s in result["sizes"] for n, m in s["methods"].items() if m.get("error")]
     failed += [s["label"] for s in result["sizes"] if "error" in s.get("isolated", {})]
