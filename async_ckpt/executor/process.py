@@ -238,9 +238,7 @@ class ProcessExecutor(Executor):
                 with self._lock:
                     job, _ = self._pending.get(msg["save_no"], (None, None))
                 if job is not None:
-                    if not msg.get("ok", True):  # its write failed: copying more is wasted
-                        job.snapshot.stop_staging()  # before the release wakes the stager
-                    job.snapshot.release_wave(msg["wave"])
+                    job.snapshot.wave_written(msg["wave"], msg.get("ok", True))
                 continue
             with self._lock:
                 job, _ = self._pending.pop(msg["save_no"], (None, None))

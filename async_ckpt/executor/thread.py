@@ -11,14 +11,7 @@ from typing import Any
 from ..pipeline.save import SaveTimings, WaveData, run_save
 from ..planning.comm import Comm
 from ..planning.plan import Planner
-from ..staging.snapshot import Snapshot
 from .base import Executor, SaveJob
-
-
-def _written(snap: Snapshot, index: int, ok: bool) -> None:
-    if not ok:  # its write failed: copying more is wasted
-        snap.stop_staging()  # before the release wakes the stager
-    snap.release_wave(index)
 
 
 class ThreadExecutor(Executor):
@@ -80,7 +73,9 @@ class ThreadExecutor(Executor):
             wave.staged.result()  # raises if staging failed
             if job.aborted.is_set():
                 raise CancelledError("aborted while its waves were staged")
-            yield WaveData(wave.items, snap.wave_sources(wave), partial(_written, snap, wave.index))
+            yield WaveData(
+                wave.items, snap.wave_sources(wave), partial(snap.wave_written, wave.index)
+            )
 
     def abort(self, reason: BaseException, save_no: int | None = None) -> None:
         # A thread cannot be killed: the running save is marked and stops before its

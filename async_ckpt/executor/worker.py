@@ -24,6 +24,7 @@ from ..pipeline.save import SaveTimings, WaveData, run_save
 from ..planning.comm import Comm, GroupComm, LocalComm
 from ..planning.plan import Planner
 from ..staging.arena import Arena
+from ..staging.snapshot import item_views
 from . import wire
 
 
@@ -92,11 +93,7 @@ def _receive_waves(
     state, save_no = msg["state"], msg["save_no"]
 
     def wave_data(wave: dict[str, Any]) -> WaveData:
-        arena = arenas[wave["buffer"]]
-        sources = [
-            arena.memoryview(off, state.items[i].nbytes)
-            for i, off in zip(wave["items"], wave["offsets"], strict=True)
-        ]
+        sources = item_views(arenas[wave["buffer"]], state, wave["items"], wave["offsets"])
 
         def written(ok: bool) -> None:
             done = {"op": "wave_done", "save_no": save_no, "wave": wave["index"], "ok": ok}

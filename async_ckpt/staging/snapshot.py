@@ -17,6 +17,15 @@ from ..planning.items import LocalState
 from .arena import Arena
 
 
+def item_views(
+    arena: Arena, state: LocalState, items: list[int], offsets: list[int]
+) -> list[memoryview]:
+    """The bytes of ``state.items[i]`` at each offset of ``arena`` (either process's side)."""
+    return [
+        arena.memoryview(off, state.items[i].nbytes) for i, off in zip(items, offsets, strict=True)
+    ]
+
+
 @dataclass
 class Wave:
     """Items ``items`` (indices into the state's items) at ``offsets`` of buffer ``buffer``.
@@ -92,9 +101,12 @@ class Snapshot:
                 self._held.discard(buffer)
                 self._leases[buffer].set()
 
-    def stop_staging(self) -> None:
-        """A write of this save failed: later waves need not be copied (the save fails)."""
-        self.stopped.set()
+    def wave_written(self, index: int, ok: bool) -> None:
+        """The executor is done with wave ``index``; not ``ok``: its write failed, so
+        later waves need not be copied (stopped before the release wakes the stager)."""
+        if not ok:
+            self.stopped.set()
+        self.release_wave(index)
 
     def release(self) -> None:
         """The save is over (done, failed or stopped): give back every buffer still held."""
@@ -107,12 +119,7 @@ class Snapshot:
     # ------------------------------------------------------------------ bytes
     def wave_sources(self, wave: Wave) -> list[memoryview]:
         """The staged bytes of each item of ``wave`` (valid once ``wave.staged`` is done)."""
-        arena = self.arenas[wave.buffer]
-        items = self.state.items
-        return [
-            arena.memoryview(off, items[i].nbytes)
-            for i, off in zip(wave.items, wave.offsets, strict=True)
-        ]
+        return item_views(self.arenas[wave.buffer], self.state, wave.items, wave.offsets)
 
     def sources(self) -> list[memoryview]:
         """The staged bytes of every item, for a snapshot staged in one wave."""
