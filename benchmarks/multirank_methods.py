@@ -31,6 +31,7 @@ import torch.distributed as dist
 from benchmarks.base import Done, FuturePending, Pending
 from benchmarks.limits import _byte_view, fsync_dir
 from benchmarks.metrics import now
+from benchmarks.peers import dcp_pending
 from benchmarks.state import iter_tensors, plan_shapes
 
 METHODS = (
@@ -213,7 +214,6 @@ class DcpAsyncMR(_Method):
     def save(self, state: dict[str, Any], path: Path) -> Pending:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-        from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
         self.planner = _timed_planner(self.cached)
         stager = self.stager
@@ -226,9 +226,7 @@ class DcpAsyncMR(_Method):
             planner=self.planner,
             async_stager=stager,
         )
-        if isinstance(resp, AsyncSaveResponse):
-            return FuturePending(resp.upload_completion, resp.staging_completion)
-        return FuturePending(resp)
+        return dcp_pending(resp)
 
     def run_info(self) -> dict[str, Any]:
         if self._owned is not None:

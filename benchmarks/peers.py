@@ -102,6 +102,15 @@ def shutdown_dcp() -> None:
         dist.destroy_process_group()
 
 
+def dcp_pending(resp: Any) -> Pending:
+    """What dcp.async_save returned, as a Pending: an AsyncSaveResponse (staging and
+    upload futures) when a stager is given, otherwise a single Future."""
+    if isinstance(resp, AsyncSaveResponse):
+        return FuturePending(resp.upload_completion, resp.staging_completion)
+    assert isinstance(resp, Future)
+    return FuturePending(resp)
+
+
 class TorchSave(Method):
     """torch.save to one file + fsync; load = torch.load (weights_only)."""
 
@@ -188,10 +197,7 @@ class DcpAsync(Method):
             async_stager=self._stager,
             no_dist=True,
         )
-        if isinstance(resp, AsyncSaveResponse):
-            return FuturePending(resp.upload_completion, resp.staging_completion)
-        assert isinstance(resp, Future)
-        return FuturePending(resp)
+        return dcp_pending(resp)
 
     def load(self, ctx: BenchContext, path: Path) -> Any:
         return dcp_load(ctx, path)
