@@ -36,12 +36,20 @@ class CorruptCheckpointError(CheckpointError):
     """Stored bytes or metadata are damaged, truncated or inconsistent."""
 
 
+class CheckpointReplacedError(CheckpointError):
+    """The checkpoint was overwritten by a newer save while it was being loaded; load again."""
+
+
 class ChecksumMismatchError(CorruptCheckpointError):
     """A chunk's bytes do not match the checksum recorded at save time."""
 
 
 class MetadataError(CorruptCheckpointError):
     """The metadata file is malformed, from an unknown format version, or hostile."""
+
+
+class MetadataChecksumError(MetadataError, ChecksumMismatchError):
+    """The metadata file's bytes do not match the checksum it carries."""
 
 
 class UnsafeObjectError(CheckpointError):

@@ -10,6 +10,7 @@ import crc32c
 import torch
 
 from async_ckpt.format.checksum import block_checksums
+from async_ckpt.format.metadata import seal_metadata
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -73,9 +74,23 @@ def read_meta(path: Path) -> dict[str, Any]:
     return json.loads((Path(path) / "metadata.json").read_bytes())
 
 
-def write_meta(path: Path, doc: dict[str, Any]) -> None:
-    """Replace the checkpoint's metadata.json (tests that damage metadata)."""
-    (Path(path) / "metadata.json").write_bytes(json.dumps(doc).encode())
+def write_meta(path: Path, doc: dict[str, Any], *, seal: bool = True) -> None:
+    """Replace the checkpoint's metadata.json (tests that damage metadata).
+
+    The result is resealed (its own checksum made to match), as a deliberate
+    forger would, so that the decoder's other checks are what the test meets.
+    """
+    write_meta_bytes(path, json.dumps(doc, separators=(",", ":")).encode(), seal=seal)
+
+
+def write_meta_bytes(path: Path, data: bytes, *, seal: bool = True) -> None:
+    """Replace metadata.json with ``data``, resealed when it has a checksum field to seal."""
+    if seal:
+        try:
+            data = seal_metadata(data)
+        except ValueError:
+            pass  # no checksum field (version 1, or the test removed it)
+    (Path(path) / "metadata.json").write_bytes(data)
 
 
 def data_files(path: Path) -> list[str]:

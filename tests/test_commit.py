@@ -17,37 +17,48 @@ from helpers import data_files, read_meta
 import async_ckpt
 from async_ckpt import CheckpointExistsError, IncompleteCheckpointError
 
-# A child that saves ~200 MB (4 tensors, so 4 data files) to argv[1].
+TESTS = Path(__file__).resolve().parent
+
+# A child that saves ~200 MB (4 tensors, so 4 data files) to argv[1] and stops with its
+# first data file half written, waiting at the gate argv[2] (which nobody opens).
 _BIG_SAVE = textwrap.dedent(
     """
     import sys, torch, async_ckpt
+    sys.path.insert(0, sys.argv[3])
+    from faulty_storage import StopAtWriter
     state = {f"t{i}": torch.full((12_500_000,), float(i + 100)) for i in range(4)}
-    async_ckpt.save(state, checkpoint_id=sys.argv[1])
+    writer = StopAtWriter(sys.argv[1], gate=sys.argv[2], point="mid-write", sync_files=True)
+    async_ckpt.save(state, storage_writer=writer)
     print("committed", flush=True)
     """
 )
 
 
-def _kill_once_data_appears(path: Path, ignore: set[str] = frozenset()) -> subprocess.Popen:
-    """Run the big save into ``path``; SIGKILL it as soon as a new data file exists."""
+def _kill_mid_write(path: Path, gate: Path) -> subprocess.Popen:
+    """Run the big save into ``path``; SIGKILL it while its first data file is half written.
+
+    The save waits at the gate until it is killed, so it can never commit first, however
+    long this process takes to notice (a loaded machine).
+    """
     child = subprocess.Popen(
-        [sys.executable, "-c", _BIG_SAVE, str(path)],
+        [sys.executable, "-c", _BIG_SAVE, str(path), str(gate), str(TESTS)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 60
+    reached = gate / "mid-write.reached"
+    deadline = time.monotonic() + 120  # only for a save that never gets there
     try:
-        while time.monotonic() < deadline and child.poll() is None:
-            if path.is_dir() and set(data_files(path)) - set(ignore):
-                break
-            time.sleep(0.001)
+        while not reached.exists() and child.poll() is None:
+            assert time.monotonic() < deadline, "the save never wrote its first data file"
+            time.sleep(0.01)
         child.send_signal(signal.SIGKILL)
-        _, err = child.communicate(timeout=30)
+        _, err = child.communicate(timeout=120)
     finally:
         if child.poll() is None:
             child.kill()
             child.wait()
     assert child.returncode == -signal.SIGKILL, f"the save ended on its own: {err.decode()}"
+    assert int(reached.read_text()) == child.pid  # the synchronous save writes in-process
     return child
 
 
@@ -71,12 +82,12 @@ def _assert_small(loaded: dict, value: float) -> None:
 
 
 @pytest.mark.multiprocess
-def test_a_killed_save_leaves_the_previous_checkpoint_and_no_new_one(tmp_path):
+def test_a_killed_save_leaves_the_previous_checkpoint_and_no_new_one(tmp_path, gate):
     previous, new = tmp_path / "step-1", tmp_path / "step-2"
     async_ckpt.save(_small_state(1.0), checkpoint_id=previous)
     before = {p.name: p.read_bytes() for p in previous.iterdir()}
 
-    _kill_once_data_appears(new)
+    _kill_mid_write(new, gate)
 
     assert data_files(new), "the child was killed before it wrote anything"
     assert not (new / "metadata.json").exists()
@@ -87,24 +98,34 @@ def test_a_killed_save_leaves_the_previous_checkpoint_and_no_new_one(tmp_path):
 
 
 @pytest.mark.multiprocess
-def test_a_save_killed_mid_overwrite_leaves_the_old_checkpoint(tmp_path):
+def test_a_save_killed_mid_overwrite_leaves_the_old_checkpoint(tmp_path, gate):
     path = tmp_path / "latest"
     async_ckpt.save(_small_state(1.0), checkpoint_id=path)
     old_files = set(data_files(path))
     old_metadata = (path / "metadata.json").read_bytes()
 
-    _kill_once_data_appears(path, ignore=old_files)
+    _kill_mid_write(path, gate)
 
     assert set(data_files(path)) > old_files  # the killed save had started writing
     assert (path / "metadata.json").read_bytes() == old_metadata
     _assert_small(_load_small(path), 1.0)
 
-    # The next save that commits removes what the killed one left behind.
+    # The next commit deletes the files of the metadata it replaced; the killed save's
+    # files are young, so they could belong to a live writer and stay ...
+    orphans = set(data_files(path)) - old_files
     async_ckpt.save(_small_state(3.0), checkpoint_id=path)
+    meta = read_meta(path)
+    assert set(data_files(path)) == set(meta["files"]) | orphans
+    _assert_small(_load_small(path), 3.0)
+
+    # ... until nobody has written to them for the orphan grace.
+    for name in orphans:
+        os.utime(path / name, (0, 0))
+    async_ckpt.save(_small_state(4.0), checkpoint_id=path)
     meta = read_meta(path)
     assert set(data_files(path)) == set(meta["files"])
     assert not [p for p in path.iterdir() if p.name.startswith(".metadata.json.tmp")]
-    _assert_small(_load_small(path), 3.0)
+    _assert_small(_load_small(path), 4.0)
 
 
 # ---------------------------------------------------------------------------- overwrite
@@ -141,9 +162,12 @@ def test_overwrite_false_on_an_incomplete_checkpoint_writes(ckpt_dir):
     """Only committed metadata makes a checkpoint exist; leftovers of a crash do not."""
     ckpt_dir.mkdir()
     (ckpt_dir / "deadbeef-r0-0.data").write_bytes(b"partial")
+    os.utime(ckpt_dir / "deadbeef-r0-0.data", (0, 0))  # long dead: swept by the commit
+    (ckpt_dir / "feedbeef-r0-0.data").write_bytes(b"in progress")  # young: may be live
     writer = async_ckpt.FileSystemWriter(ckpt_dir, overwrite=False)
     async_ckpt.save(_small_state(5.0), storage_writer=writer)
     assert "deadbeef-r0-0.data" not in data_files(ckpt_dir)
+    assert (ckpt_dir / "feedbeef-r0-0.data").read_bytes() == b"in progress"
     _assert_small(_load_small(ckpt_dir), 5.0)
 
 
@@ -183,11 +207,11 @@ class RecordingWriter(async_ckpt.FileSystemWriter):
     def commit(self, metadata):
         self.calls.append("commit")
         self.metadata_existed_at_commit = (self.path / "metadata.json").exists()
-        super().commit(metadata)
+        return super().commit(metadata)
 
-    def remove_stale(self, keep):
-        self.calls.append("remove_stale")
-        return super().remove_stale(keep)
+    def remove_files(self, names):
+        self.calls.append("remove_files")
+        return super().remove_files(names)
 
     def abort(self, names):
         self.calls.append("abort")
@@ -197,7 +221,8 @@ class RecordingWriter(async_ckpt.FileSystemWriter):
 def test_metadata_is_written_last(ckpt_dir):
     writer = RecordingWriter(ckpt_dir)
     async_ckpt.save(_small_state(1.0), storage_writer=writer)
-    assert writer.calls[0] == "prepare" and writer.calls[-2:] == ["commit", "remove_stale"]
+    after_commit = writer.calls[writer.calls.index("commit") + 1 :]
+    assert writer.calls[0] == "prepare" and set(after_commit) == {"remove_files"}
     assert writer.calls.count("write_file") >= 2 and writer.calls.count("commit") == 1
     assert writer.metadata_existed_at_commit is False
     assert sorted(p.name for p in ckpt_dir.iterdir()) == sorted(

@@ -57,7 +57,8 @@ def test_tiny_metadata_bytes_match_the_golden_file(ckpt_dir, monkeypatch):
     assert (ckpt_dir / f"{SAVE_ID}-r0-0.data").read_bytes() == raw
 
 
-def test_version_1_checkpoint_still_loads_with_exact_values():
+@pytest.mark.parametrize("version", [1, 2])
+def test_golden_checkpoints_of_every_version_load_with_exact_values(version):
     target = {
         "model": {
             "weight": torch.zeros(3, 4),
@@ -76,7 +77,7 @@ def test_version_1_checkpoint_still_loads_with_exact_values():
         "shape": (0, [0, 0]),
         "day": None,
     }
-    result = async_ckpt.load(target, checkpoint_id=GOLDEN / "v1_checkpoint")
+    result = async_ckpt.load(target, checkpoint_id=GOLDEN / f"v{version}_checkpoint")
     assert result.missing_keys == [] and result.unexpected_keys == []
     model = target["model"]
     assert model["weight"].tolist() == [[i / 4 for i in range(r * 4, r * 4 + 4)] for r in range(3)]
@@ -92,7 +93,11 @@ def test_version_1_checkpoint_still_loads_with_exact_values():
 
 
 def test_golden_metadata_reencodes_to_the_same_bytes():
-    for path in (GOLDEN / "tiny_metadata.json", GOLDEN / "v1_checkpoint" / "metadata.json"):
+    for path in (
+        GOLDEN / "tiny_metadata.json",
+        GOLDEN / "v1_checkpoint" / "metadata.json",
+        GOLDEN / "v2_checkpoint" / "metadata.json",
+    ):
         raw = path.read_bytes()
         assert encode_metadata(decode_metadata(raw)) == raw, path
 
@@ -115,7 +120,7 @@ def test_metadata_is_canonical_json(ckpt_dir):
     doc = json.loads(raw)
     assert raw.endswith(b"}\n") and b"NaN" not in raw
     assert raw == json.dumps(doc, sort_keys=True, separators=(",", ":")).encode() + b"\n"
-    assert doc["format"] == "async_ckpt" and doc["version"] == FORMAT_VERSION == 1
+    assert doc["format"] == "async_ckpt" and doc["version"] == FORMAT_VERSION == 2
     assert doc["entries"]["a"]["value"] == {"type": "float", "value": "nan"}
 
 
@@ -257,7 +262,7 @@ def _mutations():
         ("unknown-top-field", top("compression", "zstd"), "unknown fields"),
         ("missing-entries", drop("entries"), "lacks fields"),
         ("wrong-format-name", top("format", "torch"), "not an async_ckpt"),
-        ("version-2", top("version", 2), "version"),
+        ("version-3", top("version", 3), "version"),
         ("version-string", top("version", "1"), "version"),
         ("version-missing", drop("version"), "version"),
         ("bad-save-id", top("save_id", "../x"), "save_id"),

@@ -14,12 +14,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import MetadataError
+import crc32c
+
+from ..errors import MetadataChecksumError, MetadataError
 from .checksum import ALGORITHM, block_count
 from .dtypes import dtype_from_name, itemsize
 
 FORMAT_NAME = "async_ckpt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 lacks the metadata's own checksum; it is still read (docs/FORMAT.md, section 7).
+READABLE_VERSIONS = (1, 2)
 METADATA_FILE = "metadata.json"
 MAX_METADATA_BYTES = 512 * 1024 * 1024
 _MAX_DIMS = 64
@@ -137,23 +141,67 @@ def _encode_entry(entry: Entry) -> dict[str, Any]:
     }
 
 
+# The metadata's own checksum: CRC-32C of the file's bytes with these 8 hex digits
+# zeroed. The encoder writes "checksum" as the first top-level key and "metadata"
+# as its last field, so the first occurrence of the pattern is this field; the
+# decoder also checks that the parsed field holds the digits it verified.
+_SELF_CHECKSUM = re.compile(rb'"metadata":"([0-9a-f]{8})"')
+_SELF_CHECKSUM_PLACEHOLDER = b"0" * 8
+
+
+def _self_checksum(data: bytes, start: int) -> int:
+    """CRC-32C of ``data`` with the 8 digits at ``start`` read as zeros."""
+    crc = crc32c.crc32c(data[:start])
+    crc = crc32c.crc32c(_SELF_CHECKSUM_PLACEHOLDER, crc)
+    return crc32c.crc32c(data[start + 8 :], crc)
+
+
+def seal_metadata(data: bytes) -> bytes:
+    """``data`` with its ``checksum.metadata`` field set to the checksum of the result."""
+    found = _SELF_CHECKSUM.search(data)
+    if found is None:
+        raise ValueError("the metadata has no checksum.metadata field to seal")
+    start = found.start(1)
+    return data[:start] + f"{_self_checksum(data, start):08x}".encode() + data[start + 8 :]
+
+
 def encode_metadata(meta: Metadata) -> bytes:
-    """The metadata file's bytes: canonical JSON (sorted keys), UTF-8."""
+    """The metadata file's bytes: canonical JSON (sorted keys), ASCII, self-checksummed."""
+    checksum: dict[str, Any] = {"algorithm": ALGORITHM, "block_size": meta.block_size}
+    if meta.version >= 2:
+        checksum["metadata"] = _SELF_CHECKSUM_PLACEHOLDER.decode()
     doc = {
         "format": FORMAT_NAME,
         "version": meta.version,
         "save_id": meta.save_id,
         "world_size": meta.world_size,
-        "checksum": {"algorithm": ALGORITHM, "block_size": meta.block_size},
+        "checksum": checksum,
         "files": {name: {"size": size} for name, size in sorted(meta.files.items())},
         "containers": dict(sorted(meta.containers.items())),
         "entries": {key: _encode_entry(e) for key, e in sorted(meta.entries.items())},
         "extra": meta.extra,
     }
-    return (
-        json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    data = (
+        json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("ascii")
         + b"\n"
     )
+    return data if meta.version < 2 else seal_metadata(data)
+
+
+def verify_self_checksum(data: bytes) -> str | None:
+    """Check the metadata's own checksum; returns its digits, None if it has none.
+
+    Raises :class:`MetadataChecksumError` when the bytes do not match it.
+    """
+    found = _SELF_CHECKSUM.search(data)
+    if found is None:
+        return None
+    if _self_checksum(data, found.start(1)) != int(found.group(1), 16):
+        raise MetadataChecksumError(
+            f"the checkpoint's {METADATA_FILE} does not match its own checksum: the file is "
+            "damaged (a changed byte could alter loaded values). Load an earlier checkpoint."
+        )
+    return found.group(1).decode()
 
 
 # ---------------------------------------------------------------------------- decode
@@ -184,6 +232,11 @@ def _int(value: Any, where: str, *, minimum: int = 0) -> int:
 def _ints(value: Any, where: str, *, max_len: int = _MAX_DIMS, minimum: int = 0) -> tuple:
     if not isinstance(value, list) or len(value) > max_len:
         raise _fail(f"{where} must be a list of at most {max_len} integers")
+    # fast path (every load and pre-commit check runs this per chunk); bool is not int here
+    if all(type(v) is int for v in value) and (
+        not value or (min(value) >= minimum and max(value) <= _MAX_INT)
+    ):
+        return tuple(value)
     return tuple(_int(v, f"{where}[{i}]", minimum=minimum) for i, v in enumerate(value))
 
 
@@ -308,6 +361,7 @@ def decode_metadata(data: bytes) -> Metadata:
     """Parse and validate a metadata file; any defect raises :class:`MetadataError`."""
     if len(data) > MAX_METADATA_BYTES:
         raise _fail(f"metadata is {len(data)} bytes, above the {MAX_METADATA_BYTES} limit")
+    verified_digits = verify_self_checksum(data)
     try:
         doc = json.loads(
             data.decode("utf-8"), parse_constant=_refuse_constant, object_pairs_hook=_unique_keys
@@ -317,10 +371,10 @@ def decode_metadata(data: bytes) -> Metadata:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
         raise _fail(f"not an {FORMAT_NAME} metadata file (missing 'format': '{FORMAT_NAME}')")
     version = doc.get("version")
-    if type(version) is not int or version != FORMAT_VERSION:
+    if type(version) is not int or version not in READABLE_VERSIONS:
         raise MetadataError(
             f"checkpoint format version {version!r} is not supported by this async_ckpt "
-            f"(it reads version {FORMAT_VERSION}); upgrade async_ckpt to load it"
+            f"(it reads versions {list(READABLE_VERSIONS)}); upgrade async_ckpt to load it"
         )
     doc = _obj(
         doc,
@@ -340,7 +394,14 @@ def decode_metadata(data: bytes) -> Metadata:
     if not isinstance(doc["save_id"], str) or not is_safe_file_name(doc["save_id"]):
         raise _fail("save_id must be a plain token")
     world_size = _int(doc["world_size"], "world_size", minimum=1)
-    checksum = _obj(doc["checksum"], "checksum", {"algorithm", "block_size"})
+    # From version 2 on the metadata checksums itself; a version-2 file without the
+    # field is refused, so a damaged file cannot pass as unchecked.
+    self_field = {"metadata"} if version >= 2 else set()
+    checksum = _obj(doc["checksum"], "checksum", {"algorithm", "block_size", *self_field})
+    if version >= 2 and checksum["metadata"] != verified_digits:
+        raise MetadataChecksumError(
+            "invalid checkpoint metadata: checksum.metadata is not the checksum that was verified"
+        )
     if checksum["algorithm"] != ALGORITHM:
         raise _fail(f"checksum algorithm {checksum['algorithm']!r} is not {ALGORITHM!r}")
     block_size = _int(checksum["block_size"], "checksum.block_size", minimum=4096)

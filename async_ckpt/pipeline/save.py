@@ -13,14 +13,15 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ..errors import SaveFailedError
+from ..errors import SaveFailedError, StateDictError
 from ..format.checksum import DEFAULT_BLOCK_SIZE
-from ..format.metadata import Chunk, Metadata, ObjectEntry, TensorEntry, ValueEntry, encode_metadata
+from ..format.metadata import Chunk, Metadata, ObjectEntry, TensorEntry, ValueEntry
 from ..planning.comm import Comm
 from ..planning.items import LocalState
 from ..planning.plan import Planner
 from ..storage.base import SegmentRecord, StorageWriter, data_file_name
-from ..storage.retry import RetryPolicy, call_with_retry, write_with_retry
+from ..storage.retry import write_with_retry
+from .commit import commit_checkpoint
 
 DEFAULT_WRITE_THREADS = 4
 
@@ -126,6 +127,14 @@ def _assemble(state: LocalState, results: list[_RankResult], save_id: str, block
             entries[item.key] = TensorEntry(
                 item.path, item.dtype, item.shape, tuple(chunks), item.numpy
             )
+    for stub in state.stubs:  # a tensor the coordinator holds no piece of: others wrote it
+        chunks = sorted(chunks_by_key.get(stub.key, []), key=lambda c: c.offsets)
+        if not chunks and 0 not in stub.shape:
+            raise StateDictError(
+                f"tensor {stub.key!r} has no piece on any rank: every rank is outside its "
+                "DTensor's mesh, so there is nothing to save"
+            )
+        entries[stub.key] = TensorEntry(stub.path, stub.dtype, stub.shape, tuple(chunks))
     for key, (path, value) in state.values.items():
         entries[key] = ValueEntry(path, value)
     objects = {o.key: o for o in state.objects}
@@ -225,13 +234,7 @@ def run_save(
         else:
             try:
                 metadata = _assemble(state, results, save_id, block_size)
-                payload = encode_metadata(metadata)
-                call_with_retry(
-                    lambda: writer.commit(payload),
-                    what=f"committing checkpoint {writer.checkpoint_id!r}",
-                    policy=RetryPolicy.from_env(),
-                )
-                writer.remove_stale(metadata.files)
+                commit_checkpoint(writer, metadata)
                 outcome = metadata
             except Exception as exc:
                 local_error = exc

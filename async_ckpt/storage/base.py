@@ -5,10 +5,18 @@ Call order of one save (every rank runs its own writer on the same id):
 1. ``prepare(coordinator=...)`` on every rank, before any data is written.
 2. ``write_file(name, segments)`` for each data file this rank owns; called
    concurrently from several writer threads (one file per call).
-3. On success of every rank: ``commit(metadata)`` on the coordinator only. The
-   metadata is written last and atomically; until it exists the checkpoint
-   does not exist for readers. Then ``remove_stale(keep)`` on the coordinator.
+3. On success of every rank, on the coordinator only (``pipeline/commit.py``):
+   ``missing_files`` (a pre-commit check that the save's own files are all
+   there), ``commit(metadata)`` (written last and atomically; until it exists
+   the checkpoint does not exist for readers; returns the metadata it
+   replaced), then ``remove_files`` for the data files of the metadata it
+   replaced, and ``sweep_orphans`` for leftovers of dead saves old enough that
+   no live writer can own them.
 4. On failure anywhere: ``abort(names)`` on every rank for the files it wrote.
+
+A writer deletes only bytes it owns: its own files, the files of the metadata
+it replaced, and files no writer has touched for ``sweep_orphans``' grace.
+Another writer's files in progress are never deleted (docs/reliability.md).
 
 A reader is used from one process; ``read_into`` may be called concurrently.
 """
@@ -76,16 +84,45 @@ class StorageWriter(ABC):
         """Write ``segments`` back to back into data file ``name``, durably; thread-safe."""
 
     @abstractmethod
-    def commit(self, metadata: bytes) -> None:
-        """Make the checkpoint visible by writing its metadata last, atomically."""
+    def commit(self, metadata: bytes) -> bytes | None:
+        """Make the checkpoint visible by writing its metadata last, atomically.
 
-    @abstractmethod
-    def remove_stale(self, keep: Iterable[str]) -> list[str]:
-        """After commit: delete data files of earlier or failed saves; returns their names."""
+        Returns the metadata it replaced (None: there was none, or the backend
+        cannot tell), read together with the swap where the backend can (a lock
+        on the directory locally), so that exactly that checkpoint's files are
+        deleted afterwards. Use ``committed_metadata`` to read it.
+        """
 
     @abstractmethod
     def abort(self, names: Iterable[str]) -> None:
         """Delete data files this rank wrote for a save that will not commit."""
+
+    def committed_metadata(self) -> bytes | None:
+        """The metadata now committed at this id (None: none, or the backend cannot tell).
+
+        A backend that cannot tell never deletes a replaced checkpoint's files;
+        ``sweep_orphans`` does, once they are old.
+        """
+        return None
+
+    def missing_files(self, names: Iterable[str]) -> list[str]:
+        """Which of ``names`` are not in storage now (pre-commit check; [] if unknown)."""
+        return []
+
+    def remove_files(self, names: Iterable[str]) -> list[str]:
+        """Delete data files by name, ignoring those already gone; returns those deleted."""
+        names = list(names)
+        self.abort(names)
+        return names
+
+    def sweep_orphans(self, keep: Iterable[str], older_than_s: float) -> list[str]:
+        """Delete leftovers no live writer can own; returns their names.
+
+        Those are data files outside ``keep`` whose save (all files sharing its
+        ``save_id``) has not been written to for ``older_than_s`` seconds, and
+        temporary metadata files as old. The default sweeps nothing.
+        """
+        return []
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections or handles; the writer is not used afterwards."""

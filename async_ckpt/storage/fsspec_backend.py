@@ -6,7 +6,9 @@ the commit: a prefix without it is an incomplete checkpoint.
 
 from __future__ import annotations
 
+import datetime
 import os
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -98,27 +100,79 @@ class FsspecWriter(StorageWriter):
                 f.write(seg.cast("B") if seg.format != "B" else seg)
         return records
 
-    def commit(self, metadata: bytes) -> None:
+    def commit(self, metadata: bytes) -> bytes | None:
+        # No lock on an object store: a commit racing this read and write leaves its
+        # files to sweep_orphans instead (space, never a loss).
+        previous = self.committed_metadata()
         self.fs.pipe_file(self._join(METADATA_FILE), metadata)
+        return previous
 
-    def remove_stale(self, keep: Iterable[str]) -> list[str]:
-        keep = set(keep)
+    def committed_metadata(self) -> bytes | None:
+        try:
+            return self.fs.cat_file(self._join(METADATA_FILE), start=0, end=MAX_METADATA_BYTES + 1)
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+
+    def _listing(self) -> list[dict[str, Any]]:
         self.fs.invalidate_cache(self.path)
-        stale = [
-            p
-            for p in self.fs.ls(self.path, detail=False)
-            if DATA_FILE.match(p.rsplit("/", 1)[-1]) and p.rsplit("/", 1)[-1] not in keep
-        ]
-        for p in stale:
-            self.fs.rm_file(p)
-        return [p.rsplit("/", 1)[-1] for p in stale]
+        try:
+            return self.fs.ls(self.path, detail=True)
+        except FileNotFoundError:
+            return []
 
-    def abort(self, names: Iterable[str]) -> None:
+    def missing_files(self, names: Iterable[str]) -> list[str]:
+        present = {info["name"].rsplit("/", 1)[-1] for info in self._listing()}
+        return [name for name in names if name not in present]
+
+    def remove_files(self, names: Iterable[str]) -> list[str]:
+        removed = []
         for name in names:
             try:
                 self.fs.rm_file(self._join(name))
+                removed.append(name)
             except FileNotFoundError:
                 pass
+        return removed
+
+    def sweep_orphans(self, keep: Iterable[str], older_than_s: float) -> list[str]:
+        keep = set(keep)
+        cutoff = time.time() - older_than_s
+        newest: dict[str, float] = {}
+        groups: dict[str, list[str]] = {}
+        for info in self._listing():
+            name = info["name"].rsplit("/", 1)[-1]
+            match = DATA_FILE.match(name)
+            if not match or name in keep:
+                continue
+            mtime = modified_time(info)
+            if mtime is None:  # the store does not say: never guess that a file is old
+                newest[match["save_id"]] = float("inf")
+                continue
+            groups.setdefault(match["save_id"], []).append(name)
+            newest[match["save_id"]] = max(newest.get(match["save_id"], 0.0), mtime)
+        old = [name for sid, names in groups.items() if newest[sid] < cutoff for name in names]
+        return self.remove_files(old)
+
+    def abort(self, names: Iterable[str]) -> None:
+        self.remove_files(names)
+
+
+def modified_time(info: dict[str, Any]) -> float | None:
+    """The modification time in an fsspec ``info`` dict, whatever the backend calls it."""
+    for name in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(name)
+        if isinstance(value, datetime.datetime):
+            if value.tzinfo is None:  # fsspec's memory store gives naive UTC times
+                value = value.replace(tzinfo=datetime.timezone.utc)
+            return value.timestamp()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return None
 
 
 class FsspecReader(StorageReader):
@@ -139,7 +193,14 @@ class FsspecReader(StorageReader):
 
     def read_metadata(self) -> bytes:
         try:
-            data = self.fs.cat_file(f"{self.path}/{METADATA_FILE}")
+            # bounded: a huge object is refused after MAX + 1 bytes, not read whole
+            data = self.fs.cat_file(
+                f"{self.path}/{METADATA_FILE}", start=0, end=MAX_METADATA_BYTES + 1
+            )
+        except IsADirectoryError as exc:
+            raise CorruptCheckpointError(
+                f"{METADATA_FILE} of {self.checkpoint_id!r} is not a file"
+            ) from exc
         except FileNotFoundError:
             self.fs.invalidate_cache(self.path)
             if self.fs.exists(self.path) and self.fs.ls(self.path, detail=False):

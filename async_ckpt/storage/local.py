@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import secrets
 import stat
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -13,9 +16,12 @@ from ..errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
+    MetadataError,
 )
 from ..format.metadata import MAX_METADATA_BYTES, METADATA_FILE, is_safe_file_name
 from .base import DATA_FILE, SegmentRecord, StorageReader, StorageWriter, checksummed_layout
+
+_TMP_PREFIX = f".{METADATA_FILE}.tmp-"
 
 _WRITE_PIECE = 64 * 1024 * 1024  # bounded syscalls: os.write caps a call near 2 GiB
 # NOFOLLOW: a symlinked file could point outside the checkpoint. NONBLOCK: opening a FIFO
@@ -95,41 +101,118 @@ class FileSystemWriter(StorageWriter):
             os.close(fd)
         return records
 
-    def commit(self, metadata: bytes) -> None:
-        tmp = self.path / f".{METADATA_FILE}.tmp-{os.getpid()}-{threading.get_ident()}"
-        fd = os.open(tmp, _OPEN_WRITE, 0o644)
+    def commit(self, metadata: bytes) -> bytes | None:
+        # A name no other writer (thread, process, host) uses, so that concurrent
+        # commits to one id never rename or delete each other's temporary file.
+        tmp = self.path / f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+        # The directory's lock makes reading what is replaced and replacing it one step
+        # for writers on this host (a lock on the directory itself: no extra file).
+        lock = os.open(self.path, os.O_RDONLY)
         try:
-            _write_all(fd, memoryview(metadata))
-            if self.sync_files:
-                os.fsync(fd)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._commit_locked(metadata, tmp)
         finally:
-            os.close(fd)
-        if self.sync_files:
-            _fsync_dir(self.path)  # data file entries are durable before the commit is
-        os.replace(tmp, self.path / METADATA_FILE)
+            os.close(lock)  # releases the lock
+
+    def _commit_locked(self, metadata: bytes, tmp: Path) -> bytes | None:
+        previous = self.committed_metadata()
+        try:
+            fd = os.open(tmp, _OPEN_WRITE | os.O_EXCL, 0o644)
+            try:
+                _write_all(fd, memoryview(metadata))
+                if self.sync_files:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            if self.sync_files:
+                _fsync_dir(self.path)  # data file entries are durable before the commit is
+            os.replace(tmp, self.path / METADATA_FILE)
+        except BaseException:
+            _unlink_quietly(tmp)  # a partial file would keep holding the space (ENOSPC)
+            raise
         if self.sync_files:
             _fsync_dir(self.path)
+        return previous
 
-    def remove_stale(self, keep: Iterable[str]) -> list[str]:
+    def committed_metadata(self) -> bytes | None:
+        try:
+            return _read_regular_file(self.path / METADATA_FILE, MAX_METADATA_BYTES)
+        except (OSError, CorruptCheckpointError):
+            return None
+
+    def missing_files(self, names: Iterable[str]) -> list[str]:
+        return [name for name in names if not (self.path / name).is_file()]
+
+    def remove_files(self, names: Iterable[str]) -> list[str]:
+        return [name for name in names if _unlink_quietly(self.path / name)]
+
+    def sweep_orphans(self, keep: Iterable[str], older_than_s: float) -> list[str]:
         keep = set(keep)
-        removed = []
-        for entry in os.scandir(self.path):
-            stale_data = DATA_FILE.match(entry.name) and entry.name not in keep
-            stale_tmp = entry.name.startswith(f".{METADATA_FILE}.tmp-")
-            if stale_data or stale_tmp:
-                try:
-                    os.unlink(entry.path)
-                    removed.append(entry.name)
-                except FileNotFoundError:
-                    pass
-        return removed
+        cutoff = time.time() - older_than_s
+        newest: dict[str, float] = {}  # save_id -> newest mtime of its files
+        groups: dict[str, list[str]] = {}
+        temporaries = []
+        try:
+            entries = list(os.scandir(self.path))
+        except OSError:
+            return []
+        for entry in entries:
+            try:
+                mtime = entry.stat(follow_symlinks=False).st_mtime
+            except OSError:
+                continue
+            match = DATA_FILE.match(entry.name)
+            if match and entry.name not in keep:
+                save_id = match["save_id"]
+                groups.setdefault(save_id, []).append(entry.name)
+                newest[save_id] = max(newest.get(save_id, 0.0), mtime)
+            elif entry.name.startswith(_TMP_PREFIX) and mtime < cutoff:
+                temporaries.append(entry.name)
+        old = [name for sid, names in groups.items() if newest[sid] < cutoff for name in names]
+        return self.remove_files(old + temporaries)
 
     def abort(self, names: Iterable[str]) -> None:
         for name in names:
-            try:
-                os.unlink(self.path / name)
-            except FileNotFoundError:
-                pass
+            _unlink_quietly(self.path / name)
+
+
+def _unlink_quietly(path: Path) -> bool:
+    """Delete ``path``; False if it was gone already."""
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _read_regular_file(path: Path, limit: int, fd: int | None = None) -> bytes:
+    """The bytes of ``path`` (or of ``fd``, opened on it), a regular file of at most ``limit``.
+
+    Type and size are checked on the open descriptor before anything is read; the
+    descriptor is closed.
+    """
+    if fd is None:
+        fd = os.open(path, _OPEN_READ)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CorruptCheckpointError(f"{path} is not a regular file")
+        if info.st_size > limit:
+            raise MetadataError(
+                f"invalid checkpoint metadata: {path} is {info.st_size} bytes, above the "
+                f"{limit} limit"
+            )
+        chunks = []
+        remaining = limit + 1
+        while remaining > 0:
+            piece = os.read(fd, min(remaining, _WRITE_PIECE))
+            if not piece:
+                break
+            chunks.append(piece)
+            remaining -= len(piece)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 class FileSystemReader(StorageReader):
@@ -163,11 +246,7 @@ class FileSystemReader(StorageReader):
             raise CorruptCheckpointError(
                 f"cannot open {meta}: {exc}; checkpoint files must be regular files"
             ) from exc
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise CorruptCheckpointError(f"{meta} is not a regular file")
-            data = f.read(MAX_METADATA_BYTES + 1)
-        return data
+        return _read_regular_file(meta, MAX_METADATA_BYTES, fd)
 
     def _fd(self, name: str) -> int:
         with self._lock:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from unittest import mock
@@ -25,6 +24,7 @@ HERE = Path(__file__).parent
 SAVE_ID = "00000000c0ffee00"
 TINY_METADATA = HERE / "tiny_metadata.json"
 V1_CHECKPOINT = HERE / "v1_checkpoint"
+V2_CHECKPOINT = HERE / "v2_checkpoint"
 
 
 def tiny_state() -> dict:
@@ -38,7 +38,7 @@ def tiny_state() -> dict:
 
 
 def v1_state() -> dict:
-    """A state with one leaf of every kind, saved once as a version-1 checkpoint."""
+    """A state with one leaf of every kind, saved once per format version."""
     return {
         "model": {
             "weight": torch.arange(12, dtype=torch.float32).reshape(3, 4) / 4,
@@ -69,11 +69,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         save_golden(tiny_state(), Path(tmp) / "tiny")
         shutil.copyfile(Path(tmp) / "tiny" / "metadata.json", TINY_METADATA)
-    if V1_CHECKPOINT.exists() and "--replace-v1" not in sys.argv:
-        print(f"kept {V1_CHECKPOINT} (old checkpoints are never regenerated)")
-    else:
-        shutil.rmtree(V1_CHECKPOINT, ignore_errors=True)
-        save_golden(v1_state(), V1_CHECKPOINT)
+    # One checkpoint per format version, written once by the version that made it; the
+    # current version's is written when missing. Old ones are never regenerated.
+    for path in (V1_CHECKPOINT, V2_CHECKPOINT):
+        if path.exists():
+            print(f"kept {path} (golden checkpoints are never regenerated)")
+        elif path == V2_CHECKPOINT:
+            save_golden(v1_state(), path)
+            print(f"wrote {path}")
     print(f"wrote {TINY_METADATA}")
     return 0
 
