@@ -62,19 +62,38 @@ def load(
     no_dist: bool = False,
     strict: bool = True,
     verify: bool = True,
+    allow_lossy_cast: bool = False,
+    verify_first: bool = False,
 ) -> LoadResult:
     """Fill ``state_dict`` in place from a checkpoint; returns the keys that did not match.
 
     Tensors are copied into the caller's tensors (keeping device and dtype),
     other leaves are replaced, and objects with ``load_state_dict`` get it
     called. Checksums are verified unless ``verify=False``. ``strict=False``
-    loads the keys present and reports the rest in the result. Every rank reads
+    loads the keys present and reports the rest in the result. A tensor whose
+    dtype differs from the stored one is filled only when the cast is lossless
+    (float32 into float64, ...); ``allow_lossy_cast=True`` allows any cast
+    (float32 into bfloat16, ...).
+
+    A load that fails (a checksum mismatch, a missing file) changes no
+    non-tensor leaf and calls no ``load_state_dict``, but may have filled some
+    of the caller's tensors already. ``verify_first=True`` reads and verifies
+    everything into scratch memory first (as much extra CPU memory as the
+    tensors loaded) and fills the caller's tensors only once all of it checked
+    out: all or nothing. Every rank reads
     what its own tensors (or DTensor shards) need, so loading reshards freely;
     ``process_group``/``no_dist`` are accepted for DCP compatibility.
     """
     del process_group, no_dist  # loading needs no collectives
     reader = storage_reader or detect_reader(checkpoint_id)
-    return run_load(state_dict, reader, strict=strict, verify=verify)
+    return run_load(
+        state_dict,
+        reader,
+        strict=strict,
+        verify=verify,
+        allow_lossy_cast=allow_lossy_cast,
+        verify_first=verify_first,
+    )
 
 
 def assert_same_keys(state_dict: Mapping[str, Any], process_group: Any = None) -> None:

@@ -5,10 +5,16 @@ as in torch.distributed.checkpoint. Dict keys may be ``str`` or ``int`` (torch
 optimizers key their state by int); lists and tuples are indexed. Objects with
 ``state_dict()``/``load_state_dict()`` (modules, optimizers, schedulers) are
 flattened through ``state_dict()`` and restored through ``load_state_dict()``.
+
+Those calls may run collectives (FSDP gathers optimizer state), so every rank
+must make them in the same order whatever the insertion order of its dicts:
+``flatten`` asks the Stateful objects for their state after the rest of the
+walk, in key order; loads call ``load_state_dict`` deepest first, ties by key.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,12 +58,52 @@ def flatten(state_dict: Mapping[str, Any]) -> Flat:
             f"a state dict must be a dict (or Mapping), got {type(state_dict).__qualname__}"
         )
     flat = Flat()
-    flat.root = _visit(state_dict, (), flat, set())
+    deferred = _Deferred()
+    flat.root = _visit(state_dict, (), flat, set(), deferred)
+    # Stateful objects in key order (also those found inside another's state), so that
+    # state_dict() calls that run collectives pair up across ranks.
+    while deferred:
+        key, path, obj, active = deferred.pop()
+        obj_state = obj.state_dict()
+        flat.stateful[key] = (obj, obj_state)
+        _visit_value(obj_state, path, flat, set(active), deferred)
     return flat
+
+
+class _Deferred:
+    """Stateful objects met during the walk, asked for their state later, smallest key first.
+
+    A heap of keys: only the Stateful objects are ordered, never the (many) plain leaves.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[str] = []
+        self._found: dict[str, tuple[KeyPath, Any, frozenset[int]]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._heap)
+
+    def add(self, path: KeyPath, obj: Any, active: set[int]) -> None:
+        key = key_of(path)
+        if key in self._found:
+            raise StateDictError(
+                f"two entries flatten to the same key {key!r}; rename one (keys are joined with '.')"
+            )
+        if id(obj) in active:
+            raise StateDictError(f"the state dict contains itself at {key!r}")
+        # the ancestors (and the object itself), for the cycle check inside its state
+        self._found[key] = (path, obj, frozenset(active) | {id(obj)})
+        heapq.heappush(self._heap, key)
+
+    def pop(self) -> tuple[str, KeyPath, Any, frozenset[int]]:
+        key = heapq.heappop(self._heap)
+        return (key, *self._found.pop(key))
 
 
 def _add(flat: Flat, path: KeyPath, kind: str | None, leaf: Any = None) -> None:
     key = key_of(path)
+    if not key.isascii():
+        _check_encodable(key)
     if key in flat.paths or key in flat.containers:
         raise StateDictError(
             f"two entries flatten to the same key {key!r}; rename one (keys are joined with '.')"
@@ -69,19 +115,34 @@ def _add(flat: Flat, path: KeyPath, kind: str | None, leaf: Any = None) -> None:
         flat.containers[key] = kind
 
 
+def _check_encodable(key: str) -> None:
+    """Keys are stored as UTF-8: a lone surrogate (from a bad decode) cannot be."""
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise StateDictError(
+            f"key {key!r} cannot be stored: it is not valid Unicode ({exc.reason} at "
+            f"position {exc.start}); rename it"
+        ) from None
+
+
 # Leaves that are never containers or Stateful: skip the abstract-class checks for them
 # (most of a state's nodes are tensors and numbers).
 _PLAIN_LEAVES = frozenset({torch.Tensor, torch.nn.Parameter, int, float, str, bool, type(None)})
 
 
-def _visit(obj: Any, path: KeyPath, flat: Flat, active: set[int]) -> Any:
+def _visit(obj: Any, path: KeyPath, flat: Flat, active: set[int], deferred: _Deferred) -> Any:
     if type(obj) in _PLAIN_LEAVES and path:
         _add(flat, path, None, obj)
         return obj
-    if is_stateful(obj):
-        obj_state = obj.state_dict()
-        flat.stateful[key_of(path)] = (obj, obj_state)
-        obj = obj_state
+    if is_stateful(obj):  # its state_dict() is called later, in key order (see flatten)
+        deferred.add(path, obj, active)
+        return obj
+    return _visit_value(obj, path, flat, active, deferred)
+
+
+def _visit_value(obj: Any, path: KeyPath, flat: Flat, active: set[int], deferred: _Deferred) -> Any:
+    """A container (walked into) or a leaf; what a Stateful object's state_dict() gave too."""
     if isinstance(obj, (Mapping, list, tuple)):
         if id(obj) in active:
             raise StateDictError(f"the state dict contains itself at {key_of(path)!r}")
@@ -99,7 +160,7 @@ def _visit(obj: Any, path: KeyPath, flat: Flat, active: set[int]) -> Any:
             _add(flat, path, "tuple" if isinstance(obj, tuple) else "list")
             items = list(enumerate(obj))
         for k, v in items:
-            _visit(v, (*path, k), flat, active)
+            _visit(v, (*path, k), flat, active, deferred)
         active.discard(id(obj))
         return obj
     if not path:

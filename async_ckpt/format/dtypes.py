@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import MetadataError, StateDictError
@@ -41,3 +43,36 @@ def dtype_from_name(name: object) -> torch.dtype:
 def itemsize(dtype: torch.dtype) -> int:
     """Bytes per element of ``dtype``."""
     return dtype.itemsize  # no tensor allocation: this runs for every item of every save
+
+
+def _real_part(dtype: torch.dtype) -> torch.dtype:
+    return dtype.to_real() if dtype.is_complex else dtype
+
+
+def is_lossless_cast(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether every value of ``src`` converts to ``dst`` exactly (and finite stays finite).
+
+    float32 -> float64, int32 -> int64, int16 -> float32, bfloat16 -> float32 and
+    complex64 -> complex128 are lossless; float -> int, complex -> real, float32 ->
+    bfloat16/float16, int64 -> float64 and float16 <-> bfloat16 are not.
+    """
+    if src == dst or src == torch.bool:
+        return True
+    if dst == torch.bool or (src.is_complex and not dst.is_complex):
+        return False
+    try:
+        if src.is_floating_point or src.is_complex:
+            if not (dst.is_floating_point or dst.is_complex):
+                return False
+            s, d = torch.finfo(_real_part(src)), torch.finfo(_real_part(dst))
+            return d.bits >= s.bits and d.eps <= s.eps and d.max >= s.max and d.tiny <= s.tiny
+        s_int = torch.iinfo(src)
+        if dst.is_floating_point or dst.is_complex:
+            d_float = torch.finfo(_real_part(dst))
+            # exact while the integer's magnitude fits the mantissa (plus its hidden bit)
+            mantissa_bits = round(-math.log2(d_float.eps)) + 1
+            return max(abs(s_int.min), s_int.max).bit_length() <= mantissa_bits
+        d_int = torch.iinfo(dst)
+        return d_int.min <= s_int.min and d_int.max >= s_int.max
+    except TypeError:  # a dtype torch has no finfo/iinfo for: only identity is known safe
+        return False

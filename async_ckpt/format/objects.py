@@ -167,6 +167,22 @@ def loads_object(payload: bytes | memoryview) -> Any:
         ) from exc
 
 
+# Plain values above these sizes are stored as object entries (pickled into a data
+# file, block-checksummed) instead of inside the metadata: a 500 MiB string would
+# push the metadata past the reader's limit, and an int of 5000 digits past JSON's.
+MAX_INLINE_BYTES = 64 * 1024
+MAX_INLINE_INT_BITS = 1024
+
+
+def fits_inline(value: Any) -> bool:
+    """Whether the plain value ``value`` is kept in the metadata (else as an object entry)."""
+    if isinstance(value, (str, bytes)):
+        return len(value) <= MAX_INLINE_BYTES
+    if isinstance(value, int):
+        return value.bit_length() <= MAX_INLINE_INT_BITS
+    return True
+
+
 def encode_plain(value: Any) -> dict[str, Any]:
     """JSON form of a plain value (None, bool, int, float, str, bytes)."""
     if value is None:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import (
+    CheckpointReplacedError,
     ChecksumMismatchError,
     CorruptCheckpointError,
     KeyMismatchError,
@@ -26,10 +27,10 @@ from ..errors import (
 )
 from ..flatten import Flat, flatten, key_of, set_leaf
 from ..format.checksum import block_checksums
-from ..format.dtypes import dtype_from_name, itemsize
+from ..format.dtypes import dtype_from_name, dtype_name, is_lossless_cast, itemsize
 from ..format.metadata import Chunk, Metadata, ObjectEntry, TensorEntry, decode_metadata
 from ..format.objects import decode_plain, loads_object
-from ..planning.items import _dtensor_piece, _is_dtensor
+from ..planning.items import _dtensor_piece, _is_dtensor, _outside_mesh
 from ..storage.base import StorageReader
 
 DEFAULT_READ_THREADS = 4
@@ -132,8 +133,11 @@ def _read_chunk_part(
         dest.copy_(src)
 
 
-def _as_target(key: str, leaf: Any, entry: TensorEntry) -> _Target:
+def _as_target(key: str, leaf: Any, entry: TensorEntry) -> _Target | None:
+    """Where ``leaf``'s bytes go; None for a DTensor whose mesh leaves this rank out."""
     if _is_dtensor(leaf):
+        if _outside_mesh(leaf):  # nothing to fill here (its global shape may be unknown too)
+            return None
         local, offsets, shape = _dtensor_piece(leaf)
     elif isinstance(leaf, torch.Tensor):
         local, offsets, shape = leaf, (0,) * leaf.dim(), tuple(leaf.shape)
@@ -147,6 +151,18 @@ def _as_target(key: str, leaf: Any, entry: TensorEntry) -> _Target:
             "configuration, or leave this key out of the state dict you load into"
         )
     return _Target(key, local, offsets, entry)
+
+
+def _check_cast(key: str, entry: TensorEntry, target: torch.dtype) -> None:
+    """Refuse, before anything is read, a load that would change stored values."""
+    stored = dtype_from_name(entry.dtype)
+    if not is_lossless_cast(stored, target):
+        raise ShapeMismatchError(
+            f"tensor {key!r} is {entry.dtype} in the checkpoint but {dtype_name(target)} in the "
+            f"state dict: loading would cast values and lose some (e.g. float -> int truncates, "
+            "complex -> real drops the imaginary part, float32 -> float16 overflows). Load into "
+            f"a {entry.dtype} tensor, or pass allow_lossy_cast=True to cast anyway."
+        )
 
 
 def _new_tensor(entry: TensorEntry) -> torch.Tensor:
@@ -188,6 +204,8 @@ def _read_all(
     adopt: list[str],
     verify: bool,
     read_threads: int,
+    allow_lossy_cast: bool = False,
+    verify_first: bool = False,
 ) -> tuple[list[_Target], dict[str, Any]]:
     """Read every entry the load needs; returns the tensor targets and the leaves to set."""
     targets: list[_Target] = []
@@ -199,7 +217,11 @@ def _read_all(
         leaf = flat.leaves.get(key)
         if isinstance(entry, TensorEntry):
             if key in flat.leaves and _fits_in_place(leaf):
-                targets.append(_as_target(key, leaf, entry))
+                target = _as_target(key, leaf, entry)
+                if target is not None:
+                    if not allow_lossy_cast:
+                        _check_cast(key, entry, target.tensor.dtype)
+                    targets.append(target)
                 if isinstance(leaf, np.ndarray) != entry.numpy and not _is_dtensor(leaf):
                     replaced[key] = None  # kind changed: hand back what the checkpoint held
             else:
@@ -220,6 +242,13 @@ def _read_all(
         }
     _check_file_sizes(needed, meta, reader)
 
+    # verify_first: read and verify into scratch tensors, touch the caller's only after
+    staged: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if verify_first:
+        for n, t in enumerate(targets):
+            scratch = torch.empty(tuple(t.tensor.shape), dtype=t.tensor.dtype)
+            staged.append((t.tensor, scratch))
+            targets[n] = _Target(t.key, scratch, t.offsets, t.entry)
     for key, entry in fresh:
         tensor = _new_tensor(entry)
         targets.append(_Target(key, tensor, (0,) * tensor.dim(), entry))
@@ -254,6 +283,8 @@ def _read_all(
     else:
         for g in groups:
             run(g)
+    for dest, scratch in staged:  # every read is verified: now fill the caller's tensors
+        dest.copy_(scratch)
     return targets, replaced
 
 
@@ -303,6 +334,19 @@ class _WindowReader:
         view[:] = self.data[lo : lo + len(view)]
 
 
+def _raise_if_replaced(reader: StorageReader, meta: Metadata, exc: Exception) -> None:
+    """A load that lost its files to a save overwriting the checkpoint says so."""
+    try:
+        now = decode_metadata(reader.read_metadata()).save_id
+    except Exception:
+        return
+    if now != meta.save_id:
+        raise CheckpointReplacedError(
+            f"checkpoint {reader.checkpoint_id!r} was overwritten by a newer save while it was "
+            f"being loaded ({exc}); nothing stored was damaged. Load it again."
+        ) from exc
+
+
 def run_load(
     state_dict: Mapping[str, Any],
     reader: StorageReader,
@@ -310,6 +354,8 @@ def run_load(
     strict: bool = True,
     verify: bool = True,
     read_threads: int = DEFAULT_READ_THREADS,
+    allow_lossy_cast: bool = False,
+    verify_first: bool = False,
 ) -> LoadResult:
     """Fill ``state_dict`` from the checkpoint ``reader`` reads; see :func:`async_ckpt.load`."""
     meta = decode_metadata(reader.read_metadata())
@@ -331,7 +377,12 @@ def run_load(
         )
 
     try:
-        targets, replaced = _read_all(flat, meta, reader, adopt, verify, read_threads)
+        targets, replaced = _read_all(
+            flat, meta, reader, adopt, verify, read_threads, allow_lossy_cast, verify_first
+        )
+    except CorruptCheckpointError as exc:
+        _raise_if_replaced(reader, meta, exc)
+        raise
     finally:
         reader.close()
 
@@ -347,7 +398,10 @@ def run_load(
         # checkpoint's path, with list indices bounded by what the checkpoint holds.
         path = flat.paths.get(key, entry.path)
         set_leaf(flat, path, value, meta.containers, max_index=bound)
-    for prefix, (obj, obj_state) in sorted(flat.stateful.items(), key=lambda kv: -len(kv[0])):
+    # Deepest first, ties by key: the same order on every rank whatever the dict order
+    # (load_state_dict may run collectives, e.g. FSDP's optimizer state).
+    order = sorted(flat.stateful.items(), key=lambda kv: (-len(kv[0]), kv[0]))
+    for prefix, (obj, obj_state) in order:
         try:
             obj.load_state_dict(obj_state)
         except Exception as exc:

@@ -20,7 +20,7 @@ import torch
 from ..errors import StateDictError, UnsafeObjectError
 from ..flatten import Flat, KeyPath
 from ..format.dtypes import dtype_name, itemsize
-from ..format.objects import PLAIN_TYPES, dumps_object, encode_plain
+from ..format.objects import PLAIN_TYPES, dumps_object, encode_plain, fits_inline
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,17 @@ class TensorItem:
 
 
 @dataclass(frozen=True)
+class TensorStub:
+    """A tensor key this rank knows but holds no piece of: a DTensor whose mesh leaves
+    this rank out. It takes part in key validation, contributes no chunk and no bytes."""
+
+    key: str
+    path: KeyPath
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class ObjectItem:
     """A pickled non-plain object; ``payload`` was checked to load under the allow-list."""
 
@@ -63,6 +74,7 @@ class LocalState:
     values: dict[str, tuple[KeyPath, dict[str, Any]]] = field(default_factory=dict)
     objects: list[ObjectItem] = field(default_factory=list)
     containers: dict[str, str] = field(default_factory=dict)
+    stubs: list[TensorStub] = field(default_factory=list)  # tensors this rank has no piece of
     # (keys, plan) fingerprints, when known to equal the previous save's (DescribeCache)
     known_fingerprints: tuple[str, str] | None = None
 
@@ -73,7 +85,10 @@ class LocalState:
         h = hashlib.blake2b(digest_size=16)
         # once per key: ranks may hold different numbers of pieces of one tensor
         # (uneven shards cut into row blocks under a staging budget)
-        for key, dtype, shape in sorted({(it.key, it.dtype, it.shape) for it in self.items}):
+        # a rank holding no piece of a tensor (outside its DTensor's mesh) still names it
+        known = {(it.key, it.dtype, it.shape) for it in self.items}
+        known.update((s.key, s.dtype, s.shape) for s in self.stubs)
+        for key, dtype, shape in sorted(known):
             h.update(f"T{key}|{dtype}|{shape}\n".encode())
         for key in sorted(self.values):
             h.update(f"V{key}\n".encode())
@@ -93,6 +108,7 @@ class LocalState:
     def key_summary(self) -> dict[str, str]:
         """Every key with a short description of its kind, for mismatch reports."""
         out = {it.key: f"tensor {it.dtype}{list(it.shape)}" for it in self.items}
+        out.update({s.key: f"tensor {s.dtype}{list(s.shape)}" for s in self.stubs})
         out.update({k: "value" for k in self.values})
         out.update({o.key: "object" for o in self.objects})
         return out
@@ -109,6 +125,11 @@ def _dtensor_piece(tensor: Any) -> tuple[torch.Tensor, tuple[int, ...], tuple[in
         tensor.shape, tensor.device_mesh, tensor.placements
     )
     return local, tuple(int(o) for o in offsets), tuple(tensor.shape)
+
+
+def _outside_mesh(tensor: Any) -> bool:
+    """Whether this rank is outside a DTensor's mesh, and so holds no piece of it."""
+    return tensor.device_mesh.get_coordinate() is None
 
 
 def _is_dtensor(value: Any) -> bool:
@@ -152,7 +173,7 @@ class DescribeCache:
     def update(self, entries: dict[str, tuple], state: LocalState) -> None:
         """Remember this save's items; give ``state`` the fingerprints if nothing changed."""
         self._items = entries
-        others = (tuple(state.values), tuple(o.key for o in state.objects))
+        others = (tuple(state.values), tuple(o.key for o in state.objects), tuple(state.stubs))
         last = self._last
         same = (
             last is not None
@@ -186,13 +207,19 @@ def describe(
                 continue
         numpy = False
         if isinstance(leaf, np.ndarray) and leaf.dtype.kind in "biufc" and leaf.dtype != np.uint64:
+            if not leaf.dtype.isnative:  # big-endian: stored (and loaded) in native order
+                leaf = leaf.astype(leaf.dtype.newbyteorder("="))
             # not np.ascontiguousarray: it turns a 0-d array into shape (1,)
             leaf, numpy = torch.from_numpy(np.require(leaf, requirements="C")), True
         if _is_dtensor(leaf):
+            if _outside_mesh(leaf):  # no piece here: known for key validation, nothing stored
+                shape = tuple(int(s) for s in leaf.shape)
+                state.stubs.append(TensorStub(key, path, dtype_name(leaf.dtype), shape))
+                continue
             local, offsets, shape = _dtensor_piece(leaf)
         elif isinstance(leaf, torch.Tensor):
             local, offsets, shape = leaf, (0,) * leaf.dim(), tuple(leaf.shape)
-        elif isinstance(leaf, PLAIN_TYPES):
+        elif isinstance(leaf, PLAIN_TYPES) and fits_inline(leaf):
             state.values[key] = (path, encode_plain(leaf))
             continue
         else:
@@ -210,6 +237,8 @@ def describe(
             )
         if local.is_sparse or local.layout != torch.strided:
             raise StateDictError(f"tensor {key!r} has layout {local.layout}; save it dense")
+        if local.is_conj() or local.is_neg():  # lazy views: store the values they show
+            local = local.resolve_conj().resolve_neg()
         item = TensorItem(
             key=key,
             path=path,
