@@ -3,7 +3,9 @@
 One checkpoint per step lives at ``<root>/step-<step:08d>``; a step counts once
 its save committed (its ``metadata.json`` exists). The manager keeps at most
 one save in flight, deletes old checkpoints after each commit, removes what a
-crash left behind when it starts, and restores the newest committed step.
+crash left behind when it starts (once it is older than a grace period: it may
+be a save another process is still writing), and restores the newest committed
+step. Restoring never needs write access to the root.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping
 from concurrent.futures import CancelledError
 from typing import Any, Literal
@@ -18,9 +21,18 @@ from typing import Any, Literal
 from .api import load
 from .errors import CheckpointError, CheckpointNotFoundError
 from .executor import AsyncCheckpointer, SaveFuture
+from .settings import env_seconds
 from .steps import StepStore
 
 log = logging.getLogger("async_ckpt")
+
+INCOMPLETE_GRACE_S = 600.0
+"""Default age (seconds since the newest file in it was modified) before a manager
+starting up removes a step directory without metadata: a younger one may be a save
+that another live process (an orphaned worker of a killed job, another job) is still
+writing. Overridden by ``CheckpointManager(incomplete_grace_s=...)`` or the
+environment variable named by :data:`INCOMPLETE_GRACE_ENV`."""
+INCOMPLETE_GRACE_ENV = "ASYNC_CKPT_INCOMPLETE_GRACE_S"
 
 # Checkpoint ids some manager of this process is writing right now: never cleaned up.
 _IN_FLIGHT: set[str] = set()
@@ -31,6 +43,17 @@ def _positive(name: str, value: int | None) -> int | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise CheckpointError(f"{name} must be a positive integer or None, not {value!r}")
     return value
+
+
+def _grace(value: float | None) -> float:
+    """The grace period for incomplete steps: ``value``, else the environment, else the default."""
+    if value is not None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise CheckpointError(
+                f"incomplete_grace_s must be a non-negative number of seconds, not {value!r}"
+            )
+        return float(value)
+    return env_seconds(INCOMPLETE_GRACE_ENV, INCOMPLETE_GRACE_S)
 
 
 def _check_step(step: int) -> int:
@@ -53,11 +76,20 @@ class CheckpointManager:
     Checkpoints go to ``<root>/step-<step:08d>`` (a local path or an fsspec
     URL). After each commit the ``keep_last`` newest committed steps are kept
     (``None``: all), plus every step divisible by ``keep_every``; the newest
-    committed step is never deleted, whatever a later save does. On start,
-    step directories without metadata (a crash's leftovers) are removed with a
-    warning. Saves run on an :class:`AsyncCheckpointer` built from
-    ``executor``, ``process_group``, ``no_dist`` and ``checkpointer_kwargs``
-    (``on_saved``, ``stager``, ``timeout``...), or on ``checkpointer`` if given.
+    committed step is never deleted, whatever a later save does.
+
+    On start, rank 0 removes step directories without metadata (a crash's
+    leftovers) with a warning, but only those whose newest file was modified
+    more than ``incomplete_grace_s`` seconds ago (default
+    :data:`INCOMPLETE_GRACE_S`, 10 minutes, or the environment variable
+    ``ASYNC_CKPT_INCOMPLETE_GRACE_S``): a younger one may be a save another live
+    process is still writing (an orphaned worker of a killed job, another job),
+    and is kept with a warning. A clean-up that fails (a read-only root) is a
+    warning too, never an error: ``restore()`` needs no write access.
+
+    Saves run on an :class:`AsyncCheckpointer` built from ``executor``,
+    ``process_group``, ``no_dist`` and ``checkpointer_kwargs`` (``on_saved``,
+    ``stager``, ``timeout``...), or on ``checkpointer`` if given.
 
     Call its methods from the training thread. In a multi-rank job create it on
     every rank at the same point and call ``save``/``maybe_save`` on every rank
@@ -75,8 +107,10 @@ class CheckpointManager:
         process_group: Any = None,
         no_dist: bool = False,
         checkpointer: AsyncCheckpointer | None = None,
+        incomplete_grace_s: float | None = None,
         **checkpointer_kwargs: Any,
     ) -> None:
+        self.incomplete_grace_s = _grace(incomplete_grace_s)
         self.keep_last = _positive("keep_last", keep_last)
         self.keep_every = _positive("keep_every", keep_every)
         self.save_every = _positive("save_every", save_every)
@@ -110,7 +144,12 @@ class CheckpointManager:
         self._newest_saved: int | None = None  # committed last by this manager: kept
         self._closed = False
         if self.rank == 0:
-            self._remove_incomplete()
+            try:
+                self._remove_incomplete()
+            except Exception as exc:  # e.g. a root we may read but not list or change
+                log.warning(
+                    "clean-up of incomplete checkpoints under %s failed: %s", self.root, exc
+                )
 
     # ------------------------------------------------------------------- queries
     def steps(self) -> list[int]:
@@ -270,23 +309,55 @@ class CheckpointManager:
             return removed
 
     def _remove_incomplete(self) -> None:
+        """Remove step directories without metadata older than the grace period.
+
+        Failures are logged as warnings: on a read-only root the manager must
+        still start, so that ``restore()`` works.
+        """
         with _IN_FLIGHT_LOCK:
             busy = set(_IN_FLIGHT)
         for step, committed in sorted(self.store.scan().items()):
             if committed or self.store.identity(step) in busy:
                 continue
-            self.store.remove(step)
+            cid = self.store.checkpoint_id(step)
+            try:
+                mtime = self.store.info(step, False).mtime
+                age = None if mtime is None else time.time() - mtime
+                if age is None or age < self.incomplete_grace_s:
+                    log.warning(
+                        "kept incomplete checkpoint %s (no metadata.json): %s, so another "
+                        "process may still be writing it",
+                        cid,
+                        "the storage reports no modification time"
+                        if age is None
+                        else f"it was modified {age:.0f} s ago, within the grace period of "
+                        f"{self.incomplete_grace_s:g} s ({INCOMPLETE_GRACE_ENV})",
+                    )
+                    continue
+                self.store.remove(step)
+                if step in self.store.scan():  # the local removal ignores errors deep inside
+                    raise OSError(f"{cid} is still there after its removal")
+            except Exception as exc:  # OSError (EROFS, EACCES) or an fsspec backend's error
+                log.warning("could not remove incomplete checkpoint %s: %s", cid, exc)
+                continue
             log.warning(
                 "removed incomplete checkpoint %s: it has no metadata.json, so its save never "
                 "committed (left by a crash or a failed save)",
-                self.store.checkpoint_id(step),
+                cid,
             )
 
     # ------------------------------------------------------------------- restore
     def restore(
-        self, state: Mapping[str, Any], step: int | None = None, *, strict: bool = True
+        self,
+        state: Mapping[str, Any],
+        step: int | None = None,
+        *,
+        strict: bool = True,
+        allow_lossy_cast: bool = False,
     ) -> int:
         """Load the newest committed step (or ``step``) into ``state`` in place; returns the step.
+
+        ``strict`` and ``allow_lossy_cast`` are passed to :func:`async_ckpt.load`.
 
         Raises :class:`CheckpointNotFoundError` when the root holds no committed
         checkpoint (check ``latest_step()`` first to start from scratch).
@@ -300,7 +371,7 @@ class CheckpointManager:
                     "(check manager.latest_step() is not None before restoring)"
                 )
         cid = self.store.checkpoint_id(_check_step(step))
-        load(state, checkpoint_id=cid, strict=strict)
+        load(state, checkpoint_id=cid, strict=strict, allow_lossy_cast=allow_lossy_cast)
         with self._lock:
             self._last_step = step
         log.info("restored %s", cid)

@@ -8,15 +8,13 @@ may be a local path (``os`` calls) or any fsspec URL (``s3://``, ``memory://``).
 
 from __future__ import annotations
 
-import datetime
 import os
 import re
 import shutil
 from dataclasses import dataclass
-from typing import Any
 
 from .format.metadata import METADATA_FILE
-from .storage.fsspec_backend import open_filesystem
+from .storage.fsspec_backend import modified_time, open_filesystem
 
 STEP_DIR = re.compile(r"^step-(?P<step>\d{8,})$")
 
@@ -48,22 +46,6 @@ class StepInfo:
     committed: bool
     size: int
     mtime: float | None
-
-
-def _timestamp(info: dict[str, Any]) -> float | None:
-    """The modification time in an fsspec ``info`` dict, whatever the backend calls it."""
-    for name in ("mtime", "LastModified", "last_modified", "updated", "created"):
-        value = info.get(name)
-        if isinstance(value, datetime.datetime):
-            return value.timestamp()
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-            except ValueError:
-                continue
-    return None
 
 
 class StepStore:
@@ -155,7 +137,7 @@ class StepStore:
         else:
             for info in self.fs.find(path, detail=True).values():
                 size += int(info.get("size") or 0)
-                stamp = _timestamp(info)
+                stamp = modified_time(info)
                 if stamp is not None:
                     newest = stamp if newest is None else max(newest, stamp)
         return StepInfo(step, self.checkpoint_id(step), committed, size, newest)

@@ -35,7 +35,12 @@ class FailingWriter(FileSystemWriter):
 
 
 class SlowWriter(FileSystemWriter):
-    """Sleeps before each data file, so a test can act while a save is in flight."""
+    """Sleeps before each data file: a save that takes at least that long (to outlast a
+    save timeout, or to widen a window a test hopes to catch a bug in).
+
+    Never to hold a save while the test acts on it: on a loaded machine the test may
+    only get to run once the sleep is over. Hold it with :class:`StopAtWriter`.
+    """
 
     def __init__(self, checkpoint_id: str, *, delay_s: float = 1.0) -> None:
         super().__init__(checkpoint_id)
@@ -57,7 +62,7 @@ def tests_on_worker_path() -> None:
 # Each records what it did in files under a directory the test owns, because it runs in
 # the worker process.
 
-GATE_WAIT_S = 60.0  # a gate nobody opens fails the save instead of hanging the suite
+GATE_WAIT_S = 120.0  # a gate nobody opens fails the save instead of hanging the suite
 
 
 class GateNeverOpened(RuntimeError):
@@ -77,8 +82,12 @@ def _wait_at(gate: str, point: str) -> None:
         time.sleep(0.005)
 
 
-def wait_reached(gate: Path, point: str, timeout: float = 60.0) -> int:
-    """Wait until a gated writer announces ``point``; returns the pid of the process there."""
+def wait_reached(gate: Path, point: str, timeout: float = 120.0) -> int:
+    """Wait until a gated writer announces ``point``; returns the pid of the process there.
+
+    ``timeout`` only bounds a wait for a save that never gets there (a broken test): a
+    loaded machine may need long to start a worker and get the save to that point.
+    """
     reached = gate / f"{point}.reached"
     deadline = time.monotonic() + timeout
     while not reached.exists():
@@ -149,14 +158,14 @@ class StopAtWriter(FileSystemWriter):
             _wait_at(self.gate, self.point)
         return super().write_file(name, segments, block_size)
 
-    def commit(self, metadata: bytes) -> None:
+    def commit(self, metadata: bytes) -> bytes | None:
         if self._stop("before-metadata"):
             _wait_at(self.gate, self.point)
         elif self._stop("mid-commit"):
             tmp = self.path / f".metadata.json.tmp-{os.getpid()}-stopped"
             tmp.write_bytes(metadata)
             _wait_at(self.gate, self.point)
-        super().commit(metadata)
+        return super().commit(metadata)
 
 
 def _log_call(log_dir: str, name: str) -> None:
@@ -284,6 +293,13 @@ def assert_loads_exactly(path: Path, want: dict) -> None:
 def data_files(path: Path) -> set[str]:
     """Names of the ``*.data`` files in ``path`` (none when it does not exist)."""
     return {p.name for p in path.iterdir() if p.name.endswith(".data")} if path.exists() else set()
+
+
+def age_leftovers(path: Path) -> None:
+    """Make every file in ``path`` look untouched since 1970, as a killed save's leftovers
+    look once the orphan grace has passed (the next commit then sweeps them)."""
+    for entry in Path(path).iterdir():
+        os.utime(entry, (0, 0))
 
 
 def assert_only_committed_files(path: Path) -> None:

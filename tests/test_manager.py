@@ -6,9 +6,12 @@ tests/test_manager_resume.py.
 
 from __future__ import annotations
 
+import datetime
 import logging
+import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,7 @@ import torch
 
 import async_ckpt
 from async_ckpt.errors import CheckpointError, CheckpointNotFoundError
-from async_ckpt.manager import CheckpointManager
+from async_ckpt.manager import INCOMPLETE_GRACE_S, CheckpointManager
 from async_ckpt.storage.local import FileSystemWriter
 
 
@@ -30,6 +33,15 @@ def _manager(root: Any, **kwargs: Any) -> CheckpointManager:
     return CheckpointManager(root, **kwargs)
 
 
+def _age(path: Path, seconds: float = 2 * INCOMPLETE_GRACE_S) -> None:
+    """Set the modification times of ``path`` and everything below it ``seconds`` back."""
+    stamp = time.time() - seconds
+    for folder, _, names in os.walk(path):
+        for name in names:
+            os.utime(os.path.join(folder, name), (stamp, stamp))
+        os.utime(folder, (stamp, stamp))
+
+
 def _save_steps(manager: CheckpointManager, steps: range) -> None:
     for step in steps:
         manager.save(step, {"w": torch.full((64,), float(step)), "step": step})
@@ -37,21 +49,30 @@ def _save_steps(manager: CheckpointManager, steps: range) -> None:
 
 
 @pytest.fixture
-def writes(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """Control writes per step directory: ``writes["fail"]`` raises, ``writes["hold"]`` blocks."""
-    control: dict[str, Any] = {"fail": set(), "hold": {}}
+def writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """Control writes per step directory: ``writes["fail"]`` raises, ``writes["hold"]``
+    blocks until its event is set, and ``writes["reached"]`` events are set as soon as a
+    write to that step directory begins (its directory exists by then).
+
+    Held writes are let go at teardown, so no save waits on a test that failed.
+    """
+    control: dict[str, Any] = {"fail": set(), "hold": {}, "reached": {}}
     original = FileSystemWriter.write_file
 
     def write_file(self: FileSystemWriter, name: str, segments: Any, block_size: int) -> Any:
         step_dir = self.path.name
+        if step_dir in control["reached"]:
+            control["reached"][step_dir].set()
         if step_dir in control["fail"]:
             raise OSError(f"injected write failure in {step_dir}")
         if step_dir in control["hold"]:
-            control["hold"][step_dir].wait(30)
+            control["hold"][step_dir].wait(120)
         return original(self, name, segments, block_size)
 
     monkeypatch.setattr(FileSystemWriter, "write_file", write_file)
-    return control
+    yield control
+    for release in control["hold"].values():
+        release.set()
 
 
 # ------------------------------------------------------------------------------ intervals
@@ -177,9 +198,10 @@ def test_newest_committed_kept_while_newer_save_in_flight(
     with _manager(tmp_path, keep_last=1) as manager:
         _save_steps(manager, range(1, 2))
         writes["hold"]["step-00000002"] = release = threading.Event()
+        writes["reached"]["step-00000002"] = writing = threading.Event()
         manager.save(2, _state(2.0))
-        time.sleep(0.1)
-        assert (tmp_path / "step-00000002").is_dir()  # being written
+        assert writing.wait(120), "the save of step 2 never began writing"
+        assert (tmp_path / "step-00000002").is_dir()  # being written, and held there
         assert manager.retain() == []
         assert manager.steps() == [1]
         threading.Timer(0.2, release.set).start()
@@ -219,6 +241,7 @@ def test_two_ranks_share_one_root(tmp_path: Path) -> None:
     from dist_utils import run_ranks
 
     (tmp_path / "step-00000007").mkdir()  # an earlier crash's leftover
+    _age(tmp_path / "step-00000007")
     results = run_ranks(_two_rank_body, 2, str(tmp_path))
     assert results == [(0, [3], True), (1, [3], True)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000003"]
@@ -245,6 +268,7 @@ def test_incomplete_leftovers_removed_with_warning(
     leftover = tmp_path / "step-00000003"
     leftover.mkdir()
     (leftover / "0123abcd-r0-0.data").write_bytes(b"partial")
+    _age(leftover)
     (tmp_path / "notes.txt").write_text("not ours")
     (tmp_path / "step-3").mkdir()  # not a name the manager writes: left alone
     with caplog.at_level(logging.WARNING, logger="async_ckpt"):
@@ -261,11 +285,13 @@ def test_restore_after_crash_picks_newest_committed(tmp_path: Path, writes: dict
         _save_steps(manager, range(1, 3))
     (tmp_path / "step-00000003").mkdir()  # a newer save that never committed
     (tmp_path / "step-00000003" / "0123abcd-r0-0.data").write_bytes(b"partial")
+    _age(tmp_path / "step-00000003")
     # a manager on the same root is writing step 4 right now: that directory stays
     writes["hold"]["step-00000004"] = release = threading.Event()
+    writes["reached"]["step-00000004"] = writing = threading.Event()
     writer = _manager(tmp_path, keep_last=None)
     writer.save(4, _state(4.0))
-    time.sleep(0.1)
+    assert writing.wait(120), "the save of step 4 never began writing"
     with _manager(tmp_path) as manager:
         assert (tmp_path / "step-00000004").is_dir()
         assert not (tmp_path / "step-00000003").exists()
@@ -295,10 +321,12 @@ def test_fsspec_root(caplog: pytest.LogCaptureFixture) -> None:
     root = "memory://manager-test"
     fs = fsspec.filesystem("memory")
     fs.pipe_file("/manager-test/step-00000099/x.data", b"partial")
+    fs.store["/manager-test/step-00000099/x.data"].created -= datetime.timedelta(hours=1)
     with caplog.at_level(logging.WARNING, logger="async_ckpt"):
         manager = _manager(root, keep_last=2, save_every=1)
     with manager:
-        assert "step-00000099" in caplog.text
+        assert "removed incomplete checkpoint memory://manager-test/step-00000099" in caplog.text
+        assert not fs.exists("/manager-test/step-00000099/x.data")
         for step in range(1, 5):
             manager.maybe_save(step, _state(float(step)))
         manager.wait()

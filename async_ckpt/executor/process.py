@@ -10,16 +10,34 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import CancelledError
+from concurrent.futures import wait as wait_futures
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, SaveFailedError, WorkerDiedError
+from ..settings import env_seconds
 from . import wire
 from .base import Executor, SaveJob
 
 log = logging.getLogger("async_ckpt")
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+CLOSE_GRACE_S = 5.0
+"""Default time (seconds) an idle worker gets to exit after ``close()`` told it to; then
+it is killed (its own pid only). An idle worker exits at once, so only one that cannot
+run (stopped with SIGSTOP, frozen, starved) waits this long, and killing it loses
+nothing. Overridden by the environment variable named by :data:`CLOSE_GRACE_ENV`."""
+CLOSE_GRACE_ENV = "ASYNC_CKPT_CLOSE_GRACE_S"
+CLOSE_IN_FLIGHT_WAIT_S = 60.0
+"""How long ``close()`` waits for saves the worker still has in flight before it kills
+the worker anyway (``AsyncCheckpointer.close`` waits for its last save before this)."""
+
+
+def _close_grace() -> float:
+    """The grace of :data:`CLOSE_GRACE_S`, or a valid value of :data:`CLOSE_GRACE_ENV`."""
+    return env_seconds(CLOSE_GRACE_ENV, CLOSE_GRACE_S)
 
 
 def _worker_pythonpath() -> str:
@@ -37,6 +55,12 @@ class ProcessExecutor(Executor):
     then costs one small message. A worker that dies fails the in-flight save
     with :class:`WorkerDiedError` (naming its exit code); the next save starts
     a fresh worker.
+
+    ``close()`` sends what is queued, lets the worker finish the saves it has
+    in flight (up to :data:`CLOSE_IN_FLIGHT_WAIT_S`), tells it to stop and then
+    gives it :data:`CLOSE_GRACE_S` seconds (environment variable
+    ``ASYNC_CKPT_CLOSE_GRACE_S``) to exit before killing it, so a stopped or
+    frozen idle worker cannot hold up interpreter exit.
     """
 
     def __init__(self, group_spec: Any = None) -> None:
@@ -316,10 +340,36 @@ class ProcessExecutor(Executor):
             except OSError:
                 pass
         if proc is not None:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            self._stop_worker(proc)
         if self._reader is not None:
             self._reader.join(timeout=10)
+
+    def _stop_worker(self, proc: subprocess.Popen) -> None:
+        """Wait for ``proc``, told to close, to exit; kill it (only it) if it does not.
+
+        Saves it still has in flight get up to :data:`CLOSE_IN_FLIGHT_WAIT_S` to
+        finish (its replies resolve them; its death fails them), then the idle
+        worker gets the close grace: a worker that is stopped or frozen while
+        idle must not hold up ``close()`` and interpreter exit for long.
+        """
+        with self._lock:
+            in_flight = [job.future._done for job, p in self._pending.values() if p is proc]
+        if in_flight:
+            wait_futures(in_flight, timeout=CLOSE_IN_FLIGHT_WAIT_S)
+        grace = _close_grace()
+        started = time.monotonic()
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        with self._lock:
+            busy = sum(1 for _, p in self._pending.values() if p is proc)
+        log.warning(
+            "the checkpoint worker (pid %d) did not exit within %.3g s of close()%s; killing it",
+            proc.pid,
+            time.monotonic() - started,
+            f" with {busy} save(s) unfinished" if busy else f" ({CLOSE_GRACE_ENV}={grace:g})",
+        )
+        proc.kill()  # SIGKILL to this pid alone; it ends a stopped process too
+        proc.wait()
