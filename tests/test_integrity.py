@@ -46,9 +46,9 @@ def _target() -> dict:
 
 
 def _loaded_value(checkpoint_id) -> float:
-    """Load the whole checkpoint and check that every leaf came from one save."""
+    """Load the checkpoint and check that every leaf loaded came from one save."""
     target = _target()
-    async_ckpt.load(target, checkpoint_id=checkpoint_id)
+    async_ckpt.load(target, checkpoint_id=checkpoint_id, strict=False)
     value = target["value"]
     assert torch.equal(target["w"], torch.full((64, 64), value))
     assert torch.equal(target["b"], torch.full((7,), value, dtype=torch.float64))
@@ -105,8 +105,10 @@ def test_two_saves_to_one_id_at_once_leave_the_last_commit_loadable(backend, ckp
 
 def _save_repeatedly(path: str, value: float, rounds: int, start) -> None:
     start.wait()
+    # big enough that writes overlap: four data files of 2 MiB, each fsynced
+    ballast = {f"ballast{i}": torch.full((512 * 1024,), value) for i in range(4)}
     for _ in range(rounds):
-        async_ckpt.save(_state(value), checkpoint_id=path)
+        async_ckpt.save({**_state(value), **ballast}, checkpoint_id=path)
 
 
 @pytest.mark.multiprocess
@@ -252,17 +254,16 @@ def test_an_oversized_metadata_file_is_refused_before_reading(ckpt_dir, monkeypa
     async_ckpt.save(_state(1.0), checkpoint_id=ckpt_dir)
     with open(ckpt_dir / "metadata.json", "r+b") as f:
         f.truncate(1 << 30)  # sparse: 1 GiB as the file system reports it
-    reads: list[int] = []
-    real_read = os.read
-
-    def counting_read(fd, n):
-        reads.append(n)
-        return real_read(fd, n)
-
-    monkeypatch.setattr(os, "read", counting_read)
+    before = _bytes_read_by_this_process()
     with pytest.raises(MetadataError, match="above the"):
         async_ckpt.load(_target(), checkpoint_id=ckpt_dir)
-    assert reads == []
+    assert _bytes_read_by_this_process() - before < 16 << 20  # was 512 MiB read first
+
+
+def _bytes_read_by_this_process() -> int:
+    """Bytes this process read through read system calls so far (Linux)."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
 
 
 # ---------------------------------------------------------------------------- leaves as given
