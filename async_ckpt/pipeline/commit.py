@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 
 from ..errors import CheckpointError, SaveFailedError
-from ..format.metadata import Metadata, decode_metadata, encode_metadata
+from ..format.metadata import Metadata, decode_metadata, encode_metadata, listed_files
 from ..settings import env_seconds
 from ..storage.base import StorageWriter
 from ..storage.retry import RetryPolicy, call_with_retry
@@ -54,7 +54,7 @@ def _files_of(payload: bytes | None) -> set[str]:
     if payload is None:
         return set()
     try:
-        return set(decode_metadata(payload).files)
+        return listed_files(payload)
     except CheckpointError:
         return set()  # damaged: we cannot tell what it owns, so the sweep decides later
 

@@ -109,7 +109,10 @@ class FileSystemWriter(StorageWriter):
         # for writers on this host (a lock on the directory itself: no extra file).
         lock = os.open(self.path, os.O_RDONLY)
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError:  # ENOLCK and the like (some network file systems): go unlocked,
+                pass  # a racing commit's files are then left to sweep_orphans
             return self._commit_locked(metadata, tmp)
         finally:
             os.close(lock)  # releases the lock
