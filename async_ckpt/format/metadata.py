@@ -211,7 +211,19 @@ def _fail(what: str) -> MetadataError:
     return MetadataError(f"invalid checkpoint metadata: {what}")
 
 
-def _obj(value: Any, where: str, keys: set[str], optional: set[str] = frozenset()) -> dict:
+# Where a field sits, for error messages: a string, or a tuple of parts joined only
+# when an error is raised (the decoder runs per chunk of every load: no eager f-strings).
+Where = str | tuple
+
+
+def _loc(where: Where) -> str:
+    return where if isinstance(where, str) else "".join(str(p) for p in where)
+
+
+def _obj(value: Any, where: Where, keys: set[str], optional: set[str] = frozenset()) -> dict:
+    if type(value) is dict and value.keys() == keys:
+        return value  # the common case, checked in one comparison
+    where = _loc(where)
     if not isinstance(value, dict):
         raise _fail(f"{where} must be an object")
     unknown = set(value) - keys - optional
@@ -223,41 +235,41 @@ def _obj(value: Any, where: str, keys: set[str], optional: set[str] = frozenset(
     return value
 
 
-def _int(value: Any, where: str, *, minimum: int = 0) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= _MAX_INT:
-        raise _fail(f"{where} must be an integer in [{minimum}, 2**62], got {value!r}")
+def _int(value: Any, where: Where, *, minimum: int = 0) -> int:
+    if type(value) is not int or not minimum <= value <= _MAX_INT:  # bool is not int here
+        raise _fail(f"{_loc(where)} must be an integer in [{minimum}, 2**62], got {value!r}")
     return value
 
 
-def _ints(value: Any, where: str, *, max_len: int = _MAX_DIMS, minimum: int = 0) -> tuple:
+def _ints(value: Any, where: Where, *, max_len: int = _MAX_DIMS, minimum: int = 0) -> tuple:
     if not isinstance(value, list) or len(value) > max_len:
-        raise _fail(f"{where} must be a list of at most {max_len} integers")
-    # fast path (every load and pre-commit check runs this per chunk); bool is not int here
+        raise _fail(f"{_loc(where)} must be a list of at most {max_len} integers")
     if all(type(v) is int for v in value) and (
         not value or (min(value) >= minimum and max(value) <= _MAX_INT)
     ):
         return tuple(value)
+    where = _loc(where)
     return tuple(_int(v, f"{where}[{i}]", minimum=minimum) for i, v in enumerate(value))
 
 
-def _checksums(value: Any, where: str, nbytes: int, block_size: int) -> tuple[int, ...]:
+def _checksums(value: Any, where: Where, nbytes: int, block_size: int) -> tuple[int, ...]:
     expected = block_count(nbytes, block_size)
     sums = _ints(value, where, max_len=expected)
-    if len(sums) != expected or any(s >= 2**32 for s in sums):
-        raise _fail(f"{where} must hold {expected} 32-bit checksums")
+    if len(sums) != expected or (sums and max(sums) >= 2**32):
+        raise _fail(f"{_loc(where)} must hold {expected} 32-bit checksums")
     return sums
 
 
-def _file_ref(doc: dict, where: str, files: dict[str, int]) -> tuple[str, int, int]:
+def _file_ref(doc: dict, where: Where, files: dict[str, int]) -> tuple[str, int, int]:
     name = doc["file"]
     if not is_safe_file_name(name):
-        raise _fail(f"{where}.file {name!r} is not a plain file name inside the checkpoint")
+        raise _fail(f"{_loc(where)}.file {name!r} is not a plain file name inside the checkpoint")
     if name not in files:
-        raise _fail(f"{where}.file {name!r} is not listed in 'files'")
-    offset = _int(doc["offset"], f"{where}.offset")
-    nbytes = _int(doc["nbytes"], f"{where}.nbytes")
+        raise _fail(f"{_loc(where)}.file {name!r} is not listed in 'files'")
+    offset = _int(doc["offset"], (where, ".offset"))
+    nbytes = _int(doc["nbytes"], (where, ".nbytes"))
     if offset + nbytes > files[name]:
-        raise _fail(f"{where} range [{offset}, {offset + nbytes}) exceeds {name}'s size")
+        raise _fail(f"{_loc(where)} range [{offset}, {offset + nbytes}) exceeds {name}'s size")
     return name, offset, nbytes
 
 
@@ -270,27 +282,31 @@ def _path(value: Any, where: str) -> KeyPath:
     return tuple(value)
 
 
+_TENSOR_FIELDS = frozenset({"kind", "path", "dtype", "shape", "chunks"})
+_CHUNK_FIELDS = frozenset({"offsets", "sizes", "file", "offset", "nbytes", "checksums"})
+
+
 def _decode_tensor(doc: dict, where: str, files: dict[str, int], block_size: int) -> TensorEntry:
-    doc = _obj(doc, where, {"kind", "path", "dtype", "shape", "chunks"})
+    doc = _obj(doc, where, _TENSOR_FIELDS)
     dtype = dtype_from_name(doc["dtype"])
-    shape = _ints(doc["shape"], f"{where}.shape")
+    shape = _ints(doc["shape"], (where, ".shape"))
     size = itemsize(dtype)
     if not isinstance(doc["chunks"], list) or len(doc["chunks"]) > 1_000_000:
         raise _fail(f"{where}.chunks must be a list")
     chunks = []
     for i, raw in enumerate(doc["chunks"]):
-        cw = f"{where}.chunks[{i}]"
-        raw = _obj(raw, cw, {"offsets", "sizes", "file", "offset", "nbytes", "checksums"})
-        offsets = _ints(raw["offsets"], f"{cw}.offsets")
-        sizes = _ints(raw["sizes"], f"{cw}.sizes")
+        cw = (where, ".chunks[", i, "]")
+        raw = _obj(raw, cw, _CHUNK_FIELDS)
+        offsets = _ints(raw["offsets"], (*cw, ".offsets"))
+        sizes = _ints(raw["sizes"], (*cw, ".sizes"))
         if len(offsets) != len(shape) or len(sizes) != len(shape):
-            raise _fail(f"{cw} has {len(offsets)}-d offsets for a {len(shape)}-d tensor")
+            raise _fail(f"{_loc(cw)} has {len(offsets)}-d offsets for a {len(shape)}-d tensor")
         if any(o + s > d for o, s, d in zip(offsets, sizes, shape, strict=True)):
-            raise _fail(f"{cw} lies outside the tensor's shape {list(shape)}")
+            raise _fail(f"{_loc(cw)} lies outside the tensor's shape {list(shape)}")
         name, offset, nbytes = _file_ref(raw, cw, files)
         if nbytes != math.prod(sizes) * size:
-            raise _fail(f"{cw}.nbytes {nbytes} does not match sizes {list(sizes)} of {dtype}")
-        sums = _checksums(raw["checksums"], f"{cw}.checksums", nbytes, block_size)
+            raise _fail(f"{_loc(cw)}.nbytes {nbytes} does not match sizes {list(sizes)} of {dtype}")
+        sums = _checksums(raw["checksums"], (*cw, ".checksums"), nbytes, block_size)
         chunks.append(Chunk(offsets, sizes, name, offset, nbytes, sums))
     # Chunks lie inside the shape (checked above); equal volume and no overlap mean
     # every element is written exactly once.
@@ -343,6 +359,8 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _check_disjoint(chunks: list[Chunk], where: str) -> None:
     """Chunks must not overlap: an overlap leaves other elements of the tensor unwritten."""
+    if len(chunks) < 2:
+        return
     ordered = sorted(chunks, key=lambda c: c.offsets)
     for i, a in enumerate(ordered):
         for b in ordered[i + 1 :]:
