@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint format bench bench-full clean
+.PHONY: venv demo test test-busy lint format bench bench-full clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,10 @@ format: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q
+
+# The suite 3 times under one CPU hog per core, to catch tests that synchronise by time.
+test-busy: $(STAMP)
+	$(PY) tests/busy.py --repeat 3 -- $(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --size 1GiB --repeats 5

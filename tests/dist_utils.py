@@ -48,9 +48,12 @@ def _entry(
 
 
 def run_ranks(
-    fn: Callable, world_size: int, *args: Any, timeout: float = 120, reporting: int | None = None
+    fn: Callable, world_size: int, *args: Any, timeout: float = 240, reporting: int | None = None
 ) -> list[Any]:
     """``fn(rank, world_size, *args)`` on each rank; returns results by rank or raises.
+
+    ``timeout`` bounds the wait for each rank's report: only a rank that hangs reaches
+    it, so it is generous (ranks and their workers share the CPUs of a busy machine).
 
     ``reporting`` is how many ranks are expected to report (fewer when a test
     kills a rank on purpose); missing ranks give None.

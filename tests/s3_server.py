@@ -70,7 +70,7 @@ REGION = "eu-west-1"  # not us-east-1: s3fs.mkdir(bucket) sends LocationConstrai
 # which S3 (and moto) reject for us-east-1
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"
-_START_TIMEOUT_S = 60.0
+_START_TIMEOUT_S = 120.0  # only for a server that never answers; moto imports slowly when busy
 _bucket_counter = itertools.count()
 
 

@@ -194,16 +194,19 @@ def test_cancel_commits_nothing(tmp_path, gate, executor):
 
 
 @pytest.mark.parametrize("executor", [PROCESS, "thread"])
-def test_cancel_while_staging_commits_nothing(tmp_path, executor):
-    # async staging: cancelled (most likely) before the snapshot reached the executor.
+def test_cancel_while_staging_commits_nothing(tmp_path, gate, executor):
+    # async staging: cancelled (most likely) before the snapshot reached the executor;
+    # the write is held all the same, so however slow this thread is the save cannot
+    # have committed before the cancel.
     sd = {f"w{i}": torch.randn(1 << 20) for i in range(16)}  # 64 MiB
     stager = async_ckpt.Stager(StagerOptions(async_staging=True))
     with AsyncCheckpointer(executor=executor, stager=stager) as ck:
-        fut = ck.save(sd, storage_writer=writer(tmp_path / "x"))
-        fut.cancel()
+        fut = ck.save(sd, storage_writer=held_writer(tmp_path / "x", gate))
+        assert fut.cancel() is True
         with pytest.raises(CancelledError):
-            fut.result(timeout=60)
-        ck.save(sd, storage_writer=writer(tmp_path / "y")).result(timeout=60)
+            fut.result(timeout=120)
+        (gate / "release").touch()  # a write that got as far as the gate goes on; no commit
+        ck.save(sd, storage_writer=writer(tmp_path / "y")).result(timeout=120)
     stager.close()
     assert not (tmp_path / "x" / "metadata.json").exists()
     assert (tmp_path / "y" / "metadata.json").exists()

@@ -85,9 +85,11 @@ def _check_methods(result: dict[str, Any]) -> None:
     assert {t["target"] for t in result["targets"]}
 
 
-@pytest.mark.timeout(180)
+# The timeouts only catch a hung benchmark: about a minute on a quiet 2-core machine,
+# it took over 170 s there with every core busy (tests/busy.py).
+@pytest.mark.timeout(600)
 def test_bench_smoke(tmp_path: Path) -> None:
-    _check_methods(_run(tmp_path, timeout=170))
+    _check_methods(_run(tmp_path, timeout=580))
 
 
 @pytest.mark.soak

@@ -24,35 +24,36 @@ def test_start_with_state_allocates_arenas_before_the_first_save(tmp_path):
     assert torch.equal(target["w"], state["w"]) and target["step"] == 1
 
 
-def test_cancel_marks_the_future_cancelled_and_commits_nothing(tmp_path):
-    from faulty_storage import SlowWriter
+def test_cancel_marks_the_future_cancelled_and_commits_nothing(tmp_path, gate):
+    from faulty_storage import StopAtWriter
 
     with ac.AsyncCheckpointer(executor="thread") as ckpt:
-        fut = ckpt.save(
-            {"w": torch.ones(8)}, storage_writer=SlowWriter(tmp_path / "c", delay_s=1.0)
-        )
+        # Its write waits for the gate: the save cannot finish before the cancel.
+        held = StopAtWriter(tmp_path / "c", gate=gate, point="before-write")
+        fut = ckpt.save({"w": torch.ones(8)}, storage_writer=held)
         assert fut.cancel()
         assert fut.cancelled() and fut.done()
         with pytest.raises(concurrent.futures.CancelledError):
-            fut.result(timeout=10)
-        ckpt.save({"w": torch.ones(8)}, checkpoint_id=tmp_path / "next").result(timeout=30)
+            fut.result(timeout=120)
+        (gate / "release").touch()  # the cancelled write may go on; it must not commit
+        ckpt.save({"w": torch.ones(8)}, checkpoint_id=tmp_path / "next").result(timeout=120)
     with pytest.raises((ac.IncompleteCheckpointError, ac.CheckpointNotFoundError)):
         ac.load({"w": torch.zeros(8)}, checkpoint_id=tmp_path / "c")
 
 
-def test_if_busy_raise_counts_free_buffers_not_the_option(tmp_path):
-    from faulty_storage import SlowWriter
+def test_if_busy_raise_counts_free_buffers_not_the_option(tmp_path, gate):
+    from faulty_storage import StopAtWriter
+
+    def held(name):  # its write waits for the gate, so its buffer stays in use till then
+        return StopAtWriter(tmp_path / name, gate=gate, point="before-write")
 
     stager = ac.Stager(num_buffers=2)
     with ac.AsyncCheckpointer(executor="thread", stager=stager, if_busy="raise") as ckpt:
-        first = ckpt.save(
-            {"w": torch.ones(8)}, storage_writer=SlowWriter(tmp_path / "a", delay_s=1.5)
-        )
-        second = ckpt.save(
-            {"w": torch.ones(8)}, storage_writer=SlowWriter(tmp_path / "b", delay_s=1.5)
-        )
+        first = ckpt.save({"w": torch.ones(8)}, storage_writer=held("a"))
+        second = ckpt.save({"w": torch.ones(8)}, storage_writer=held("b"))
         with pytest.raises(ac.SaveInProgressError):
             ckpt.save({"w": torch.ones(8)}, checkpoint_id=tmp_path / "c")
-        first.result(timeout=30)
-        second.result(timeout=30)
+        (gate / "release").touch()
+        first.result(timeout=120)
+        second.result(timeout=120)
     stager.close()

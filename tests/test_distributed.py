@@ -117,10 +117,11 @@ def test_reshard(tmp_path, save_ranks, save_place, load_ranks, load_place):
 
 def _mismatch_body(rank, world_size, root, executor):
     sd = {"w": torch.ones(3), ("abc" if rank == 0 else "def"): torch.rand(1)}
-    with ac.AsyncCheckpointer(executor=executor, group_timeout=30) as ckpt:
+    # group_timeout only bounds the wait for a peer that never comes: both ranks save
+    with ac.AsyncCheckpointer(executor=executor, group_timeout=120) as ckpt:
         fut = ckpt.save(sd, checkpoint_id=f"{root}/bad")
         with pytest.raises(ac.RankMismatchError) as info:
-            fut.result(timeout=60)
+            fut.result(timeout=120)
     return str(info.value)
 
 
@@ -176,14 +177,15 @@ def _failing_rank_body(rank, world_size, root):
         if False
         else {"w": torch.ones(1000)}
     )
-    with ac.AsyncCheckpointer(group_timeout=30) as ckpt:
+    # group_timeout only bounds the wait for a peer that never comes: both ranks save
+    with ac.AsyncCheckpointer(group_timeout=120) as ckpt:
         ckpt.save(sd, checkpoint_id=f"{root}/good").result()
         writer = FailingWriter(f"{root}/good", fail_ranks=(1,))
         fut = ckpt.save({"w": torch.ones(1000) * 5, "x": torch.ones(2000)}, storage_writer=writer)
         with pytest.raises(ac.SaveFailedError) as info:
-            fut.result(timeout=60)
+            fut.result(timeout=120)
         # the next save works again, with fresh workers
-        ckpt.save(sd, checkpoint_id=f"{root}/after").result(timeout=60)
+        ckpt.save(sd, checkpoint_id=f"{root}/after").result(timeout=120)
     return str(info.value)
 
 

@@ -21,8 +21,8 @@ import psutil
 import pytest
 from faulty_storage import (
     StopAtWriter,
-    assert_loads_exactly,
     age_leftovers,
+    assert_loads_exactly,
     assert_only_committed_files,
     clone,
     committed,

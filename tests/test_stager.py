@@ -132,12 +132,13 @@ def test_one_buffer_waits_for_the_lease(stager_factory):
 
     thread = threading.Thread(target=second_stage, daemon=True)
     thread.start()
-    assert started.wait(10)
+    assert started.wait(120)
+    # A little time for a wrong stage() to return; it cannot fail a right one.
     assert not returned.wait(0.3), "the second stage did not wait for the first lease"
     assert_staged(first, tensors, first_expected)  # not overwritten while leased
     order.append("released")
     first.release()
-    thread.join(30)
+    thread.join(120)
     assert order == ["released", "second staged"]
     assert box["snap"].waves[0].buffer == first.waves[0].buffer
     assert_staged(box["snap"], tensors, second_expected)
@@ -155,7 +156,7 @@ def test_two_buffers_let_the_next_stage_proceed(stager_factory):
     box = {}
     thread = threading.Thread(target=lambda: box.update(snap=stager.stage(state, tensors)))
     thread.start()
-    thread.join(30)
+    thread.join(120)  # returns as soon as the stage does; a blocked one never does
     assert not thread.is_alive(), "the second stage blocked although a buffer was free"
     second = box["snap"]
     assert second.waves[0].buffer != first.waves[0].buffer

@@ -7,7 +7,7 @@ from concurrent.futures import CancelledError
 
 import pytest
 import torch
-from faulty_storage import FailingWriter, SlowWriter, tests_on_worker_path
+from faulty_storage import FailingWriter, SlowWriter, StopAtWriter, tests_on_worker_path
 from helpers import read_meta
 
 import async_ckpt
@@ -129,17 +129,20 @@ def test_saves_under_a_budget_load_bit_exact(tmp_path, executor, num_buffers, as
 
 
 class EventGatedWriter(FileSystemWriter):
-    """Holds the first data file until ``gate`` opens (thread executor: same process)."""
+    """Holds the first data file until ``gate`` opens (thread executor: same process);
+    ``reached`` is set once that write has begun."""
 
     def __init__(self, checkpoint_id: str, gate: threading.Event) -> None:
         super().__init__(checkpoint_id)
         self.gate = gate
+        self.reached = threading.Event()
         self.files: list[str] = []
 
     def write_file(self, name, segments, block_size):
         self.files.append(name)
         if len(self.files) == 1:
-            assert self.gate.wait(60), "the test never opened the gate"
+            self.reached.set()
+            assert self.gate.wait(120), "the test never opened the gate"
         return super().write_file(name, segments, block_size)
 
 
@@ -158,11 +161,15 @@ def test_save_waits_for_storage_when_the_state_exceeds_the_budget(tmp_path):
 
         thread = threading.Thread(target=save)
         thread.start()
+        assert writer.reached.wait(120), "the first wave was never written"
+        # The first wave's write is held: save() must still be staging the next wave.
+        # (Waiting a little gives a wrong save() the chance to return; it cannot make
+        # a right one fail, however slow the machine.)
         assert not returned.wait(0.5), "save() returned while its first wave was unwritten"
         gate.set()
-        assert returned.wait(60)
+        assert returned.wait(120)
         thread.join()
-        box["future"].result(timeout=60)
+        box["future"].result(timeout=120)
     assert len(writer.files) > 2  # each wave wrote its own data files
     loaded = zeros_like_state(big_state())
     async_ckpt.load(loaded, checkpoint_id=tmp_path / "ckpt")
@@ -222,17 +229,21 @@ def test_async_staging_in_parts_loads_bit_exact(tmp_path, executor):
 
 
 @pytest.mark.parametrize("executor", ["thread", "process"])
-def test_cancelling_a_save_mid_waves_frees_the_buffers(tmp_path, executor):
+def test_cancelling_a_save_mid_waves_frees_the_buffers(tmp_path, gate, executor):
     tests_on_worker_path()
     stager = Stager(max_staging_bytes=BUDGET, num_buffers=2, async_staging=True)
     with AsyncCheckpointer(executor=executor, stager=stager) as ckpt:
-        slow = SlowWriter(str(tmp_path / "slow"), delay_s=0.3)
-        future = ckpt.save(big_state(), storage_writer=slow)
+        # The first wave's write waits for the gate: the cancel comes mid-waves however
+        # slow this thread is.
+        held = StopAtWriter(str(tmp_path / "slow"), gate=gate, point="before-write")
+        future = ckpt.save(big_state(), storage_writer=held)
         assert future.cancel()
         with pytest.raises(CancelledError):
-            future.result(timeout=60)
+            future.result(timeout=120)
         assert not (tmp_path / "slow" / "metadata.json").exists()
-        ckpt.save(big_state(2), checkpoint_id=tmp_path / "next").result(timeout=60)
+        (gate / "release").touch()  # a thread executor's write goes on; it must not commit
+        ckpt.save(big_state(2), checkpoint_id=tmp_path / "next").result(timeout=120)
+    assert not (tmp_path / "slow" / "metadata.json").exists()
     loaded = zeros_like_state(big_state(2))
     async_ckpt.load(loaded, checkpoint_id=tmp_path / "next")
     assert_state_equal(loaded, big_state(2))
