@@ -5,7 +5,7 @@ process that plans, validates, writes and commits atomically, and keep
 training. See README.md and docs/.
 """
 
-from .api import assert_same_keys, load, save
+from .api import assert_same_keys, async_save, close_async_saves, load, save
 from .errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -28,7 +28,7 @@ from .errors import (
     UnsafeObjectError,
     WorkerDiedError,
 )
-from .executor import AsyncCheckpointer, SaveFuture, SaveStats, async_save, close_async_saves
+from .executor import AsyncCheckpointer, SaveFuture, SaveStats
 from .format.metadata import Metadata
 from .format.objects import allow_class, allow_global
 from .manager import CheckpointManager

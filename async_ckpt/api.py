@@ -1,25 +1,28 @@
-"""The public entry points: ``save``, ``load`` and ``assert_same_keys``.
+"""The public entry points: ``save``, ``async_save``, ``load`` and ``assert_same_keys``.
 
 Keyword names follow torch.distributed.checkpoint, so moving from DCP is an
-import change. ``async_save`` and ``AsyncCheckpointer`` live in
-:mod:`async_ckpt.executor`.
+import change. Wiring only: ``async_save`` hands the state to a shared
+:class:`~async_ckpt.executor.AsyncCheckpointer`, ``save`` and ``load`` run the
+pipeline on the caller's thread.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from .distributed import caller_comm
-from .flatten import flatten
+from .dist.ranks import caller_comm
+from .executor import AsyncCheckpointer, SaveFuture
 from .format.metadata import Metadata
 from .pipeline.load import LoadResult, run_load
 from .pipeline.save import run_save
-from .planning.items import describe, tensor_bytes
 from .planning.plan import Planner, check_same_keys
+from .staging import Stager
+from .state.describe import describe, tensor_bytes
+from .state.flatten import flatten
 from .storage.base import StorageReader, StorageWriter
 from .storage.detect import detect_reader, detect_writer
 
@@ -51,6 +54,47 @@ def save(
     state, tensors = describe(flatten(state_dict))
     sources = [tensor_bytes(_contiguous_cpu(t)) for t in tensors]
     return run_save(state, sources, writer, caller_comm(process_group, no_dist), Planner())
+
+
+_DEFAULT: dict[tuple, AsyncCheckpointer] = {}
+
+
+def async_save(
+    state_dict: Mapping[str, Any],
+    *,
+    checkpoint_id: Any = None,
+    storage_writer: StorageWriter | None = None,
+    process_group: Any = None,
+    no_dist: bool = False,
+    executor: Literal["process", "thread"] = "process",
+    stager: Stager | None = None,
+) -> SaveFuture:
+    """Save ``state_dict`` in the background; returns once the state is staged.
+
+    Uses one module-wide :class:`AsyncCheckpointer` per (executor, group,
+    stager), so repeated calls reuse the same worker and staging memory. Await
+    the returned future before the next save of the same state.
+    """
+    key = (executor, id(process_group), no_dist, id(stager))
+    ckpt = _DEFAULT.get(key)
+    if ckpt is None or ckpt._closed:
+        ckpt = AsyncCheckpointer(
+            executor=executor, stager=stager, process_group=process_group, no_dist=no_dist
+        )
+        _DEFAULT[key] = ckpt
+    return ckpt.save(state_dict, checkpoint_id=checkpoint_id, storage_writer=storage_writer)
+
+
+def close_async_saves() -> None:
+    """Finish pending ``async_save`` calls and stop their shared workers and buffers.
+
+    ``async_save`` keeps one checkpointer per configuration for the life of the
+    process (they also close at exit). Call this to free that memory early; a
+    later ``async_save`` starts a fresh one.
+    """
+    while _DEFAULT:
+        _, ckpt = _DEFAULT.popitem()
+        ckpt.close()
 
 
 def load(

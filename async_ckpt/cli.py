@@ -21,7 +21,7 @@ from .errors import (
     StorageDetectionError,
 )
 from .format.metadata import decode_metadata
-from .steps import StepStore
+from .manager_root import StepStore
 from .storage.detect import detect_reader
 
 PROG = "async-ckpt"
@@ -52,7 +52,7 @@ def _read_metadata(checkpoint_id: str):
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .tools.inspect import summary, tree_lines
+    from .tools.report import summary, tree_lines
 
     meta = _read_metadata(args.checkpoint_id)
     if args.json:
@@ -64,7 +64,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .tools.inspect import human_bytes
+    from .tools.report import human_bytes
     from .tools.verify import verify_checkpoint
 
     _read_metadata(args.checkpoint_id)  # a manager root gets the helpful message
@@ -86,7 +86,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from .tools.inspect import steps_lines
+    from .tools.report import steps_lines
 
     store = StepStore(args.root)
     if not store.exists():

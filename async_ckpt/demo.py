@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .manager import CheckpointManager
-from .tools.inspect import human_bytes, steps_lines
+from .tools.report import human_bytes, steps_lines
 
 CRASH_EXIT = 3
 FEATURES, HIDDEN, BATCH, SAMPLES = 32, 256, 64, 4096
@@ -236,7 +236,7 @@ def _run_all(args: argparse.Namespace) -> int:
         return 1
     _wait_gone(Path(args.dir) / "worker.pid")
     print("\non disk after the crash (`async-ckpt ls`):", flush=True)
-    from .steps import StepStore
+    from .manager_root import StepStore
 
     for line in steps_lines(f"{args.dir}/ckpts", StepStore(Path(args.dir) / "ckpts").infos()):
         print(f"  {line}" if line else "", flush=True)

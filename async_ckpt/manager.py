@@ -21,8 +21,8 @@ from typing import Any, Literal
 from .api import load
 from .errors import CheckpointError, CheckpointNotFoundError
 from .executor import AsyncCheckpointer, SaveFuture
+from .manager_root import StepStore
 from .settings import env_seconds
-from .steps import StepStore
 
 log = logging.getLogger("async_ckpt")
 

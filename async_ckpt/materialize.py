@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from .flatten import KeyPath, key_of
 from .format.dtypes import dtype_from_name
 from .format.metadata import Metadata, TensorEntry, decode_metadata
 from .pipeline.load import run_load
+from .state.flatten import KeyPath, key_of
 from .storage.base import StorageReader
 from .storage.detect import detect_reader
 

@@ -24,9 +24,9 @@ import torch.multiprocessing as mp
 
 
 def _rank(rank: int, world: int, init_file: str, items: int, calls: int, queue: Any) -> None:
-    from async_ckpt.planning.comm import GroupComm
-    from async_ckpt.planning.items import LocalState, TensorItem
+    from async_ckpt.dist.comm import GroupComm
     from async_ckpt.planning.plan import Planner
+    from async_ckpt.state.model import LocalState, TensorItem
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

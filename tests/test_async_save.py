@@ -247,7 +247,7 @@ def test_if_busy_wait_queues_behind_a_running_save(ckpt, tmp_path, gate):
 
 @pytest.mark.multiprocess
 def test_async_save_function_returns_a_future(tmp_path):
-    from async_ckpt.executor import checkpointer
+    from async_ckpt import api as checkpointer
 
     sd = {"w": torch.arange(10.0), "epoch": 3}
     try:

@@ -13,9 +13,9 @@ from helpers import read_meta, tensor_bytes, write_meta
 
 import async_ckpt
 from async_ckpt.cli import main
-from async_ckpt.flatten import flatten
 from async_ckpt.manager import CheckpointManager
 from async_ckpt.materialize import materialize
+from async_ckpt.state.flatten import flatten
 
 
 def _state() -> dict[str, Any]:

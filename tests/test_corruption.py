@@ -20,11 +20,11 @@ from async_ckpt import (
     StateDictError,
     UnsafeObjectError,
 )
-from async_ckpt.flatten import flatten
+from async_ckpt.dist.comm import LocalComm
 from async_ckpt.pipeline.save import run_save
-from async_ckpt.planning.comm import LocalComm
-from async_ckpt.planning.items import describe, tensor_bytes
 from async_ckpt.planning.plan import Planner
+from async_ckpt.state.describe import describe, tensor_bytes
+from async_ckpt.state.flatten import flatten
 
 
 class CreatesMarker:

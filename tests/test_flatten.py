@@ -7,8 +7,8 @@ import torch
 
 import async_ckpt
 from async_ckpt import StateDictError, UnsafeObjectError
-from async_ckpt.flatten import flatten, key_of
 from async_ckpt.format import objects
+from async_ckpt.state.flatten import flatten, key_of
 
 
 class NotAllowListed:

@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 import torch
 
+from async_ckpt.dist.comm import GroupComm, LocalComm
 from async_ckpt.errors import RankMismatchError, SaveFailedError
-from async_ckpt.planning.comm import GroupComm, LocalComm
-from async_ckpt.planning.items import LocalState, TensorItem
 from async_ckpt.planning.plan import Planner, check_same_keys
+from async_ckpt.state.model import LocalState, TensorItem
 
 
 def _state(n: int = 3, rank: int = 0, world: int = 1, extra: str | None = None) -> LocalState:
@@ -106,7 +106,7 @@ def test_key_mismatch_reports_each_rank() -> None:
 
 
 def test_group_comm_collective_error_is_save_failed(monkeypatch: pytest.MonkeyPatch) -> None:
-    import async_ckpt.planning.comm as comm_mod
+    import async_ckpt.dist.comm as comm_mod
 
     comm = GroupComm.__new__(GroupComm)  # no process group needed: the collective is faked
     comm.group, comm.rank, comm.world_size, comm.collective_count = None, 0, 2, 0

@@ -6,8 +6,8 @@ import torch
 
 import async_ckpt
 from async_ckpt import AsyncCheckpointer, Stager
-from async_ckpt.flatten import flatten
-from async_ckpt.planning.items import DescribeCache, describe
+from async_ckpt.state.describe import DescribeCache, describe
+from async_ckpt.state.flatten import flatten
 
 
 def test_describe_cache_reuses_items_of_unchanged_tensors():

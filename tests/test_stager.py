@@ -13,8 +13,8 @@ from torch import nn
 
 import async_ckpt
 from async_ckpt import FileSystemWriter, Stager, StagerOptions
-from async_ckpt.flatten import flatten
-from async_ckpt.planning.items import describe
+from async_ckpt.state.describe import describe
+from async_ckpt.state.flatten import flatten
 
 MiB = 1 << 20
 

@@ -12,10 +12,10 @@ from helpers import read_meta
 
 import async_ckpt
 from async_ckpt import AsyncCheckpointer, CheckpointError, Stager, StagerOptions
-from async_ckpt.flatten import flatten
-from async_ckpt.planning.items import describe
 from async_ckpt.staging.arena import align
 from async_ckpt.staging.layout import buffer_capacity, plan_layout, split_to_fit
+from async_ckpt.state.describe import describe
+from async_ckpt.state.flatten import flatten
 from async_ckpt.storage.local import FileSystemWriter
 
 KiB = 1 << 10

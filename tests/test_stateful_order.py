@@ -14,7 +14,7 @@ import torch.distributed as dist
 from dist_utils import run_ranks
 
 import async_ckpt as ac
-from async_ckpt.flatten import flatten
+from async_ckpt.state.flatten import flatten
 
 pytestmark = pytest.mark.multiprocess
 

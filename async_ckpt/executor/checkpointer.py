@@ -1,4 +1,4 @@
-"""AsyncCheckpointer and async_save: stage, hand off, return a future."""
+"""AsyncCheckpointer: stage, hand off to an executor, return a future."""
 
 from __future__ import annotations
 
@@ -11,17 +11,17 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-from ..distributed import use_distributed
+from ..dist.group import DEFAULT_TIMEOUT_S, WorkerGroup, thread_comm
+from ..dist.ranks import use_distributed
 from ..errors import CheckpointError, SaveInProgressError, SaveTimeoutError
-from ..flatten import flatten
-from ..planning.items import DescribeCache, describe
 from ..staging.snapshot import Snapshot
 from ..staging.stager import Stager
+from ..state.describe import DescribeCache, describe
+from ..state.flatten import flatten
 from ..storage.base import StorageWriter
 from ..storage.detect import detect_writer
 from .base import Executor, SaveJob
 from .future import AwaitableFuture, SaveFuture, SaveStats
-from .group import DEFAULT_TIMEOUT_S, WorkerGroup, thread_comm
 from .process import ProcessExecutor
 from .thread import ThreadExecutor
 
@@ -270,44 +270,3 @@ def _close_all() -> None:
             ckpt.close()
         except Exception:
             pass
-
-
-_DEFAULT: dict[tuple, AsyncCheckpointer] = {}
-
-
-def async_save(
-    state_dict: Mapping[str, Any],
-    *,
-    checkpoint_id: Any = None,
-    storage_writer: StorageWriter | None = None,
-    process_group: Any = None,
-    no_dist: bool = False,
-    executor: Literal["process", "thread"] = "process",
-    stager: Stager | None = None,
-) -> SaveFuture:
-    """Save ``state_dict`` in the background; returns once the state is staged.
-
-    Uses one module-wide :class:`AsyncCheckpointer` per (executor, group,
-    stager), so repeated calls reuse the same worker and staging memory. Await
-    the returned future before the next save of the same state.
-    """
-    key = (executor, id(process_group), no_dist, id(stager))
-    ckpt = _DEFAULT.get(key)
-    if ckpt is None or ckpt._closed:
-        ckpt = AsyncCheckpointer(
-            executor=executor, stager=stager, process_group=process_group, no_dist=no_dist
-        )
-        _DEFAULT[key] = ckpt
-    return ckpt.save(state_dict, checkpoint_id=checkpoint_id, storage_writer=storage_writer)
-
-
-def close_async_saves() -> None:
-    """Finish pending ``async_save`` calls and stop their shared workers and buffers.
-
-    ``async_save`` keeps one checkpointer per configuration for the life of the
-    process (they also close at exit). Call this to free that memory early; a
-    later ``async_save`` starts a fresh one.
-    """
-    while _DEFAULT:
-        _, ckpt = _DEFAULT.popitem()
-        ckpt.close()

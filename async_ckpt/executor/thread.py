@@ -8,8 +8,8 @@ from concurrent.futures import CancelledError, ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
+from ..dist.comm import Comm
 from ..pipeline.save import SaveTimings, WaveData, run_save
-from ..planning.comm import Comm
 from ..planning.plan import Planner
 from .base import Executor, SaveJob
 

@@ -9,7 +9,6 @@ arena, and reports back. It runs at lower CPU and I/O priority than training.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import pickle
 import socket
@@ -19,9 +18,10 @@ import traceback
 from collections.abc import Iterator
 from typing import Any
 
+from ..dist.comm import Comm, LocalComm
+from ..dist.group import connect_group
 from ..errors import SaveFailedError
 from ..pipeline.save import SaveTimings, WaveData, run_save
-from ..planning.comm import Comm, GroupComm, LocalComm
 from ..planning.plan import Planner
 from ..staging.arena import Arena
 from ..staging.snapshot import item_views
@@ -40,30 +40,6 @@ def lower_priority() -> None:
         psutil.Process().ionice(psutil.IOPRIO_CLASS_BE, 7)
     except (ImportError, AttributeError, OSError, ValueError):
         pass
-
-
-def connect_group(spec: dict[str, Any]) -> Comm:
-    """Join the workers' own gloo group through the job's store (never the training group)."""
-    import torch.distributed as dist
-
-    timeout = datetime.timedelta(seconds=spec["timeout_s"])
-    try:
-        store = dist.TCPStore(spec["host"], spec["port"], is_master=False, timeout=timeout)
-        prefixed = dist.PrefixStore(spec["prefix"], store)
-        dist.init_process_group(
-            "gloo",
-            store=prefixed,
-            rank=spec["rank"],
-            world_size=spec["world_size"],
-            timeout=timeout,
-        )
-    except Exception as exc:
-        raise SaveFailedError(
-            f"rank {spec['rank']}: the checkpoint workers of {spec['world_size']} ranks did not "
-            f"all meet within {spec['timeout_s']} s ({type(exc).__name__}: {exc}); a rank "
-            "probably died or never called save. Nothing was committed."
-        ) from exc
-    return GroupComm(None)
 
 
 def _portable_error(exc: BaseException) -> BaseException:

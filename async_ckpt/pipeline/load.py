@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..errors import (
@@ -22,15 +21,14 @@ from ..errors import (
     ChecksumMismatchError,
     CorruptCheckpointError,
     KeyMismatchError,
-    ShapeMismatchError,
     StateDictError,
 )
-from ..flatten import Flat, flatten, key_of, set_leaf
 from ..format.checksum import block_checksums
-from ..format.dtypes import dtype_from_name, dtype_name, is_lossless_cast, itemsize
-from ..format.metadata import Chunk, Metadata, ObjectEntry, TensorEntry, decode_metadata
-from ..format.objects import decode_plain, loads_object
-from ..planning.items import _dtensor_piece, _is_dtensor, _outside_mesh
+from ..format.dtypes import dtype_from_name, itemsize
+from ..format.metadata import Chunk, Metadata, TensorEntry, decode_metadata
+from ..format.objects import loads_object
+from ..planning.read_plan import ReadPlan, Target, match_keys, overlap, plan_reads, read_groups
+from ..state.flatten import flatten, set_leaf
 from ..storage.base import StorageReader
 
 DEFAULT_READ_THREADS = 4
@@ -43,14 +41,6 @@ class LoadResult:
 
     missing_keys: list[str] = field(default_factory=list)
     unexpected_keys: list[str] = field(default_factory=list)
-
-
-@dataclass
-class _Target:
-    key: str
-    tensor: torch.Tensor  # where the bytes go (the caller's tensor, or a local shard)
-    offsets: tuple[int, ...]  # its place in the stored tensor
-    entry: TensorEntry
 
 
 def verify_blocks(
@@ -67,24 +57,16 @@ def verify_blocks(
             )
 
 
-def _overlap(a_off, a_size, b_off, b_size) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-    lo = [max(a, b) for a, b in zip(a_off, b_off, strict=True)]
-    hi = [min(a + s, b + t) for a, s, b, t in zip(a_off, a_size, b_off, b_size, strict=True)]
-    if any(h <= lo_ for lo_, h in zip(lo, hi, strict=True)):
-        return None
-    return tuple(lo), tuple(h - lo_ for lo_, h in zip(lo, hi, strict=True))
-
-
 def _read_chunk_part(
     reader: StorageReader,
-    target: _Target,
+    target: Target,
     chunk: Chunk,
     meta: Metadata,
     verify: bool,
 ) -> None:
     """Copy the part of ``chunk`` that overlaps ``target`` into the target tensor."""
     entry, dest = target.entry, target.tensor
-    ov = _overlap(chunk.offsets, chunk.sizes, target.offsets, tuple(dest.shape))
+    ov = overlap(chunk.offsets, chunk.sizes, target.offsets, tuple(dest.shape))
     if ov is None:
         return
     lo, size = ov
@@ -133,56 +115,9 @@ def _read_chunk_part(
         dest.copy_(src)
 
 
-def _as_target(key: str, leaf: Any, entry: TensorEntry) -> _Target | None:
-    """Where ``leaf``'s bytes go; None for a DTensor whose mesh leaves this rank out."""
-    if _is_dtensor(leaf):
-        if _outside_mesh(leaf):  # nothing to fill here (its global shape may be unknown too)
-            return None
-        local, offsets, shape = _dtensor_piece(leaf)
-    elif isinstance(leaf, torch.Tensor):
-        local, offsets, shape = leaf, (0,) * leaf.dim(), tuple(leaf.shape)
-    else:  # numpy array, filled in place through a shared-memory tensor view
-        local = torch.from_numpy(leaf)
-        offsets, shape = (0,) * local.dim(), tuple(local.shape)
-    if tuple(shape) != entry.shape:
-        raise ShapeMismatchError(
-            f"tensor {key!r} has shape {list(shape)} in the state dict but "
-            f"{list(entry.shape)} in the checkpoint; build the model with the saved "
-            "configuration, or leave this key out of the state dict you load into"
-        )
-    return _Target(key, local, offsets, entry)
-
-
-def _check_cast(key: str, entry: TensorEntry, target: torch.dtype) -> None:
-    """Refuse, before anything is read, a load that would change stored values."""
-    stored = dtype_from_name(entry.dtype)
-    if not is_lossless_cast(stored, target):
-        raise ShapeMismatchError(
-            f"tensor {key!r} is {entry.dtype} in the checkpoint but {dtype_name(target)} in the "
-            f"state dict: loading would cast values and lose some (e.g. float -> int truncates, "
-            "complex -> real drops the imaginary part, float32 -> float16 overflows). Load into "
-            f"a {entry.dtype} tensor, or pass allow_lossy_cast=True to cast anyway."
-        )
-
-
 def _new_tensor(entry: TensorEntry) -> torch.Tensor:
     # zeros, not empty: never hand back leftover process memory, whatever the metadata says
     return torch.zeros(entry.shape, dtype=dtype_from_name(entry.dtype))
-
-
-def _fits_in_place(leaf: Any) -> bool:
-    if isinstance(leaf, torch.Tensor) or _is_dtensor(leaf):
-        return True
-    return (
-        isinstance(leaf, np.ndarray)
-        and leaf.flags.writeable
-        and leaf.dtype.kind in "biufc"
-        and leaf.dtype != np.uint64
-    )
-
-
-def _under_stateful(key: str, flat: Flat) -> bool:
-    return any(key.startswith(prefix + ".") for prefix in flat.stateful if prefix)
 
 
 def _check_file_sizes(names: set[str], meta: Metadata, reader: StorageReader) -> None:
@@ -198,62 +133,29 @@ def _check_file_sizes(names: set[str], meta: Metadata, reader: StorageReader) ->
 
 
 def _read_all(
-    flat: Flat,
+    plan: ReadPlan,
     meta: Metadata,
     reader: StorageReader,
-    adopt: list[str],
     verify: bool,
     read_threads: int,
-    allow_lossy_cast: bool = False,
     verify_first: bool = False,
-) -> tuple[list[_Target], dict[str, Any]]:
-    """Read every entry the load needs; returns the tensor targets and the leaves to set."""
-    targets: list[_Target] = []
-    fresh: list[tuple[str, TensorEntry]] = []
-    objects: list[tuple[str, ObjectEntry]] = []
-    replaced: dict[str, Any] = {}
-    for key in [k for k in flat.leaves if k in meta.entries] + adopt:
-        entry = meta.entries[key]
-        leaf = flat.leaves.get(key)
-        if isinstance(entry, TensorEntry):
-            if key in flat.leaves and _fits_in_place(leaf):
-                target = _as_target(key, leaf, entry)
-                if target is not None:
-                    if not allow_lossy_cast:
-                        _check_cast(key, entry, target.tensor.dtype)
-                    targets.append(target)
-                if isinstance(leaf, np.ndarray) != entry.numpy and not _is_dtensor(leaf):
-                    replaced[key] = None  # kind changed: hand back what the checkpoint held
-            else:
-                fresh.append((key, entry))
-        elif isinstance(entry, ObjectEntry):
-            objects.append((key, entry))
-        else:
-            replaced[key] = decode_plain(entry.value)
-
-    needed = {e.file for _, e in objects}
-    needed |= {c.file for _, e in fresh for c in e.chunks}
-    for t in targets:
-        shape = tuple(t.tensor.shape)
-        needed |= {
-            c.file
-            for c in t.entry.chunks
-            if _overlap(c.offsets, c.sizes, t.offsets, shape) is not None
-        }
-    _check_file_sizes(needed, meta, reader)
-
+) -> tuple[list[Target], dict[str, Any]]:
+    """Execute ``plan``; returns the tensor targets and the leaves to set."""
+    _check_file_sizes(plan.files, meta, reader)
+    targets = list(plan.targets)
+    replaced = dict(plan.replaced)
     # verify_first: read and verify into scratch tensors, touch the caller's only after
     staged: list[tuple[torch.Tensor, torch.Tensor]] = []
     if verify_first:
         for n, t in enumerate(targets):
             scratch = torch.empty(tuple(t.tensor.shape), dtype=t.tensor.dtype)
             staged.append((t.tensor, scratch))
-            targets[n] = _Target(t.key, scratch, t.offsets, t.entry)
-    for key, entry in fresh:
+            targets[n] = Target(t.key, scratch, t.offsets, t.entry)
+    for key, entry in plan.fresh:
         tensor = _new_tensor(entry)
-        targets.append(_Target(key, tensor, (0,) * tensor.dim(), entry))
+        targets.append(Target(key, tensor, (0,) * tensor.dim(), entry))
         replaced[key] = tensor
-    for key, entry in objects:
+    for key, entry in plan.objects:
         buf = bytearray(entry.nbytes)
         reader.read_into(entry.file, entry.offset, memoryview(buf))
         if verify:
@@ -261,17 +163,9 @@ def _read_all(
             verify_blocks(memoryview(buf), chunk, 0, meta.block_size, key)
         replaced[key] = loads_object(bytes(buf))
 
-    tasks = [
-        (t, c)
-        for t in targets
-        for c in t.entry.chunks
-        if _overlap(c.offsets, c.sizes, t.offsets, tuple(t.tensor.shape)) is not None
-    ]
-    tasks.sort(key=lambda tc: (tc[1].file, tc[1].offset))
-    coalesce = getattr(reader, "coalesce_reads", False)
-    groups = _windows(tasks) if coalesce else [[task] for task in tasks]
+    groups = read_groups(targets, reader.coalesce_reads)
 
-    def run(group: list[tuple[_Target, Chunk]]) -> None:
+    def run(group: list[tuple[Target, Chunk]]) -> None:
         source = _WindowReader.fetch(reader, group) if len(group) > 1 else reader
         for t, c in group:
             _read_chunk_part(source, t, c, meta, verify)
@@ -288,28 +182,6 @@ def _read_all(
     return targets, replaced
 
 
-_WINDOW_BYTES = 64 * 1024 * 1024
-
-
-def _windows(tasks: list[tuple[_Target, Chunk]]) -> list[list[tuple[_Target, Chunk]]]:
-    """Runs of back-to-back chunks of one file, up to 64 MiB each: one request per run.
-
-    Object stores charge per request (latency, and some servers read the whole
-    object per ranged GET), so many small tensors are fetched together.
-    """
-    groups: list[list[tuple[_Target, Chunk]]] = []
-    for t, c in tasks:
-        last = groups[-1] if groups else None
-        if last is not None:
-            first, prev = last[0][1], last[-1][1]
-            adjacent = prev.file == c.file and c.offset == prev.offset + prev.nbytes
-            if adjacent and c.offset + c.nbytes - first.offset <= _WINDOW_BYTES:
-                last.append((t, c))
-                continue
-        groups.append([(t, c)])
-    return groups
-
-
 class _WindowReader:
     """Serves reads that fall inside one prefetched byte range of a data file."""
 
@@ -318,7 +190,7 @@ class _WindowReader:
         self.checkpoint_id = reader.checkpoint_id
 
     @classmethod
-    def fetch(cls, reader: StorageReader, group: list[tuple[_Target, Chunk]]) -> _WindowReader:
+    def fetch(cls, reader: StorageReader, group: list[tuple[Target, Chunk]]) -> _WindowReader:
         first, last = group[0][1], group[-1][1]
         buf = torch.empty(last.offset + last.nbytes - first.offset, dtype=torch.uint8)
         view = memoryview(buf.numpy())
@@ -360,12 +232,8 @@ def run_load(
     """Fill ``state_dict`` from the checkpoint ``reader`` reads; see :func:`async_ckpt.load`."""
     meta = decode_metadata(reader.read_metadata())
     flat = flatten(state_dict)
-    missing = sorted(k for k in flat.leaves if k not in meta.entries)
-    extra = [k for k in meta.entries if k not in flat.leaves]
-    # Inside a Stateful object (optimizer, module) the checkpoint is authoritative:
-    # entries the fresh object lacks yet (optimizer moments) are created for it.
-    adopt = [k for k in extra if _under_stateful(k, flat)]
-    unexpected = sorted(k for k in extra if not _under_stateful(k, flat))
+    keys = match_keys(flat, meta)
+    missing, unexpected = keys.missing, keys.unexpected
     if strict and (missing or unexpected):
         raise KeyMismatchError(
             f"state dict and checkpoint {reader.checkpoint_id!r} disagree: missing from the "
@@ -377,9 +245,8 @@ def run_load(
         )
 
     try:
-        targets, replaced = _read_all(
-            flat, meta, reader, adopt, verify, read_threads, allow_lossy_cast, verify_first
-        )
+        plan = plan_reads(flat, meta, keys.adopt, allow_lossy_cast=allow_lossy_cast)
+        targets, replaced = _read_all(plan, meta, reader, verify, read_threads, verify_first)
     except CorruptCheckpointError as exc:
         _raise_if_replaced(reader, meta, exc)
         raise
@@ -411,4 +278,4 @@ def run_load(
     return LoadResult(missing_keys=missing, unexpected_keys=unexpected)
 
 
-__all__ = ["LoadResult", "key_of", "run_load", "verify_blocks"]
+__all__ = ["LoadResult", "run_load", "verify_blocks"]

@@ -13,12 +13,12 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from ..dist.comm import Comm
 from ..errors import SaveFailedError, StateDictError
 from ..format.checksum import DEFAULT_BLOCK_SIZE
 from ..format.metadata import Chunk, Metadata, ObjectEntry, TensorEntry, ValueEntry
-from ..planning.comm import Comm
-from ..planning.items import LocalState
 from ..planning.plan import Planner
+from ..state.model import LocalState
 from ..storage.base import SegmentRecord, StorageWriter, data_file_name
 from ..storage.retry import write_with_retry
 from .commit import commit_checkpoint
@@ -185,7 +185,7 @@ def run_save(
     timings.plan_reused = planner.full_plans == full_plans
     timings.plan_s = time.perf_counter() - t0
     save_id = new_save_id()
-    threads = writer.thread_count if getattr(writer, "thread_count", None) else write_threads
+    threads = writer.thread_count or write_threads
     mine = set(plan.items_for(state, comm.rank))
     objects = state.objects if comm.rank == 0 else []
     written: dict[str, int] = {}

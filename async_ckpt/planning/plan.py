@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..dist.comm import Comm
 from ..errors import RankMismatchError
-from .comm import Comm
-from .items import LocalState
+from ..state.model import LocalState
 
 ChunkId = tuple[str, tuple[int, ...], tuple[int, ...]]
 

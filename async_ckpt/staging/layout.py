@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..errors import CheckpointError
-from ..planning.items import LocalState, TensorItem
+from ..state.model import LocalState, TensorItem
 from .arena import ALIGNMENT, align
 
 

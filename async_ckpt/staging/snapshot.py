@@ -13,7 +13,7 @@ import threading
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 
-from ..planning.items import LocalState
+from ..state.model import LocalState
 from .arena import Arena
 
 

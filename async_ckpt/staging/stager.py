@@ -37,7 +37,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from ..errors import CheckpointError, SaveFailedError
-from ..planning.items import LocalState
+from ..state.model import LocalState
 from .arena import Arena
 from .layout import (
     Layout,

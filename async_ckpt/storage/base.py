@@ -67,6 +67,8 @@ class StorageWriter(ABC):
     # False for stores that live inside one process (memory://): a worker
     # process writing there would be invisible to the caller.
     visible_across_processes: bool = True
+    # How many data files a rank writes in parallel; None: the pipeline's default.
+    thread_count: int | None = None
 
     @classmethod
     @abstractmethod
@@ -132,6 +134,9 @@ class StorageReader(ABC):
     """Reads a committed checkpoint's metadata and byte ranges of its data files."""
 
     checkpoint_id: str
+    # True for stores that charge per request (object stores): a load fetches
+    # back-to-back chunks of one file in one read.
+    coalesce_reads: bool = False
 
     @classmethod
     @abstractmethod

@@ -18,9 +18,9 @@ from ..errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
 )
-from ..flatten import flatten
 from ..format.metadata import Metadata
 from ..materialize import materialize
+from ..state.flatten import flatten
 from ..storage.detect import detect_reader, detect_writer
 
 

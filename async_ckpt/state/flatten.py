@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .errors import StateDictError
+from ..errors import StateDictError
 
 KeyPath = tuple[str | int, ...]
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from ..planning.comm import Comm, GroupComm, LocalComm
+from ..errors import SaveFailedError
+from .comm import Comm, GroupComm, LocalComm
 
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -72,3 +73,25 @@ def thread_comm(process_group: Any, distributed: bool, timeout_s: float) -> Comm
         ranks=ranks, backend="gloo", timeout=datetime.timedelta(seconds=timeout_s)
     )
     return GroupComm(group)
+
+
+def connect_group(spec: dict[str, Any]) -> Comm:
+    """Join the workers' own gloo group through the job's store (never the training group)."""
+    timeout = datetime.timedelta(seconds=spec["timeout_s"])
+    try:
+        store = dist.TCPStore(spec["host"], spec["port"], is_master=False, timeout=timeout)
+        prefixed = dist.PrefixStore(spec["prefix"], store)
+        dist.init_process_group(
+            "gloo",
+            store=prefixed,
+            rank=spec["rank"],
+            world_size=spec["world_size"],
+            timeout=timeout,
+        )
+    except Exception as exc:
+        raise SaveFailedError(
+            f"rank {spec['rank']}: the checkpoint workers of {spec['world_size']} ranks did not "
+            f"all meet within {spec['timeout_s']} s ({type(exc).__name__}: {exc}); a rank "
+            "probably died or never called save. Nothing was committed."
+        ) from exc
+    return GroupComm(None)

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from .planning.comm import Comm, GroupComm, LocalComm
+from .comm import Comm, GroupComm, LocalComm
 
 
 def use_distributed(process_group: Any, no_dist: bool) -> bool:

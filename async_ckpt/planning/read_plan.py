@@ -1,0 +1,172 @@
+"""The read plan of a load: which stored entries go where, and which bytes to fetch.
+
+Pure planning, no I/O: it matches the caller's keys with the checkpoint's,
+decides for each entry whether it fills a caller's tensor in place, becomes a
+new tensor, an object to unpickle or a value, and groups the chunk reads
+(only the stored chunks that overlap a target, back-to-back ones together on
+stores that charge per request). :mod:`async_ckpt.pipeline.load` executes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import ShapeMismatchError
+from ..format.dtypes import dtype_from_name, dtype_name, is_lossless_cast
+from ..format.metadata import Chunk, Metadata, ObjectEntry, TensorEntry
+from ..format.objects import decode_plain
+from ..state.flatten import Flat
+from ..state.leaves import LeafKind, fills_in_place, leaf_kind, tensor_piece
+
+WINDOW_BYTES = 64 * 1024 * 1024
+"""The most bytes one coalesced read fetches (back-to-back chunks of one file)."""
+
+
+@dataclass
+class Target:
+    """Where one stored tensor's bytes go."""
+
+    key: str
+    tensor: torch.Tensor  # the caller's tensor, a local shard, or a tensor the load made
+    offsets: tuple[int, ...]  # its place in the stored tensor
+    entry: TensorEntry
+
+
+@dataclass
+class KeyMatch:
+    """The caller's keys against the checkpoint's."""
+
+    missing: list[str]  # the caller has them, the checkpoint does not
+    unexpected: list[str]  # the checkpoint has them, the caller has no place for them
+    adopt: list[str]  # the checkpoint has them under a Stateful object: created for it
+
+
+@dataclass
+class ReadPlan:
+    """What one load reads, before any memory is allocated for it."""
+
+    targets: list[Target] = field(default_factory=list)  # caller's tensors, filled in place
+    fresh: list[tuple[str, TensorEntry]] = field(default_factory=list)  # tensors to create
+    objects: list[tuple[str, ObjectEntry]] = field(default_factory=list)  # to unpickle
+    replaced: dict[str, Any] = field(default_factory=dict)  # leaves set from the checkpoint
+    files: set[str] = field(default_factory=set)  # data files the reads touch
+
+
+def _under_stateful(key: str, flat: Flat) -> bool:
+    return any(key.startswith(prefix + ".") for prefix in flat.stateful if prefix)
+
+
+def match_keys(flat: Flat, meta: Metadata) -> KeyMatch:
+    """Compare keys. Inside a Stateful object (optimizer, module) the checkpoint is
+    authoritative: entries the fresh object lacks yet (optimizer moments) are adopted."""
+    missing = sorted(k for k in flat.leaves if k not in meta.entries)
+    extra = [k for k in meta.entries if k not in flat.leaves]
+    adopt = [k for k in extra if _under_stateful(k, flat)]
+    unexpected = sorted(k for k in extra if not _under_stateful(k, flat))
+    return KeyMatch(missing, unexpected, adopt)
+
+
+def overlap(
+    a_off: tuple[int, ...], a_size: tuple[int, ...], b_off: tuple[int, ...], b_size: tuple[int, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The region two boxes share (offsets, sizes), or None if they do not meet."""
+    lo = [max(a, b) for a, b in zip(a_off, b_off, strict=True)]
+    hi = [min(a + s, b + t) for a, s, b, t in zip(a_off, a_size, b_off, b_size, strict=True)]
+    if any(h <= lo_ for lo_, h in zip(lo, hi, strict=True)):
+        return None
+    return tuple(lo), tuple(h - lo_ for lo_, h in zip(lo, hi, strict=True))
+
+
+def _in_place_target(key: str, leaf: Any, kind: LeafKind, entry: TensorEntry) -> Target | None:
+    """The caller's tensor (or shard) to fill; None for a DTensor whose mesh leaves this rank out."""
+    piece = tensor_piece(leaf, kind, for_load=True)
+    if piece is None:  # nothing to fill here (its global shape may be unknown too)
+        return None
+    if tuple(piece.shape) != entry.shape:
+        raise ShapeMismatchError(
+            f"tensor {key!r} has shape {list(piece.shape)} in the state dict but "
+            f"{list(entry.shape)} in the checkpoint; build the model with the saved "
+            "configuration, or leave this key out of the state dict you load into"
+        )
+    return Target(key, piece.local, piece.offsets, entry)
+
+
+def _check_cast(key: str, entry: TensorEntry, target: torch.dtype) -> None:
+    """Refuse, before anything is read, a load that would change stored values."""
+    stored = dtype_from_name(entry.dtype)
+    if not is_lossless_cast(stored, target):
+        raise ShapeMismatchError(
+            f"tensor {key!r} is {entry.dtype} in the checkpoint but {dtype_name(target)} in the "
+            f"state dict: loading would cast values and lose some (e.g. float -> int truncates, "
+            "complex -> real drops the imaginary part, float32 -> float16 overflows). Load into "
+            f"a {entry.dtype} tensor, or pass allow_lossy_cast=True to cast anyway."
+        )
+
+
+def plan_reads(
+    flat: Flat, meta: Metadata, adopt: list[str], *, allow_lossy_cast: bool = False
+) -> ReadPlan:
+    """Plan the load of every key both sides have, plus ``adopt``; refuses bad shapes
+    and lossy casts before anything is read."""
+    plan = ReadPlan()
+    for key in [k for k in flat.leaves if k in meta.entries] + adopt:
+        entry = meta.entries[key]
+        if isinstance(entry, ObjectEntry):
+            plan.objects.append((key, entry))
+            plan.files.add(entry.file)
+            continue
+        if not isinstance(entry, TensorEntry):
+            plan.replaced[key] = decode_plain(entry.value)
+            continue
+        leaf = flat.leaves.get(key)
+        kind = leaf_kind(leaf) if key in flat.leaves else None
+        if kind is None or not kind.has_bytes or not fills_in_place(leaf, kind):
+            plan.fresh.append((key, entry))
+            plan.files.update(c.file for c in entry.chunks)
+            continue
+        target = _in_place_target(key, leaf, kind, entry)
+        if target is not None:
+            if not allow_lossy_cast:
+                _check_cast(key, entry, target.tensor.dtype)
+            plan.targets.append(target)
+            shape = tuple(target.tensor.shape)
+            plan.files.update(
+                c.file
+                for c in entry.chunks
+                if overlap(c.offsets, c.sizes, target.offsets, shape) is not None
+            )
+        if (kind is LeafKind.NDARRAY) != entry.numpy and kind is not LeafKind.DTENSOR:
+            plan.replaced[key] = None  # kind changed: hand back what the checkpoint held
+    return plan
+
+
+def read_groups(targets: list[Target], coalesce: bool) -> list[list[tuple[Target, Chunk]]]:
+    """The chunk reads of ``targets``, in file order; each group is one request.
+
+    With ``coalesce`` (stores that charge per request: latency, and some servers
+    read the whole object per ranged GET) back-to-back chunks of one file up to
+    :data:`WINDOW_BYTES` form one group; otherwise every read is its own group.
+    """
+    tasks = [
+        (t, c)
+        for t in targets
+        for c in t.entry.chunks
+        if overlap(c.offsets, c.sizes, t.offsets, tuple(t.tensor.shape)) is not None
+    ]
+    tasks.sort(key=lambda tc: (tc[1].file, tc[1].offset))
+    if not coalesce:
+        return [[task] for task in tasks]
+    groups: list[list[tuple[Target, Chunk]]] = []
+    for t, c in tasks:
+        last = groups[-1] if groups else None
+        if last is not None:
+            first, prev = last[0][1], last[-1][1]
+            adjacent = prev.file == c.file and c.offset == prev.offset + prev.nbytes
+            if adjacent and c.offset + c.nbytes - first.offset <= WINDOW_BYTES:
+                last.append((t, c))
+                continue
+        groups.append([(t, c)])
+    return groups

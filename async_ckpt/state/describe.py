@@ -1,0 +1,146 @@
+"""Describe a flattened state for saving: descriptors of its leaves, and its tensors.
+
+``describe`` asks :mod:`async_ckpt.state.leaves` what each leaf is and turns
+the state into a :class:`LocalState` plus the tensors, item-aligned.
+:class:`DescribeCache` makes repeated saves of one model cheap.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+
+from ..errors import StateDictError, UnsafeObjectError
+from ..format.dtypes import dtype_name
+from ..format.objects import dumps_object, encode_plain
+from .flatten import Flat, KeyPath
+from .leaves import LeafKind, leaf_kind, outside_mesh, tensor_piece
+from .model import LocalState, ObjectItem, TensorItem, TensorStub
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+class DescribeCache:
+    """The previous save's items, reused while a key holds the same tensor unchanged.
+
+    Repeated saves of one model hand over the same parameter and optimizer
+    tensor objects each time; rebuilding their descriptors is most of the
+    Python time a save spends before its copy. The tensors are held weakly,
+    so the cache keeps nothing alive.
+    """
+
+    def __init__(self) -> None:
+        # key -> (weak reference to the tensor, its shape, dtype, path, item)
+        self._items: dict[str, tuple[Any, torch.Size, torch.dtype, KeyPath, TensorItem]] = {}
+        # The previous state's items and other keys, and their fingerprints once computed:
+        # a save whose describe is all cache hits in the same order reuses them.
+        self._last: tuple[list[TensorItem], tuple, tuple] | None = None
+        self._fingerprints: tuple[str, str] | None = None
+
+    def get(self, key: str, leaf: Any, path: KeyPath) -> TensorItem | None:
+        hit = self._items.get(key)
+        if (
+            hit is not None
+            and hit[0]() is leaf
+            and hit[1] == leaf.shape
+            and hit[2] == leaf.dtype
+            and hit[3] == path
+            and not leaf.is_meta
+        ):
+            return hit[4]
+        return None
+
+    def update(self, entries: dict[str, tuple], state: LocalState) -> None:
+        """Remember this save's items; give ``state`` the fingerprints if nothing changed."""
+        self._items = entries
+        others = (tuple(state.values), tuple(o.key for o in state.objects), tuple(state.stubs))
+        last = self._last
+        same = (
+            last is not None
+            and last[1:] == others
+            and len(last[0]) == len(state.items)
+            and all(a is b for a, b in zip(last[0], state.items, strict=True))
+        )
+        if not same:
+            self._last, self._fingerprints = (list(state.items), *others), None
+            return
+        if self._fingerprints is None:  # second save of this structure: hash it once
+            self._fingerprints = (state.keys_fingerprint(), state.plan_fingerprint())
+        state.known_fingerprints = self._fingerprints
+
+
+def describe(
+    flat: Flat, cache: DescribeCache | None = None
+) -> tuple[LocalState, list[torch.Tensor]]:
+    """Describe a flattened state; returns the descriptors and the tensors, item-aligned."""
+    state = LocalState(containers=dict(flat.containers))
+    tensors: list[torch.Tensor] = []
+    fresh: dict[str, tuple] = {}
+    for key, leaf in flat.leaves.items():
+        path = flat.paths[key]
+        if cache is not None and type(leaf) in _PLAIN_TENSORS:
+            item = cache.get(key, leaf, path)
+            if item is not None:
+                state.items.append(item)
+                tensors.append(leaf.detach())  # again: ``.data =`` may have swapped its storage
+                fresh[key] = (weakref.ref(leaf), leaf.shape, leaf.dtype, path, item)
+                continue
+        kind = leaf_kind(leaf)
+        if kind is LeafKind.VALUE:
+            state.values[key] = (path, encode_plain(leaf))
+            continue
+        if kind is LeafKind.OBJECT:
+            type_name = f"{type(leaf).__module__}.{type(leaf).__qualname__}"
+            try:
+                payload = dumps_object(leaf)
+            except UnsafeObjectError as exc:
+                raise UnsafeObjectError(f"cannot save {key!r}: {exc}") from exc
+            state.objects.append(ObjectItem(key, path, type_name, payload))
+            continue
+        if kind is LeafKind.DTENSOR and outside_mesh(leaf):
+            # no piece here: known for key validation, nothing stored
+            shape = tuple(int(s) for s in leaf.shape)
+            state.stubs.append(TensorStub(key, path, dtype_name(leaf.dtype), shape))
+            continue
+        piece = tensor_piece(leaf, kind)
+        local = _checked_local(key, piece.local)
+        item = TensorItem(
+            key=key,
+            path=path,
+            dtype=dtype_name(local.dtype),
+            shape=tuple(int(s) for s in piece.shape),
+            offsets=piece.offsets,
+            sizes=tuple(int(s) for s in local.shape),
+            numpy=kind is LeafKind.NDARRAY,
+        )
+        state.items.append(item)
+        tensors.append(local.detach())
+        if local is leaf:  # plain tensors only: DTensor and numpy leaves are rebuilt each time
+            fresh[key] = (weakref.ref(leaf), leaf.shape, leaf.dtype, path, item)
+    if cache is not None:
+        cache.update(fresh, state)
+    return state, tensors
+
+
+def _checked_local(key: str, local: torch.Tensor) -> torch.Tensor:
+    """A tensor's data as saved: refuse what has no bytes to save, resolve lazy views."""
+    if local.device.type == "meta":
+        raise StateDictError(
+            f"tensor {key!r} is on the meta device and has no data to save; "
+            "materialize it (e.g. module.to_empty(device=...) and initialize) first"
+        )
+    if local.is_sparse or local.layout != torch.strided:
+        raise StateDictError(f"tensor {key!r} has layout {local.layout}; save it dense")
+    if local.is_conj() or local.is_neg():  # lazy views: store the values they show
+        local = local.resolve_conj().resolve_neg()
+    return local
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A flat byte view of a contiguous CPU tensor's memory (no copy)."""
+    flat = tensor.reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())
