@@ -20,7 +20,7 @@ from .errors import (
     MissingBackendError,
     StorageDetectionError,
 )
-from .format.metadata import decode_metadata
+from .format.decode import decode_metadata
 from .manager_root import StepStore
 from .storage.detect import detect_reader
 

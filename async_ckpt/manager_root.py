@@ -13,7 +13,7 @@ import re
 import shutil
 from dataclasses import dataclass
 
-from .format.metadata import METADATA_FILE
+from .format.names import METADATA_FILE
 from .storage.fsspec_backend import modified_time, open_filesystem
 
 STEP_DIR = re.compile(r"^step-(?P<step>\d{8,})$")

@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
+from .format.decode import decode_metadata
 from .format.dtypes import dtype_from_name
-from .format.metadata import Metadata, TensorEntry, decode_metadata
+from .format.metadata import Metadata, TensorEntry
 from .pipeline.load import run_load
 from .state.flatten import KeyPath, key_of
 from .storage.base import StorageReader

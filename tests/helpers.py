@@ -10,7 +10,7 @@ import crc32c
 import torch
 
 from async_ckpt.format.checksum import block_checksums
-from async_ckpt.format.metadata import seal_metadata
+from async_ckpt.format.seal import seal_metadata
 
 GOLDEN = Path(__file__).parent / "golden"
 

@@ -12,7 +12,7 @@ import torch
 from dist_utils import run_ranks
 
 import async_ckpt as ac
-from async_ckpt.format.metadata import decode_metadata
+from async_ckpt.format.decode import decode_metadata
 from async_ckpt.storage.detect import detect_reader
 
 pytestmark = pytest.mark.multiprocess

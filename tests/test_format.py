@@ -334,6 +334,6 @@ def test_decoder_rejects_non_metadata_bytes(raw):
 
 
 def test_decoder_rejects_metadata_above_the_size_limit(monkeypatch):
-    monkeypatch.setattr("async_ckpt.format.metadata.MAX_METADATA_BYTES", 100)
+    monkeypatch.setattr("async_ckpt.format.decode.MAX_METADATA_BYTES", 100)
     with pytest.raises(MetadataError, match="limit"):
         decode_metadata(b" " * 101)

@@ -19,17 +19,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from async_ckpt import CheckpointError, MetadataError
+from async_ckpt.format.decode import decode_metadata
 from async_ckpt.format.metadata import (
     Chunk,
     Metadata,
     ObjectEntry,
     TensorEntry,
     ValueEntry,
-    decode_metadata,
     encode_metadata,
-    seal_metadata,
 )
 from async_ckpt.format.objects import encode_plain
+from async_ckpt.format.seal import seal_metadata
 
 FUZZ = settings(
     max_examples=200,

@@ -285,7 +285,8 @@ def test_overlapping_chunks_that_add_up_to_the_shape_are_refused(tmp_path):
 
 def _two_chunk_writer(path):
     """A metadata file with two chunks for one tensor, as two ranks' shards would write it."""
-    from async_ckpt.format.metadata import Chunk, TensorEntry, decode_metadata, encode_metadata
+    from async_ckpt.format.decode import decode_metadata
+    from async_ckpt.format.metadata import Chunk, TensorEntry, encode_metadata
 
     class TwoChunks(async_ckpt.FileSystemWriter):
         def commit(self, metadata: bytes) -> None:

@@ -28,8 +28,8 @@ from async_ckpt import (
     ShapeMismatchError,
     StateDictError,
 )
-from async_ckpt.format import metadata as metadata_format
-from async_ckpt.format.metadata import decode_metadata
+from async_ckpt.format import decode as metadata_decode
+from async_ckpt.format.decode import decode_metadata
 from async_ckpt.tools.verify import verify_checkpoint
 
 
@@ -153,7 +153,7 @@ def test_a_commit_that_finds_its_own_files_gone_refuses(ckpt_dir):
 def test_metadata_the_reader_would_refuse_is_never_committed(ckpt_dir, monkeypatch):
     async_ckpt.save(_state(1.0), checkpoint_id=ckpt_dir)
     before = (ckpt_dir / "metadata.json").read_bytes()
-    monkeypatch.setattr(metadata_format, "MAX_METADATA_BYTES", 64 * 1024)  # reader and check
+    monkeypatch.setattr(metadata_decode, "MAX_METADATA_BYTES", 64 * 1024)  # reader and check
     many_values = {f"v{i}": i for i in range(5000)}  # ~300 KiB of metadata
     with pytest.raises(SaveFailedError, match="a load would reject its metadata"):
         async_ckpt.save({**_state(2.0), **many_values}, checkpoint_id=ckpt_dir)

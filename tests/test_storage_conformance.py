@@ -139,9 +139,9 @@ class _FailAfterFirstFile:
 
 
 def test_interrupted_save_is_not_a_checkpoint(backend, monkeypatch):
-    import async_ckpt.pipeline.save as save_mod
+    import async_ckpt.pipeline.write as write_mod
 
-    monkeypatch.setattr(save_mod, "_split_files", lambda sizes, n: [[i] for i in range(len(sizes))])
+    monkeypatch.setattr(write_mod, "split_files", lambda sizes, n: [[i] for i in range(len(sizes))])
     writer = _FailAfterFirstFile(backend.writer("broken"))
     with pytest.raises(Exception, match="injected"):
         ac.save(_state(4), storage_writer=writer)

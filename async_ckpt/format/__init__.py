@@ -1,9 +1,9 @@
-"""The on-disk format: metadata schema, checksums, object codec. Pure data, no I/O."""
+"""The on-disk format: names, metadata schema and codec, checksums, object codec. No I/O."""
 
 from .checksum import DEFAULT_BLOCK_SIZE, block_checksums
+from .decode import decode_metadata
 from .metadata import (
     FORMAT_VERSION,
-    METADATA_FILE,
     Chunk,
     Entry,
     KeyPath,
@@ -11,10 +11,9 @@ from .metadata import (
     ObjectEntry,
     TensorEntry,
     ValueEntry,
-    decode_metadata,
     encode_metadata,
-    is_safe_file_name,
 )
+from .names import METADATA_FILE, is_safe_file_name
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",

@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 
 from ..errors import CheckpointError, SaveFailedError
-from ..format.metadata import Metadata, decode_metadata, encode_metadata, listed_files
+from ..format.decode import decode_metadata, listed_files
+from ..format.metadata import Metadata, encode_metadata
 from ..settings import env_seconds
 from ..storage.base import StorageWriter
 from ..storage.retry import RetryPolicy, call_with_retry

@@ -24,8 +24,9 @@ from ..errors import (
     StateDictError,
 )
 from ..format.checksum import block_checksums
+from ..format.decode import decode_metadata
 from ..format.dtypes import dtype_from_name, itemsize
-from ..format.metadata import Chunk, Metadata, TensorEntry, decode_metadata
+from ..format.metadata import Chunk, Metadata, TensorEntry
 from ..format.objects import loads_object
 from ..planning.read_plan import ReadPlan, Target, match_keys, overlap, plan_reads, read_groups
 from ..state.flatten import flatten, set_leaf

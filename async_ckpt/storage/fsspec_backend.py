@@ -19,7 +19,8 @@ from ..errors import (
     IncompleteCheckpointError,
     MissingBackendError,
 )
-from ..format.metadata import MAX_METADATA_BYTES, METADATA_FILE, is_safe_file_name
+from ..format.decode import MAX_METADATA_BYTES
+from ..format.names import METADATA_FILE, is_safe_file_name
 from . import s3_transfer
 from .base import DATA_FILE, SegmentRecord, StorageReader, StorageWriter, checksummed_layout
 

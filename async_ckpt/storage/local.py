@@ -18,7 +18,8 @@ from ..errors import (
     IncompleteCheckpointError,
     MetadataError,
 )
-from ..format.metadata import MAX_METADATA_BYTES, METADATA_FILE, is_safe_file_name
+from ..format.decode import MAX_METADATA_BYTES
+from ..format.names import METADATA_FILE, is_safe_file_name
 from .base import DATA_FILE, SegmentRecord, StorageReader, StorageWriter, checksummed_layout
 
 _TMP_PREFIX = f".{METADATA_FILE}.tmp-"

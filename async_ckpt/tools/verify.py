@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from ..errors import CorruptCheckpointError
-from ..format.metadata import Chunk, Metadata, ObjectEntry, TensorEntry, decode_metadata
+from ..format.decode import decode_metadata
+from ..format.metadata import Chunk, Metadata, ObjectEntry, TensorEntry
 from ..pipeline.load import verify_blocks
 from ..storage.base import StorageReader
 from ..storage.detect import detect_reader
