@@ -8,6 +8,7 @@ the state into a :class:`LocalState` plus the tensors, item-aligned.
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,6 +23,49 @@ from .model import LocalState, ObjectItem, TensorItem, TensorStub
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
+@dataclass(slots=True)
+class _Known:
+    """A tensor the previous save described, and what its item depended on."""
+
+    tensor: weakref.ref
+    shape: torch.Size
+    dtype: torch.dtype
+    path: KeyPath
+    item: TensorItem
+
+    @classmethod
+    def of(cls, leaf: torch.Tensor, path: KeyPath, item: TensorItem) -> _Known:
+        return cls(weakref.ref(leaf), leaf.shape, leaf.dtype, path, item)
+
+
+@dataclass(slots=True)
+class _Structure:
+    """The previous save's items (the objects) and its other keys, to spot an unchanged state."""
+
+    items: list[TensorItem]
+    values: tuple[str, ...]
+    objects: tuple[str, ...]
+    stubs: tuple[TensorStub, ...]
+
+    @classmethod
+    def of(cls, state: LocalState) -> _Structure:
+        return cls(
+            list(state.items),
+            tuple(state.values),
+            tuple(o.key for o in state.objects),
+            tuple(state.stubs),
+        )
+
+    def same_as(self, state: LocalState) -> bool:
+        return (
+            self.values == tuple(state.values)
+            and self.objects == tuple(o.key for o in state.objects)
+            and self.stubs == tuple(state.stubs)
+            and len(self.items) == len(state.items)
+            and all(a is b for a, b in zip(self.items, state.items, strict=True))
+        )
+
+
 class DescribeCache:
     """The previous save's items, reused while a key holds the same tensor unchanged.
 
@@ -32,39 +76,30 @@ class DescribeCache:
     """
 
     def __init__(self) -> None:
-        # key -> (weak reference to the tensor, its shape, dtype, path, item)
-        self._items: dict[str, tuple[Any, torch.Size, torch.dtype, KeyPath, TensorItem]] = {}
-        # The previous state's items and other keys, and their fingerprints once computed:
-        # a save whose describe is all cache hits in the same order reuses them.
-        self._last: tuple[list[TensorItem], tuple, tuple] | None = None
+        self._known: dict[str, _Known] = {}
+        # The previous state's structure, and its fingerprints once computed: a save
+        # whose describe is all cache hits in the same order reuses them.
+        self._last: _Structure | None = None
         self._fingerprints: tuple[str, str] | None = None
 
     def get(self, key: str, leaf: Any, path: KeyPath) -> TensorItem | None:
-        hit = self._items.get(key)
+        hit = self._known.get(key)
         if (
             hit is not None
-            and hit[0]() is leaf
-            and hit[1] == leaf.shape
-            and hit[2] == leaf.dtype
-            and hit[3] == path
+            and hit.tensor() is leaf
+            and hit.shape == leaf.shape
+            and hit.dtype == leaf.dtype
+            and hit.path == path
             and not leaf.is_meta
         ):
-            return hit[4]
+            return hit.item
         return None
 
-    def update(self, entries: dict[str, tuple], state: LocalState) -> None:
+    def update(self, known: dict[str, _Known], state: LocalState) -> None:
         """Remember this save's items; give ``state`` the fingerprints if nothing changed."""
-        self._items = entries
-        others = (tuple(state.values), tuple(o.key for o in state.objects), tuple(state.stubs))
-        last = self._last
-        same = (
-            last is not None
-            and last[1:] == others
-            and len(last[0]) == len(state.items)
-            and all(a is b for a, b in zip(last[0], state.items, strict=True))
-        )
-        if not same:
-            self._last, self._fingerprints = (list(state.items), *others), None
+        self._known = known
+        if self._last is None or not self._last.same_as(state):
+            self._last, self._fingerprints = _Structure.of(state), None
             return
         if self._fingerprints is None:  # second save of this structure: hash it once
             self._fingerprints = (state.keys_fingerprint(), state.plan_fingerprint())
@@ -77,7 +112,7 @@ def describe(
     """Describe a flattened state; returns the descriptors and the tensors, item-aligned."""
     state = LocalState(containers=dict(flat.containers))
     tensors: list[torch.Tensor] = []
-    fresh: dict[str, tuple] = {}
+    fresh: dict[str, _Known] = {}
     for key, leaf in flat.leaves.items():
         path = flat.paths[key]
         if cache is not None and type(leaf) in _PLAIN_TENSORS:
@@ -85,7 +120,7 @@ def describe(
             if item is not None:
                 state.items.append(item)
                 tensors.append(leaf.detach())  # again: ``.data =`` may have swapped its storage
-                fresh[key] = (weakref.ref(leaf), leaf.shape, leaf.dtype, path, item)
+                fresh[key] = _Known.of(leaf, path, item)
                 continue
         kind = leaf_kind(leaf)
         if kind is LeafKind.VALUE:
@@ -118,7 +153,7 @@ def describe(
         state.items.append(item)
         tensors.append(local.detach())
         if local is leaf:  # plain tensors only: DTensor and numpy leaves are rebuilt each time
-            fresh[key] = (weakref.ref(leaf), leaf.shape, leaf.dtype, path, item)
+            fresh[key] = _Known.of(leaf, path, item)
     if cache is not None:
         cache.update(fresh, state)
     return state, tensors
