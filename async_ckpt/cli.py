@@ -21,6 +21,7 @@ from .errors import (
     StorageDetectionError,
 )
 from .format.decode import decode_metadata
+from .format.metadata import Metadata
 from .manager_root import StepStore
 from .storage.detect import detect_reader
 
@@ -36,7 +37,11 @@ def _err(message: str) -> None:
     print(f"{PROG}: error: {message}", file=sys.stderr)
 
 
-def _read_metadata(checkpoint_id: str):
+def _read_metadata(checkpoint_id: str) -> Metadata:
+    """The checkpoint's decoded metadata: each command decodes it once, here, and passes it on.
+
+    A manager root (step directories, no metadata) gets a message that points to ``ls``.
+    """
     reader = detect_reader(checkpoint_id)
     try:
         return decode_metadata(reader.read_metadata())
@@ -67,8 +72,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .tools.report import human_bytes
     from .tools.verify import verify_checkpoint
 
-    _read_metadata(args.checkpoint_id)  # a manager root gets the helpful message
-    report = verify_checkpoint(args.checkpoint_id, progress=not args.quiet)
+    meta = _read_metadata(args.checkpoint_id)
+    report = verify_checkpoint(args.checkpoint_id, metadata=meta, progress=not args.quiet)
     for problem in report.problems:
         keys = "" if repr(problem.key) in problem.message else f" (holds {problem.key})"
         _err(problem.message + keys)
@@ -103,11 +108,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         meta = convert.from_dcp(args.source, args.dest, overwrite=args.force)
         _out(f"saved {args.dest}: {len(meta.entries)} entries from DCP checkpoint {args.source}")
         return EXIT_OK
-    _read_metadata(args.source)
-    if args.to == "torch":
-        done = convert.to_torch(args.source, args.dest, overwrite=args.force)
-    else:
-        done = convert.to_safetensors(args.source, args.dest, overwrite=args.force)
+    meta = _read_metadata(args.source)
+    to = convert.to_torch if args.to == "torch" else convert.to_safetensors
+    done = to(args.source, args.dest, overwrite=args.force, metadata=meta)
     _out(f"wrote {args.dest}: {done.tensors} tensors, {done.others} other leaves")
     if done.skipped:
         shown = ", ".join(done.skipped[:10]) + (" ..." if len(done.skipped) > 10 else "")

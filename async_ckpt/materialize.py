@@ -100,19 +100,21 @@ def materialize(
     checkpoint_id: str | os.PathLike | None = None,
     *,
     storage_reader: StorageReader | None = None,
+    metadata: Metadata | None = None,
     verify: bool = True,
 ) -> dict[str, Any]:
     """The checkpoint's whole state as nested dicts/lists/tuples of CPU tensors and values.
 
     Needs memory for every tensor of the checkpoint. Checksums are verified
     unless ``verify=False``; damaged data raises as :func:`async_ckpt.load` does.
+    ``metadata`` is the checkpoint's, when the caller has decoded it already.
     """
     reader = storage_reader or detect_reader(checkpoint_id)
     try:
-        meta = decode_metadata(reader.read_metadata())
+        meta = metadata if metadata is not None else decode_metadata(reader.read_metadata())
     except BaseException:
         reader.close()
         raise
     state = empty_state(meta)
-    run_load(state, reader, strict=True, verify=verify)
+    run_load(state, reader, strict=True, verify=verify, metadata=meta)
     return _freeze(state, (), meta.containers)

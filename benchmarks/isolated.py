@@ -33,6 +33,7 @@ import async_ckpt
 from benchmarks.base import remove_path
 from benchmarks.metrics import now
 from benchmarks.ours import UssSampler, start_checkpointer, worker_uss
+from benchmarks.sizes import parse_size
 from benchmarks.state import build_state, mutate, tensor_bytes
 
 
@@ -176,8 +177,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.bytes is None:
-        from benchmarks.run import parse_size
-
         args.bytes = parse_size(args.size or "1GiB")
     args.dir.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="isolated-", dir=args.dir))

@@ -2,11 +2,11 @@
 
     python -m benchmarks.run --size 1GiB --ranks 2 --ranks 4 --methods none
 
-This module spawns the ranks and runs the saves; what each rank saves and
-the methods compared (``raw_parallel_write``, the floor; ``async_ckpt_async``;
-``dcp_async``; ``dcp_async_cached``) live in ``multirank_methods``, the
-statistics in ``multirank_summary``. The methods run interleaved, each save
-started by all ranks together after a barrier.
+This module starts the ranks (``benchmarks.ranks``) and runs the saves;
+what each rank saves and the methods compared (``raw_parallel_write``, the
+floor; ``async_ckpt_async``; ``dcp_async``; ``dcp_async_cached``) live in
+``multirank_methods``, the statistics in ``multirank_summary``. The methods
+run interleaved, each save started by all ranks together after a barrier.
 
 Per save: stall (until save() returned), staged, commit (this rank's
 future done) and the slowest rank's figures. "busy" runs mutate the state
@@ -22,9 +22,7 @@ exclude staging.
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
 import sys
 import time
 import traceback
@@ -44,36 +42,20 @@ from benchmarks.multirank_methods import (
     mutate_local,
 )
 from benchmarks.multirank_summary import one_line, summarize
+from benchmarks.ranks import run_ranks
 
 __all__ = ["METHODS", "one_line", "run", "summarize"]
 
 
 # ---------------------------------------------------------------- one rank
 def _rank_main(
-    rank: int,
-    world: int,
-    port: int,
-    total: int,
-    repeats: int,
-    root: str,
-    seed: int,
-    out: str,
-    busy: bool,
-) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"  # for async_ckpt's worker group address
+    rank: int, world: int, total: int, repeats: int, root: str, seed: int, busy: bool
+) -> dict[str, Any] | None:
+    """Every method's saves on this rank; rank 0 returns the gathered figures."""
     torch.set_num_threads(1)
     import warnings
 
     warnings.filterwarnings("ignore", message=".*overwriting.*")
-    timeout = datetime.timedelta(seconds=600)
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
-    dist.init_process_group(
-        "gloo",
-        store=dist.PrefixStore(f"bench-mr-{world}", store),
-        rank=rank,
-        world_size=world,
-        timeout=timeout,
-    )
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world,))
@@ -121,47 +103,29 @@ def _rank_main(
         m.teardown()
     all_bytes = [0] * world
     dist.all_gather_object(all_bytes, local_bytes)
-    if rank == 0:
-        result["bytes_per_rank"] = all_bytes
-        result["nbytes"] = sum(all_bytes)
-        Path(out).write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
+    if rank != 0:
+        return None
+    result["bytes_per_rank"] = all_bytes
+    result["nbytes"] = sum(all_bytes)
+    return result
 
 
 def run(
     total: int, world: int, repeats: int, scratch: Path, seed: int = 0, busy: bool = True
 ) -> dict[str, Any]:
-    """Spawn `world` ranks, run every method `repeats` times, summarise.
+    """Start `world` ranks, run every method `repeats` times, summarise.
 
     busy: each rank mutates its state again as soon as it is staged (CPU-bound
     training racing the write); otherwise the ranks wait idle (training on an
     accelerator), which shows the control traffic without CPU contention.
     """
-    import torch.multiprocessing as mp
-
     root = scratch / f"ranks{world}-{'busy' if busy else 'idle'}"
     root.mkdir(parents=True, exist_ok=True)
-    out = root / "result.json"
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     t0 = time.perf_counter()
     try:
-        ctx = mp.start_processes(
-            _rank_main,
-            args=(world, store.port, total, repeats, str(root), seed, str(out), busy),
-            nprocs=world,
-            join=False,
-            start_method="spawn",
-        )
-        deadline = time.monotonic() + 3600
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                raise TimeoutError(f"{world} ranks did not finish within an hour")
-        raw = json.loads(out.read_text())
+        # The ranks report together at the end: the timeout bounds the whole run.
+        raw = run_ranks(_rank_main, world, total, repeats, str(root), seed, busy, timeout=3600)[0]
     finally:
-        del store
         remove_path(root)
     raw["wall_s"] = time.perf_counter() - t0
     raw["repeats"] = repeats

@@ -12,75 +12,51 @@ and one fixed-size digest collective. Prints each rank's median and minimum.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import tempfile
 import time
-from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from benchmarks.ranks import run_ranks
 
 
-def _rank(rank: int, world: int, init_file: str, items: int, calls: int, queue: Any) -> None:
+def _rank(rank: int, world: int, items: int, calls: int) -> tuple[int, float, float, float]:
     from async_ckpt.dist.comm import GroupComm
     from async_ckpt.planning.plan import Planner
     from async_ckpt.state.model import LocalState, TensorItem
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        state = LocalState(
-            items=[
-                TensorItem(
-                    key=f"model.layer{i}.weight",
-                    path=("model", f"layer{i}", "weight"),
-                    dtype="float32",
-                    shape=(64 * world, 128),
-                    offsets=(64 * rank, 0),
-                    sizes=(64, 128),
-                )
-                for i in range(items)
-            ]
-        )
-        comm, planner = GroupComm(None), Planner()
-        planner.plan(state, comm)
-        before = comm.collective_count
-        times = []
-        for _ in range(calls):
-            dist.barrier()
-            t0 = time.perf_counter()
-            planner.plan(state, comm)
-            times.append(time.perf_counter() - t0)
-        per_plan = (comm.collective_count - before) / calls
-        assert planner.full_plans == 1, "the cached plan was not reused"
-        queue.put((rank, statistics.median(times), min(times), per_plan))
+    state = LocalState(
+        items=[
+            TensorItem(
+                key=f"model.layer{i}.weight",
+                path=("model", f"layer{i}", "weight"),
+                dtype="float32",
+                shape=(64 * world, 128),
+                offsets=(64 * rank, 0),
+                sizes=(64, 128),
+            )
+            for i in range(items)
+        ]
+    )
+    comm, planner = GroupComm(None), Planner()
+    planner.plan(state, comm)
+    before = comm.collective_count
+    times = []
+    for _ in range(calls):
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
+        t0 = time.perf_counter()
+        planner.plan(state, comm)
+        times.append(time.perf_counter() - t0)
+    per_plan = (comm.collective_count - before) / calls
+    assert planner.full_plans == 1, "the cached plan was not reused"
+    return rank, statistics.median(times), min(times), per_plan
 
 
 def run(world: int, items: int = 300, calls: int = 50) -> list[tuple[int, float, float, float]]:
     """Per rank: (rank, median s, min s, collectives per cached plan)."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "init")
-        procs = [
-            ctx.Process(target=_rank, args=(r, world, init_file, items, calls, queue))
-            for r in range(world)
-        ]
-        for p in procs:
-            p.start()
-        try:
-            results = sorted(queue.get(timeout=600) for _ in range(world))
-        finally:
-            for p in procs:
-                p.join(timeout=30)
-                if p.is_alive():
-                    p.kill()
-    return results
+    return run_ranks(_rank, world, items, calls, timeout=600)
 
 
 def main() -> None:

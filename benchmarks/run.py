@@ -20,22 +20,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from async_ckpt import CheckpointError
-from async_ckpt.staging import parse_size as library_parse_size
 from benchmarks import methods as registry
 from benchmarks import multirank, plots, report, targets
 from benchmarks.harness import bench_size, log
 from benchmarks.limits import check_fadvise
 from benchmarks.metrics import fmt_bytes
 from benchmarks.peers import shutdown_dcp
-
-
-def parse_size(text: str) -> int:
-    """'512MiB', '1GiB', '1.5G', '100MB', '4096' -> bytes (K/M/G are binary)."""
-    try:
-        return library_parse_size(text)
-    except CheckpointError:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}; use e.g. 256MiB or 1GiB") from None
+from benchmarks.sizes import parse_size
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -148,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         for world in args.ranks:
             for busy in modes:
                 tag = f"[ranks {world} {'busy' if busy else 'idle'}]"
-                log(f"{tag} {fmt_bytes(args.ranks_bytes)} in total, spawning ranks")
+                log(f"{tag} {fmt_bytes(args.ranks_bytes)} in total, starting ranks")
                 try:
                     mr = multirank.run(
                         args.ranks_bytes, world, args.repeats, scratch, args.seed, busy

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.run import parse_size
+from benchmarks.sizes import parse_size
 from benchmarks.state import (
     assert_state_equal,
     build_state,

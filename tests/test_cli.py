@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -344,3 +345,38 @@ def test_unexpected_error_has_no_traceback(
     assert code == 1 and "RuntimeError: storage library exploded" in err and "--traceback" in err
     with pytest.raises(RuntimeError):
         main(["--traceback", "inspect", str(ckpt[0])])
+
+
+def test_each_command_decodes_the_metadata_once(
+    ckpt: tuple[Path, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The CLI imports its tools lazily: import them now, so that their names get patched too.
+    import async_ckpt.tools.convert
+    import async_ckpt.tools.verify  # noqa: F401
+    from async_ckpt.format import decode
+
+    original, decoded = decode.decode_metadata, []
+
+    def counting(data: bytes) -> Any:
+        decoded.append(len(data))
+        return original(data)
+
+    # every module that imported the name, wherever the command's decodes happen
+    for name, module in list(sys.modules.items()):
+        if name.startswith("async_ckpt") and getattr(module, "decode_metadata", None) is original:
+            monkeypatch.setattr(module, "decode_metadata", counting)
+    path = ckpt[0]
+    for argv in (
+        ["inspect", path],
+        ["inspect", "--json", path],
+        ["verify", "--quiet", path],
+        ["convert", path, tmp_path / "out.pt", "--to", "torch"],
+        ["convert", path, tmp_path / "out.safetensors", "--to", "safetensors"],
+    ):
+        decoded.clear()
+        code, _, err = run(capsys, *argv)
+        assert code == 0, err
+        assert len(decoded) == 1, (argv, len(decoded))

@@ -229,9 +229,13 @@ def run_load(
     read_threads: int = DEFAULT_READ_THREADS,
     allow_lossy_cast: bool = False,
     verify_first: bool = False,
+    metadata: Metadata | None = None,
 ) -> LoadResult:
-    """Fill ``state_dict`` from the checkpoint ``reader`` reads; see :func:`async_ckpt.load`."""
-    meta = decode_metadata(reader.read_metadata())
+    """Fill ``state_dict`` from the checkpoint ``reader`` reads; see :func:`async_ckpt.load`.
+
+    ``metadata``: the checkpoint's, when the caller has decoded it already.
+    """
+    meta = metadata if metadata is not None else decode_metadata(reader.read_metadata())
     flat = flatten(state_dict)
     keys = match_keys(flat, meta)
     missing, unexpected = keys.missing, keys.unexpected

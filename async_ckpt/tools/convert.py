@@ -8,7 +8,6 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..api import save
@@ -21,6 +20,7 @@ from ..errors import (
 from ..format.metadata import Metadata
 from ..materialize import materialize
 from ..state.flatten import flatten
+from ..state.leaves import LeafKind, leaf_kind, ndarray_for_saving
 from ..storage.detect import detect_reader, detect_writer
 
 
@@ -40,41 +40,54 @@ def _refuse_existing_file(out: str | os.PathLike, overwrite: bool) -> None:
 
 def _count(state: dict[str, Any]) -> Converted:
     leaves = flatten(state).leaves.values()
-    tensors = sum(isinstance(v, (torch.Tensor, np.ndarray)) for v in leaves)
+    tensors = sum(leaf_kind(v).has_bytes for v in leaves)
     return Converted(tensors=tensors, others=len(leaves) - tensors)
 
 
 def to_torch(
-    checkpoint_id: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False
+    checkpoint_id: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    metadata: Metadata | None = None,
 ) -> Converted:
-    """Write the checkpoint's whole nested state with ``torch.save`` (checksums verified)."""
+    """Write the checkpoint's whole nested state with ``torch.save`` (checksums verified).
+
+    ``metadata`` is the checkpoint's, when the caller has decoded it already.
+    """
     _refuse_existing_file(out, overwrite)
-    state = materialize(checkpoint_id)
+    state = materialize(checkpoint_id, metadata=metadata)
     torch.save(state, out)
     return _count(state)
 
 
 def to_safetensors(
-    checkpoint_id: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False
+    checkpoint_id: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    metadata: Metadata | None = None,
 ) -> Converted:
     """Write the checkpoint's tensors to a safetensors file under their flat keys.
 
     Non-tensor leaves (values, objects) have no place in safetensors: they are
-    left out and listed in the result.
+    left out and listed in the result. ``metadata`` is the checkpoint's, when
+    the caller has decoded it already.
     """
     from safetensors.torch import save_file
 
     _refuse_existing_file(out, overwrite)
-    flat = flatten(materialize(checkpoint_id))
+    flat = flatten(materialize(checkpoint_id, metadata=metadata))
     tensors: dict[str, torch.Tensor] = {}
     result = Converted()
     for key, leaf in flat.leaves.items():
-        if isinstance(leaf, np.ndarray):
-            leaf = torch.from_numpy(leaf)
-        if isinstance(leaf, torch.Tensor):
-            tensors[key] = leaf.contiguous()
-        else:
-            result.skipped.append(key)
+        match leaf_kind(leaf):  # a materialized state holds no DTensor: its pieces are joined
+            case LeafKind.TENSOR:
+                tensors[key] = leaf.contiguous()
+            case LeafKind.NDARRAY:
+                tensors[key] = ndarray_for_saving(leaf)
+            case _:
+                result.skipped.append(key)
     result.others = len(result.skipped)
     try:
         save_file(tensors, os.fspath(out), metadata={"format": "pt"})

@@ -9,6 +9,7 @@ from typing import Any
 from ..format.metadata import Metadata, ObjectEntry, TensorEntry, ValueEntry
 from ..format.objects import decode_plain
 from ..manager_root import StepInfo, step_dir_name
+from ..state.leaves import LeafKind
 
 
 def human_bytes(n: float) -> str:
@@ -31,12 +32,20 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
+def entry_kind(entry: Any) -> LeafKind:
+    """The kind of leaf an entry stores (a DTensor's pieces are stored as one tensor)."""
+    if isinstance(entry, TensorEntry):
+        return LeafKind.NDARRAY if entry.numpy else LeafKind.TENSOR
+    return LeafKind.VALUE if isinstance(entry, ValueEntry) else LeafKind.OBJECT
+
+
 def entry_columns(entry: Any) -> list[str]:
     """The columns after the name: kind, dtype or type, shape or value, bytes, chunks."""
+    kind = entry_kind(entry).value
     if isinstance(entry, TensorEntry):
         nbytes = sum(c.nbytes for c in entry.chunks)
         return [
-            "ndarray" if entry.numpy else "tensor",
+            kind,
             entry.dtype,
             str(list(entry.shape)),
             human_bytes(nbytes),
@@ -45,8 +54,8 @@ def entry_columns(entry: Any) -> list[str]:
     if isinstance(entry, ValueEntry):
         text = repr(decode_plain(entry.value))
         text = text if len(text) <= 40 else text[:37] + "..."
-        return ["value", entry.value.get("type", "?"), text, "", ""]
-    return ["object", entry.type_name, "", human_bytes(entry.nbytes), ""]
+        return [kind, entry.value.get("type", "?"), text, "", ""]
+    return [kind, entry.type_name, "", human_bytes(entry.nbytes), ""]
 
 
 def _table(rows: Sequence[tuple[str, list[str]]]) -> list[str]:
@@ -116,18 +125,19 @@ def summary(meta: Metadata, checkpoint_id: str) -> dict[str, Any]:
     """The ``inspect --json`` document."""
     entries: dict[str, Any] = {}
     for key, entry in sorted(meta.entries.items()):
+        kind = entry_kind(entry).value
         if isinstance(entry, TensorEntry):
             entries[key] = {
-                "kind": "ndarray" if entry.numpy else "tensor",
+                "kind": kind,
                 "dtype": entry.dtype,
                 "shape": list(entry.shape),
                 "bytes": sum(c.nbytes for c in entry.chunks),
                 "chunks": len(entry.chunks),
             }
         elif isinstance(entry, ValueEntry):
-            entries[key] = {"kind": "value", "type": entry.value.get("type")}
+            entries[key] = {"kind": kind, "type": entry.value.get("type")}
         else:
-            entries[key] = {"kind": "object", "type": entry.type_name, "bytes": entry.nbytes}
+            entries[key] = {"kind": kind, "type": entry.type_name, "bytes": entry.nbytes}
     return {
         "checkpoint_id": checkpoint_id,
         "format_version": meta.version,

@@ -101,18 +101,20 @@ def verify_checkpoint(
     checkpoint_id: str | os.PathLike | None = None,
     *,
     storage_reader: StorageReader | None = None,
+    metadata: Metadata | None = None,
     progress: bool = False,
 ) -> VerifyReport:
     """Check every chunk and object entry of a checkpoint against its checksums.
 
-    Metadata that cannot be read raises (CheckpointNotFoundError,
-    IncompleteCheckpointError, MetadataError); damaged data does not: each
-    defect becomes a :class:`Problem` in the report, naming key and file.
-    ``progress`` draws a tqdm bar (bytes) on stderr.
+    ``metadata`` is the checkpoint's, already decoded by the caller; without
+    it, it is read and decoded here. Metadata that cannot be read raises
+    (CheckpointNotFoundError, IncompleteCheckpointError, MetadataError);
+    damaged data does not: each defect becomes a :class:`Problem` in the
+    report, naming key and file. ``progress`` draws a tqdm bar (bytes) on stderr.
     """
     reader = storage_reader or detect_reader(checkpoint_id)
     try:
-        meta = decode_metadata(reader.read_metadata())
+        meta = metadata if metadata is not None else decode_metadata(reader.read_metadata())
         report = VerifyReport(reader.checkpoint_id, entries=len(meta.entries))
         pieces = _pieces(meta)
         unreadable = _check_files(meta, reader, pieces, report)
