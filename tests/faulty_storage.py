@@ -27,11 +27,11 @@ class FailingWriter(FileSystemWriter):
         self.fail_ranks = fail_ranks
         self.message = message
 
-    def write_file(self, name, segments, block_size):
+    def write_file(self, name, segments):
         rank = int(name.split("-r")[1].split("-")[0])
         if not self.fail_ranks or rank in self.fail_ranks:
             raise OSError(f"{self.message} (rank {rank})")
-        return super().write_file(name, segments, block_size)
+        return super().write_file(name, segments)
 
 
 class SlowWriter(FileSystemWriter):
@@ -46,9 +46,9 @@ class SlowWriter(FileSystemWriter):
         super().__init__(checkpoint_id)
         self.delay_s = delay_s
 
-    def write_file(self, name, segments, block_size):
+    def write_file(self, name, segments):
         time.sleep(self.delay_s)
-        return super().write_file(name, segments, block_size)
+        return super().write_file(name, segments)
 
 
 def tests_on_worker_path() -> None:
@@ -146,7 +146,7 @@ class StopAtWriter(FileSystemWriter):
             _wait_at(self.gate, self.point)
         super().prepare(coordinator=coordinator)
 
-    def write_file(self, name, segments, block_size):
+    def write_file(self, name, segments):
         if self._stop("before-write"):
             _wait_at(self.gate, self.point)
         elif self._stop("mid-write"):
@@ -156,7 +156,7 @@ class StopAtWriter(FileSystemWriter):
                 f.flush()
                 os.fsync(f.fileno())
             _wait_at(self.gate, self.point)
-        return super().write_file(name, segments, block_size)
+        return super().write_file(name, segments)
 
     def commit(self, metadata: bytes) -> bytes | None:
         if self._stop("before-metadata"):
@@ -204,10 +204,10 @@ class NoSpaceWriter(FileSystemWriter):
         self.fail_after = fail_after
         self.files = files
 
-    def write_file(self, name, segments, block_size):
+    def write_file(self, name, segments):
         _log_call(self.log_dir, name)
         if not _claim_failure(self.log_dir, self.files or -1):
-            return super().write_file(name, segments, block_size)
+            return super().write_file(name, segments)
         data = b"".join(bytes(s.cast("B") if s.format != "B" else s) for s in segments)
         with open(self.path / name, "wb") as f:
             f.write(data[: self.fail_after])
@@ -238,13 +238,13 @@ class FlakyWriter(FileSystemWriter):
         code = getattr(errno, self.error)
         return OSError(code, os.strerror(code), name)
 
-    def write_file(self, name, segments, block_size):
+    def write_file(self, name, segments):
         _log_call(self.log_dir, name)
         if _claim_failure(self.log_dir, self.failures):
             with open(self.path / name, "wb") as f:
                 f.write(b"partial")
             raise self._exception(name)
-        return super().write_file(name, segments, block_size)
+        return super().write_file(name, segments)
 
 
 # ---------------------------------------------------------------------------- fault-test state

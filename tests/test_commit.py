@@ -197,12 +197,11 @@ class RecordingWriter(async_ckpt.FileSystemWriter):
         self.calls.append("prepare")
         super().prepare(coordinator=coordinator)
 
-    def write_file(self, name, segments, block_size):
+    def write_file(self, name, segments):
         self.calls.append("write_file")
-        records = super().write_file(name, segments, block_size)
+        super().write_file(name, segments)
         if self.fail_in_write is True or self.fail_in_write == name[-7:]:
             raise OSError(28, "No space left on device (simulated)")
-        return records
 
     def commit(self, metadata):
         self.calls.append("commit")

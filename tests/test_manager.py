@@ -59,7 +59,7 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     control: dict[str, Any] = {"fail": set(), "hold": {}, "reached": {}}
     original = FileSystemWriter.write_file
 
-    def write_file(self: FileSystemWriter, name: str, segments: Any, block_size: int) -> Any:
+    def write_file(self: FileSystemWriter, name: str, segments: Any) -> None:
         step_dir = self.path.name
         if step_dir in control["reached"]:
             control["reached"][step_dir].set()
@@ -67,7 +67,7 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
             raise OSError(f"injected write failure in {step_dir}")
         if step_dir in control["hold"]:
             control["hold"][step_dir].wait(120)
-        return original(self, name, segments, block_size)
+        return original(self, name, segments)
 
     monkeypatch.setattr(FileSystemWriter, "write_file", write_file)
     yield control

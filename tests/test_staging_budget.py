@@ -138,12 +138,12 @@ class EventGatedWriter(FileSystemWriter):
         self.reached = threading.Event()
         self.files: list[str] = []
 
-    def write_file(self, name, segments, block_size):
+    def write_file(self, name, segments):
         self.files.append(name)
         if len(self.files) == 1:
             self.reached.set()
             assert self.gate.wait(120), "the test never opened the gate"
-        return super().write_file(name, segments, block_size)
+        return super().write_file(name, segments)
 
 
 def test_save_waits_for_storage_when_the_state_exceeds_the_budget(tmp_path):

@@ -1,13 +1,21 @@
-"""One conformance suite for every storage backend: local, memory://, and S3 (moto).
+"""One conformance suite for every storage backend, parametrised by backend factories.
 
 Each backend gets the same scenarios: sync and async round trips, a load of a
 subset of keys, an interrupted save that must not be visible as a checkpoint,
-and an overwrite that never mixes old and new data.
+an overwrite that never mixes old and new data, checksums that catch a flipped
+byte in storage, and the root listing and deletion CheckpointManager uses.
+
+Backends: local, memory://, S3 (moto, marked ``s3``) and the toy plugin of
+tests/test_storage_plugin.py, found through its entry point. To run the suite
+on another backend, add a factory to :data:`BACKEND_FACTORIES` (see
+docs/storage-backends.md) and run ``pytest tests/test_storage_conformance.py -k <name>``.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,51 +23,167 @@ import fsspec
 import pytest
 import torch
 from s3_server import s3_bucket, s3_server  # noqa: F401  (fixtures)
+from test_storage_plugin import install_toy_plugin
 
 import async_ckpt as ac
-from async_ckpt.storage import s3_transfer
+from async_ckpt.storage import (
+    FileSystemRoot,
+    FsspecRoot,
+    StorageRoot,
+    detect_reader,
+    detect_root,
+    detect_writer,
+    s3_transfer,
+)
 
 
 @dataclass
 class Backend:
-    """How to reach one storage backend in a test."""
+    """How the suite reaches one storage backend: checkpoints live under ``root``.
+
+    ``make_writer(checkpoint_id, **options)`` must accept ``overwrite=``;
+    ``get_bytes``/``put_bytes`` read and replace a stored file by its path below
+    ``root`` (to damage one); ``cross_process``: whether a worker process's
+    writes are visible here (else async saves use the thread executor).
+    """
 
     name: str
     root: str
-    storage_options: dict[str, Any]
+    make_writer: Callable[..., ac.StorageWriter]
+    make_reader: Callable[[str], ac.StorageReader]
+    make_root: Callable[[str], StorageRoot]
+    get_bytes: Callable[[str], bytes]
+    put_bytes: Callable[[str, bytes], None]
+    cross_process: bool = True
 
     def url(self, name: str) -> str:
         return f"{self.root}/{name}"
 
-    def writer(self, name: str, **kwargs: Any) -> ac.StorageWriter:
-        if self.name == "local":
-            return ac.FileSystemWriter(self.url(name), **kwargs)
-        return ac.FsspecWriter(self.url(name), storage_options=self.storage_options, **kwargs)
+    def writer(self, name: str, **options: Any) -> ac.StorageWriter:
+        return self.make_writer(self.url(name), **options)
 
     def reader(self, name: str) -> ac.StorageReader:
-        if self.name == "local":
-            return ac.FileSystemReader(self.url(name))
-        return ac.FsspecReader(self.url(name), storage_options=self.storage_options)
+        return self.make_reader(self.url(name))
 
     def exists(self, name: str) -> bool:
-        fs, path = fsspec.core.url_to_fs(self.url(name), **self.storage_options)
+        try:
+            self.get_bytes(name)
+        except (FileNotFoundError, KeyError):
+            return False
+        return True
+
+
+def _fsspec_files(root: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``get_bytes``/``put_bytes`` through fsspec, for the built-in backends."""
+
+    def locate(name: str) -> tuple[Any, str]:
+        fs, path = fsspec.core.url_to_fs(f"{root}/{name}", **options)
         fs.invalidate_cache()
-        return fs.exists(path)
+        return fs, path
+
+    def get_bytes(name: str) -> bytes:
+        fs, path = locate(name)
+        return fs.cat_file(path)
+
+    def put_bytes(name: str, data: bytes) -> None:
+        fs, path = locate(name)
+        fs.pipe_file(path, data)
+
+    return {"get_bytes": get_bytes, "put_bytes": put_bytes}
 
 
-@pytest.fixture(params=["local", "memory", pytest.param("s3", marks=pytest.mark.s3)])
-def backend(request, tmp_path):
-    if request.param == "local":
-        yield Backend("local", str(tmp_path), {})
-    elif request.param == "memory":
-        root = f"memory://conformance-{uuid.uuid4().hex[:8]}"
-        yield Backend("memory", root, {})
+def local_backend(request: pytest.FixtureRequest) -> Backend:
+    root = str(request.getfixturevalue("tmp_path"))
+    return Backend(
+        "local",
+        root,
+        ac.FileSystemWriter,
+        ac.FileSystemReader,
+        FileSystemRoot,
+        **_fsspec_files(root, {}),
+    )
+
+
+def memory_backend(request: pytest.FixtureRequest) -> Backend:
+    root = f"memory://conformance-{uuid.uuid4().hex[:8]}"
+
+    def remove() -> None:
         fs = fsspec.filesystem("memory")
         if fs.exists(root):
             fs.rm(root, recursive=True)
-    else:
-        bucket = request.getfixturevalue("s3_bucket")
-        yield Backend("s3", bucket.url("ckpts").rstrip("/"), bucket.storage_options)
+
+    request.addfinalizer(remove)
+    return Backend(
+        "memory",
+        root,
+        ac.FsspecWriter,
+        ac.FsspecReader,
+        FsspecRoot,
+        **_fsspec_files(root, {}),
+        cross_process=False,
+    )
+
+
+def s3_backend(request: pytest.FixtureRequest) -> Backend:
+    bucket = request.getfixturevalue("s3_bucket")
+    root, options = bucket.url("ckpts").rstrip("/"), bucket.storage_options
+    return Backend(
+        "s3",
+        root,
+        lambda cid, **kw: ac.FsspecWriter(cid, storage_options=options, **kw),
+        lambda cid: ac.FsspecReader(cid, storage_options=options),
+        lambda root: FsspecRoot(root, storage_options=options),
+        **_fsspec_files(root, options),
+    )
+
+
+def toy_backend(request: pytest.FixtureRequest) -> Backend:
+    """The toy plugin, installed through its entry point and found by detection."""
+    site = request.getfixturevalue("tmp_path_factory").mktemp("toy-site")
+    toy = install_toy_plugin(site, request.getfixturevalue("monkeypatch"))
+    root = f"toy://conformance-{uuid.uuid4().hex[:8]}"
+    path = toy.path_of(root)
+
+    def remove() -> None:
+        with toy.LOCK:
+            for key in [key for key in toy.FILES if key.startswith(path + "/")]:
+                del toy.FILES[key]
+
+    def get_bytes(name: str) -> bytes:
+        with toy.LOCK:
+            return toy.FILES[f"{path}/{name}"][0]
+
+    def put_bytes(name: str, data: bytes) -> None:
+        with toy.LOCK:
+            toy.FILES[f"{path}/{name}"] = (data, time.time())
+
+    request.addfinalizer(remove)
+    return Backend(
+        "toy",
+        root,
+        detect_writer,
+        detect_reader,
+        detect_root,
+        get_bytes,
+        put_bytes,
+        cross_process=toy.ToyWriter.visible_across_processes,
+    )
+
+
+BACKEND_FACTORIES: dict[str, Callable[[pytest.FixtureRequest], Backend]] = {
+    "local": local_backend,
+    "memory": memory_backend,
+    "s3": s3_backend,
+    "toy": toy_backend,
+}
+MARKS = {"s3": pytest.mark.s3}
+
+
+@pytest.fixture(
+    params=[pytest.param(name, marks=MARKS.get(name, ())) for name in BACKEND_FACTORIES]
+)
+def backend(request: pytest.FixtureRequest) -> Backend:
+    return BACKEND_FACTORIES[request.param](request)
 
 
 def _state(seed: int = 0) -> dict:
@@ -99,7 +223,7 @@ def test_sync_round_trip(backend):
 
 def test_async_round_trip(backend):
     state = _state(2)
-    executor = "thread" if backend.name == "memory" else "process"
+    executor = "process" if backend.cross_process else "thread"
     with ac.AsyncCheckpointer(executor=executor) as ckpt:
         fut = ckpt.save(state, storage_writer=backend.writer("async"))
         expected = {**state, "model": {k: v.clone() for k, v in state["model"].items()}}
@@ -119,30 +243,21 @@ def test_load_subset_of_keys(backend):
     assert set(result.unexpected_keys) == {"model.b", "big", "step", "tag"}
 
 
-class _FailAfterFirstFile:
-    """Wraps a writer: the first data file is written, the second upload fails."""
-
-    def __init__(self, inner: ac.StorageWriter) -> None:
-        self.inner = inner
-        self.checkpoint_id = inner.checkpoint_id
-        self.thread_count = 1
-        self.calls = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def write_file(self, name, segments, block_size):
-        self.calls += 1
-        if self.calls > 1:
-            raise ConnectionError("connection reset by peer (injected)")
-        return self.inner.write_file(name, segments, block_size)
-
-
 def test_interrupted_save_is_not_a_checkpoint(backend, monkeypatch):
     import async_ckpt.pipeline.write as write_mod
 
     monkeypatch.setattr(write_mod, "split_files", lambda sizes, n: [[i] for i in range(len(sizes))])
-    writer = _FailAfterFirstFile(backend.writer("broken"))
+    writer = backend.writer("broken")
+    writer.thread_count = 1  # one file at a time: the first is written, the second fails
+    write_file, calls = writer.write_file, []
+
+    def fail_after_first_file(name: str, segments: Any) -> None:
+        calls.append(name)
+        if len(calls) > 1:
+            raise ConnectionError("connection reset by peer (injected)")
+        write_file(name, segments)
+
+    monkeypatch.setattr(writer, "write_file", fail_after_first_file)
     with pytest.raises(Exception, match="injected"):
         ac.save(_state(4), storage_writer=writer)
     with pytest.raises((ac.IncompleteCheckpointError, ac.CheckpointNotFoundError)):
@@ -168,12 +283,40 @@ def test_checksum_guards_object_store_bytes(backend):
 
     decoded = decode_metadata(reader.read_metadata())
     chunk = decoded.entries["big"].chunks[0]
-    fs, path = fsspec.core.url_to_fs(backend.url(f"flip/{chunk.file}"), **backend.storage_options)
-    data = bytearray(fs.cat_file(path))
+    data = bytearray(backend.get_bytes(f"flip/{chunk.file}"))
     data[chunk.offset + 100] ^= 0x01
-    fs.pipe_file(path, bytes(data))
+    backend.put_bytes(f"flip/{chunk.file}", bytes(data))
     with pytest.raises(ac.ChecksumMismatchError, match="big"):
         ac.load(_zeros_like(_state(8)), storage_reader=backend.reader("flip"))
+
+
+def test_root_lists_measures_and_deletes_checkpoints(backend):
+    ac.save(_state(9), storage_writer=backend.writer("a"))
+    ac.save(_state(10), storage_writer=backend.writer("b"))
+    crashed = backend.writer("c")  # a save that never committed
+    crashed.prepare(coordinator=True)
+    crashed.write_file("0123abcd-r0-0.data", [memoryview(b"partial")])
+    root = backend.make_root(backend.root)
+    assert root.exists()
+    assert not backend.make_root(backend.url("nothing-here")).exists()
+    assert root.children() == {"a": True, "b": True, "c": False}
+    usage = root.usage("a")
+    assert usage.size > 3 * 1024 * 1024
+    assert usage.mtime is None or abs(time.time() - usage.mtime) < 3600
+    assert root.usage("c").size == len(b"partial")
+    assert root.identity("b") == backend.make_root(backend.root + "/").identity("b")
+    assert root.identity("a") != root.identity("b")
+
+    root.delete("a")
+    root.delete("c")
+    root.delete("a")  # gone already: no error
+    assert root.children() == {"b": True}
+    assert root.usage("a").size == 0
+    with pytest.raises(ac.CheckpointNotFoundError):
+        ac.load(_zeros_like(_state(9)), storage_reader=backend.reader("a"))
+    target = _zeros_like(_state(10))
+    ac.load(target, storage_reader=backend.reader("b"))
+    _assert_equal(target, _state(10))
 
 
 def test_part_splitting_keeps_bytes_in_order():
@@ -219,8 +362,6 @@ def test_missing_backend_package_names_it(monkeypatch):
     ],
 )
 def test_detection_picks_backend(checkpoint_id, writer_type):
-    from async_ckpt.storage import detect_writer
-
     pytest.importorskip("s3fs")
     assert type(detect_writer(checkpoint_id)) is writer_type
 

@@ -20,7 +20,7 @@ from async_ckpt import (
     MissingBackendError,
     StorageDetectionError,
 )
-from async_ckpt.storage import detect_reader, detect_writer
+from async_ckpt.storage import FileSystemRoot, FsspecRoot, detect_reader, detect_root, detect_writer
 
 
 class TinyModule(torch.nn.Module):
@@ -86,6 +86,16 @@ def test_detection_picks_the_backend_by_id(tmp_path):
     assert type(detect_reader("relative/dir")) is FileSystemReader
     assert type(detect_writer("memory://x/y")) is FsspecWriter
     assert type(detect_reader("memory://x/y")) is FsspecReader
+
+
+def test_detection_picks_the_root_of_a_manager(tmp_path):
+    assert type(detect_root(tmp_path)) is FileSystemRoot
+    assert type(detect_root(f"file://{tmp_path}")) is FileSystemRoot
+    assert type(detect_root("memory://x")) is FsspecRoot
+    with pytest.raises(StorageDetectionError, match="Cannot detect"):
+        detect_root("abc://abc.abc")
+    with pytest.raises(StorageDetectionError, match="Cannot detect"):
+        async_ckpt.CheckpointManager("abc://abc.abc", executor="thread")
 
 
 @pytest.mark.parametrize("bad", ["abc://abc.abc", 42, None])

@@ -13,9 +13,10 @@ from .metadata import (
     ValueEntry,
     encode_metadata,
 )
-from .names import METADATA_FILE, is_safe_file_name
+from .names import DATA_FILE, METADATA_FILE, data_file_name, is_safe_file_name
 
 __all__ = [
+    "DATA_FILE",
     "DEFAULT_BLOCK_SIZE",
     "FORMAT_VERSION",
     "METADATA_FILE",
@@ -27,6 +28,7 @@ __all__ = [
     "TensorEntry",
     "ValueEntry",
     "block_checksums",
+    "data_file_name",
     "decode_metadata",
     "encode_metadata",
     "is_safe_file_name",

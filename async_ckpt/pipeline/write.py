@@ -1,12 +1,39 @@
-"""Write one rank's segments of a save into new data files, several files in parallel."""
+"""Write one rank's segments of a save into new data files, several files in parallel.
+
+Each file's segments are checksummed here, once, before the storage writer
+stores them: a backend only moves bytes, and a retried write stores the same
+bytes the checksums describe.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
-from ..storage.base import SegmentRecord, StorageWriter, data_file_name
+from ..format.checksum import block_checksums
+from ..format.names import data_file_name
+from ..storage.base import StorageWriter
 from ..storage.retry import write_with_retry
+
+
+@dataclass(frozen=True)
+class SegmentRecord:
+    """Where one written segment landed in its file, with its block checksums."""
+
+    offset: int
+    nbytes: int
+    checksums: tuple[int, ...]
+
+
+def segment_records(segments: Sequence[memoryview], block_size: int) -> list[SegmentRecord]:
+    """Offsets and block checksums of ``segments`` laid end to end in one file."""
+    records = []
+    offset = 0
+    for seg in segments:
+        records.append(SegmentRecord(offset, seg.nbytes, tuple(block_checksums(seg, block_size))))
+        offset += seg.nbytes
+    return records
 
 
 def split_files(sizes: Sequence[int], n_files: int) -> list[list[int]]:
@@ -42,7 +69,9 @@ def write_rank_files(
 
     def write_one(index: int, members: list[int]) -> None:
         name = data_file_name(save_id, rank, first + index)
-        records = write_with_retry(writer, name, [segments[m] for m in members], block_size)
+        content = [segments[m] for m in members]
+        records = segment_records(content, block_size)
+        write_with_retry(writer, name, content)
         for m, rec in zip(members, records, strict=True):
             placed[m] = (name, rec)
         files[name] = sum(segments[m].nbytes for m in members)

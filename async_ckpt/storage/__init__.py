@@ -1,18 +1,30 @@
-"""Storage backends: where checkpoint bytes go, and how a checkpoint commits."""
+"""Storage backends: where checkpoint bytes go, and how a checkpoint commits.
 
-from .base import SegmentRecord, StorageReader, StorageWriter
-from .detect import detect_reader, detect_writer
-from .fsspec_backend import FsspecReader, FsspecWriter
-from .local import FileSystemReader, FileSystemWriter
+docs/storage-backends.md describes the contract and how to add a backend.
+"""
+
+from .base import StorageReader, StorageRoot, StorageWriter, Usage
+from .detect import detect_reader, detect_root, detect_writer
+from .fsspec_backend import FsspecReader, FsspecRoot, FsspecWriter
+from .local import FileSystemReader, FileSystemRoot, FileSystemWriter
+from .registry import ENTRY_POINT_GROUP, StorageBackend, backends, register_backend
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "FileSystemReader",
+    "FileSystemRoot",
     "FileSystemWriter",
     "FsspecReader",
+    "FsspecRoot",
     "FsspecWriter",
-    "SegmentRecord",
+    "StorageBackend",
     "StorageReader",
+    "StorageRoot",
     "StorageWriter",
+    "Usage",
+    "backends",
     "detect_reader",
+    "detect_root",
     "detect_writer",
+    "register_backend",
 ]

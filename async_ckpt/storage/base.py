@@ -1,10 +1,11 @@
-"""The storage protocols every backend implements.
+"""The storage contract every backend implements: a writer, a reader, and a root.
 
 Call order of one save (every rank runs its own writer on the same id):
 
 1. ``prepare(coordinator=...)`` on every rank, before any data is written.
 2. ``write_file(name, segments)`` for each data file this rank owns; called
-   concurrently from several writer threads (one file per call).
+   concurrently from several writer threads (one file per call). The pipeline
+   checksums the bytes itself; the writer only stores them, durably.
 3. On success of every rank, on the coordinator only (``pipeline/commit.py``):
    ``missing_files`` (a pre-commit check that the save's own files are all
    there), ``commit(metadata)`` (written last and atomically; until it exists
@@ -19,56 +20,32 @@ it replaced, and files no writer has touched for ``sweep_orphans``' grace.
 Another writer's files in progress are never deleted (docs/reliability.md).
 
 A reader is used from one process; ``read_into`` may be called concurrently.
+
+A :class:`StorageRoot` lists and deletes the checkpoints under one root, for
+``CheckpointManager``. Backends are found by :mod:`.registry`; the contract in
+prose, with what each method must guarantee, is docs/storage-backends.md.
 """
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-
-from ..format.checksum import block_checksums
-
-# Names of the data files a save creates: <save_id>-r<rank>-<index>.data
-DATA_FILE = re.compile(r"^(?P<save_id>[A-Za-z0-9]+)-r(?P<rank>\d+)-(?P<index>\d+)\.data$")
-
-
-def data_file_name(save_id: str, rank: int, index: int) -> str:
-    """The name of a save's data file for ``rank`` (unique per save, so saves never mix)."""
-    return f"{save_id}-r{rank}-{index}.data"
-
-
-@dataclass(frozen=True)
-class SegmentRecord:
-    """Where one written segment landed in its file, with its block checksums."""
-
-    offset: int
-    nbytes: int
-    checksums: tuple[int, ...]
-
-
-def checksummed_layout(
-    segments: Sequence[memoryview], block_size: int
-) -> tuple[list[SegmentRecord], int]:
-    """Offsets and checksums of ``segments`` laid end to end; returns records and total size."""
-    records = []
-    offset = 0
-    for seg in segments:
-        records.append(SegmentRecord(offset, seg.nbytes, tuple(block_checksums(seg, block_size))))
-        offset += seg.nbytes
-    return records, offset
 
 
 class StorageWriter(ABC):
     """Writes one checkpoint's data files and commits its metadata."""
 
     checkpoint_id: str
-    # False for stores that live inside one process (memory://): a worker
-    # process writing there would be invisible to the caller.
+
     visible_across_processes: bool = True
-    # How many data files a rank writes in parallel; None: the pipeline's default.
+    """Capability: whether another process sees what this writer stores. False for
+    stores inside one process (``memory://``): the process executor refuses such a
+    writer, since its worker's files would be invisible to the caller."""
+
     thread_count: int | None = None
+    """Capability: how many data files one rank writes in parallel (``write_file``
+    calls in flight); None: the pipeline's default."""
 
     @classmethod
     @abstractmethod
@@ -80,10 +57,12 @@ class StorageWriter(ABC):
         """Create the checkpoint location; refuse an existing one if told not to overwrite."""
 
     @abstractmethod
-    def write_file(
-        self, name: str, segments: Sequence[memoryview], block_size: int
-    ) -> list[SegmentRecord]:
-        """Write ``segments`` back to back into data file ``name``, durably; thread-safe."""
+    def write_file(self, name: str, segments: Sequence[memoryview]) -> None:
+        """Store ``segments`` back to back as data file ``name``, durably; thread-safe.
+
+        Replaces a partial file of an earlier attempt under the same name (a
+        failed call is retried for transient errors, see ``storage/retry.py``).
+        """
 
     @abstractmethod
     def commit(self, metadata: bytes) -> bytes | None:
@@ -134,9 +113,10 @@ class StorageReader(ABC):
     """Reads a committed checkpoint's metadata and byte ranges of its data files."""
 
     checkpoint_id: str
-    # True for stores that charge per request (object stores): a load fetches
-    # back-to-back chunks of one file in one read.
+
     coalesce_reads: bool = False
+    """Capability: whether requests are costly (object stores charge per request):
+    a load then fetches back-to-back chunks of one file in one ``read_into``."""
 
     @classmethod
     @abstractmethod
@@ -165,3 +145,50 @@ class StorageReader(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release open files or connections."""
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one checkpoint under a root holds: bytes of all its files, newest change."""
+
+    size: int
+    mtime: float | None  # seconds since the epoch; None: the store does not say
+
+
+class StorageRoot(ABC):
+    """The checkpoints directly under one root (a directory, or a URL prefix).
+
+    Each child ``name`` (one path component) is the checkpoint whose id is
+    ``f"{root}/{name}"``. Listing may run in any process and thread; deleting
+    is left to one process by the caller (``CheckpointManager``'s rank 0).
+    """
+
+    root: str
+
+    @abstractmethod
+    def exists(self) -> bool:
+        """Whether the root itself exists (a directory, or a non-empty prefix)."""
+
+    @abstractmethod
+    def children(self) -> dict[str, bool]:
+        """Every child directory's name, with whether it holds committed metadata.
+
+        Reads storage afresh on each call: other processes change the root.
+        """
+
+    @abstractmethod
+    def usage(self, name: str) -> Usage:
+        """Size and newest modification time of child ``name`` (0, None: it is gone)."""
+
+    @abstractmethod
+    def delete(self, name: str) -> None:
+        """Delete child ``name``: its metadata first, then everything else in it.
+
+        The order keeps a crash midway from leaving a committed checkpoint with
+        missing data files: what is left lists as incomplete. A child already
+        gone is no error; failing to delete the metadata raises.
+        """
+
+    @abstractmethod
+    def identity(self, name: str) -> str:
+        """A name of child ``name`` that is equal however the root was spelled."""

@@ -1,25 +1,25 @@
-"""Choosing a storage backend from a checkpoint id."""
+"""Choosing a storage backend from a checkpoint id (or a CheckpointManager root)."""
 
 from __future__ import annotations
 
 import os
 
 from ..errors import StorageDetectionError
-from .base import StorageReader, StorageWriter
-from .fsspec_backend import FsspecReader, FsspecWriter
-from .local import FileSystemReader, FileSystemWriter
+from .base import StorageReader, StorageRoot, StorageWriter
+from .registry import FSSPEC, LOCAL, backends
 
-# Tried in order: the first whose validate_checkpoint_id accepts the id wins.
-WRITERS: list[type[StorageWriter]] = [FileSystemWriter, FsspecWriter]
-READERS: list[type[StorageReader]] = [FileSystemReader, FsspecReader]
+_BUILT_IN = "local paths, file://, and fsspec URLs (memory://, s3://, gs://, az://, ...)"
 
-_SUPPORTED = "local paths, file://, and fsspec URLs (memory://, s3://, gs://, az://, ...)"
+
+def _supported() -> str:
+    plugins = [b.name for b in backends() if b not in (LOCAL, FSSPEC)]
+    return _BUILT_IN + (f"; plugins: {', '.join(plugins)}" if plugins else "")
 
 
 def _cannot_detect(checkpoint_id: object, role: str) -> StorageDetectionError:
     return StorageDetectionError(
         f"Cannot detect which storage {role} to use for checkpoint_id {checkpoint_id!r}. "
-        f"Supported: {_SUPPORTED}. Pass storage_{role}= to choose one explicitly."
+        f"Supported: {_supported()}. Pass storage_{role}= to choose one explicitly."
     )
 
 
@@ -36,16 +36,37 @@ def _require_id(checkpoint_id: object, role: str) -> str:
 def detect_writer(checkpoint_id: object, **options: object) -> StorageWriter:
     """A writer for ``checkpoint_id``, or StorageDetectionError ("Cannot detect ...")."""
     text = _require_id(checkpoint_id, "writer")
-    for cls in WRITERS:
-        if cls.validate_checkpoint_id(text):
-            return cls(text, **options)
+    for backend in backends():
+        if backend.writer.validate_checkpoint_id(text):
+            return backend.writer(text, **options)
     raise _cannot_detect(text, "writer")
 
 
 def detect_reader(checkpoint_id: object) -> StorageReader:
     """A reader for ``checkpoint_id``, or StorageDetectionError ("Cannot detect ...")."""
     text = _require_id(checkpoint_id, "reader")
-    for cls in READERS:
-        if cls.validate_checkpoint_id(text):
-            return cls(text)
+    for backend in backends():
+        if backend.reader.validate_checkpoint_id(text):
+            return backend.reader(text)
     raise _cannot_detect(text, "reader")
+
+
+def detect_root(root: str | os.PathLike) -> StorageRoot:
+    """The checkpoints under ``root``, through the backend whose writer handles it.
+
+    Raises StorageDetectionError ("Cannot detect ...") when no backend does, or
+    when the one that does cannot list checkpoints.
+    """
+    text = os.fspath(root)
+    for backend in backends():
+        if backend.writer.validate_checkpoint_id(text):
+            if backend.root is None:
+                raise StorageDetectionError(
+                    f"storage backend {backend.name!r} handles {text!r} but has no StorageRoot "
+                    "to list and delete the checkpoints under it, which CheckpointManager needs"
+                )
+            return backend.root(text)
+    raise StorageDetectionError(
+        f"Cannot detect which storage holds the checkpoint root {text!r}. "
+        f"Supported: {_supported()}."
+    )

@@ -20,9 +20,9 @@ from ..errors import (
     MissingBackendError,
 )
 from ..format.decode import MAX_METADATA_BYTES
-from ..format.names import METADATA_FILE, is_safe_file_name
+from ..format.names import DATA_FILE, METADATA_FILE, is_safe_file_name
 from . import s3_transfer
-from .base import DATA_FILE, SegmentRecord, StorageReader, StorageWriter, checksummed_layout
+from .base import StorageReader, StorageRoot, StorageWriter, Usage
 
 # Packages that provide the common protocols, for a helpful error when one is missing.
 _INSTALL_HINT = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs"}
@@ -89,17 +89,13 @@ class FsspecWriter(StorageWriter):
             )
         self.fs.makedirs(self.path, exist_ok=True)
 
-    def write_file(
-        self, name: str, segments: Sequence[memoryview], block_size: int
-    ) -> list[SegmentRecord]:
-        records, _ = checksummed_layout(segments, block_size)
+    def write_file(self, name: str, segments: Sequence[memoryview]) -> None:
         if s3_transfer.is_s3(self.fs):
             s3_transfer.upload(self.fs, self._join(name), segments)
-            return records
+            return
         with self.fs.open(self._join(name), "wb") as f:
             for seg in segments:
                 f.write(seg.cast("B") if seg.format != "B" else seg)
-        return records
 
     def commit(self, metadata: bytes) -> bytes | None:
         # No lock on an object store: a commit racing this read and write leaves its
@@ -247,3 +243,55 @@ class FsspecReader(StorageReader):
             )
         if data is not None:
             view[:] = data
+
+
+class FsspecRoot(StorageRoot):
+    """The checkpoint directories under an fsspec URL (a CheckpointManager root)."""
+
+    def __init__(self, root: str, *, storage_options: dict[str, Any] | None = None) -> None:
+        self.root = os.fspath(root)
+        self.fs, self.path = open_filesystem(self.root, storage_options)
+
+    def _join(self, name: str) -> str:
+        return f"{self.path}/{name}"
+
+    def exists(self) -> bool:
+        return bool(self.fs.exists(self.path))
+
+    def children(self) -> dict[str, bool]:
+        self.fs.invalidate_cache(self.path)  # other ranks and processes change it
+        try:
+            listing = self.fs.ls(self.path, detail=True)
+        except FileNotFoundError:
+            return {}
+        found = {
+            item["name"].rstrip("/").rsplit("/", 1)[-1]: False
+            for item in listing
+            if item.get("type") == "directory"
+        }
+        for meta in self.fs.glob(self._join(f"*/{METADATA_FILE}")):
+            found[meta.rstrip("/").rsplit("/", 2)[-2]] = True
+        return found
+
+    def usage(self, name: str) -> Usage:
+        size, newest = 0, None
+        for info in self.fs.find(self._join(name), detail=True).values():
+            size += int(info.get("size") or 0)
+            stamp = modified_time(info)
+            if stamp is not None:
+                newest = stamp if newest is None else max(newest, stamp)
+        return Usage(size, newest)
+
+    def delete(self, name: str) -> None:
+        path = self._join(name)
+        try:
+            self.fs.rm_file(f"{path}/{METADATA_FILE}")
+        except FileNotFoundError:
+            pass
+        try:
+            self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def identity(self, name: str) -> str:
+        return f"{self.fs.protocol}:{self._join(name)}"

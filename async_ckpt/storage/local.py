@@ -1,10 +1,14 @@
-"""Local filesystem backend: a checkpoint is a directory; metadata.json commits it."""
+"""Local filesystem backend: a checkpoint is a directory; metadata.json commits it.
+
+Handles plain paths and ``file://`` URLs.
+"""
 
 from __future__ import annotations
 
 import fcntl
 import os
 import secrets
+import shutil
 import stat
 import threading
 import time
@@ -19,10 +23,8 @@ from ..errors import (
     MetadataError,
 )
 from ..format.decode import MAX_METADATA_BYTES
-from ..format.names import METADATA_FILE, is_safe_file_name
-from .base import DATA_FILE, SegmentRecord, StorageReader, StorageWriter, checksummed_layout
-
-_TMP_PREFIX = f".{METADATA_FILE}.tmp-"
+from ..format.names import DATA_FILE, METADATA_FILE, METADATA_TEMP_PREFIX, is_safe_file_name
+from .base import StorageReader, StorageRoot, StorageWriter, Usage
 
 _WRITE_PIECE = 64 * 1024 * 1024  # bounded syscalls: os.write caps a call near 2 GiB
 # NOFOLLOW: a symlinked file could point outside the checkpoint. NONBLOCK: opening a FIFO
@@ -88,10 +90,7 @@ class FileSystemWriter(StorageWriter):
             )
         self.path.mkdir(parents=True, exist_ok=True)
 
-    def write_file(
-        self, name: str, segments: Sequence[memoryview], block_size: int
-    ) -> list[SegmentRecord]:
-        records, _ = checksummed_layout(segments, block_size)
+    def write_file(self, name: str, segments: Sequence[memoryview]) -> None:
         fd = os.open(self.path / name, _OPEN_WRITE, 0o644)
         try:
             for seg in segments:
@@ -100,12 +99,11 @@ class FileSystemWriter(StorageWriter):
                 os.fsync(fd)
         finally:
             os.close(fd)
-        return records
 
     def commit(self, metadata: bytes) -> bytes | None:
         # A name no other writer (thread, process, host) uses, so that concurrent
         # commits to one id never rename or delete each other's temporary file.
-        tmp = self.path / f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+        tmp = self.path / f"{METADATA_TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
         # The directory's lock makes reading what is replaced and replacing it one step
         # for writers on this host (a lock on the directory itself: no extra file).
         lock = os.open(self.path, os.O_RDONLY)
@@ -170,7 +168,7 @@ class FileSystemWriter(StorageWriter):
                 save_id = match["save_id"]
                 groups.setdefault(save_id, []).append(entry.name)
                 newest[save_id] = max(newest.get(save_id, 0.0), mtime)
-            elif entry.name.startswith(_TMP_PREFIX) and mtime < cutoff:
+            elif entry.name.startswith(METADATA_TEMP_PREFIX) and mtime < cutoff:
                 temporaries.append(entry.name)
         old = [name for sid, names in groups.items() if newest[sid] < cutoff for name in names]
         return self.remove_files(old + temporaries)
@@ -299,3 +297,53 @@ class FileSystemReader(StorageReader):
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+
+
+class FileSystemRoot(StorageRoot):
+    """The checkpoint directories under a local directory (a CheckpointManager root)."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = os.fspath(root)
+        self.path = _local_path(root)
+
+    def exists(self) -> bool:
+        return self.path.is_dir()
+
+    def children(self) -> dict[str, bool]:
+        try:
+            entries = list(os.scandir(self.path))
+        except FileNotFoundError:
+            return {}
+        return {
+            entry.name: os.path.isfile(os.path.join(entry.path, METADATA_FILE))
+            for entry in entries
+            if entry.is_dir(follow_symlinks=False)
+        }
+
+    def usage(self, name: str) -> Usage:
+        path = self.path / name
+        size, newest = 0, None
+        for folder, _, names in os.walk(path):
+            for file in names:
+                try:
+                    st = os.stat(os.path.join(folder, file), follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                size += st.st_size
+                newest = st.st_mtime if newest is None else max(newest, st.st_mtime)
+        if newest is None and path.is_dir():
+            newest = os.stat(path).st_mtime
+        return Usage(size, newest)
+
+    def delete(self, name: str) -> None:
+        path = self.path / name
+        try:
+            os.unlink(path / METADATA_FILE)
+        except FileNotFoundError:
+            pass
+        # Errors below the metadata are left: the child lists as incomplete, and the
+        # caller sees it is still there.
+        shutil.rmtree(path, ignore_errors=True)
+
+    def identity(self, name: str) -> str:
+        return os.path.realpath(self.path / name)

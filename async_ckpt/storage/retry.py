@@ -7,10 +7,10 @@ retried here when it fails with a *transient* error, with exponential backoff
 and a bounded number of attempts; every other error fails the save at once.
 
 Why a retry is safe: ``write_file`` writes a whole file from bytes that stay
-put in memory (the staging arena or the caller's tensors) and computes the
-checksums from that memory, so a second attempt rewrites every byte from the
-start (local files are opened with ``O_TRUNC``; object stores replace the
-object). A failed attempt's partial file is removed before the next attempt and
+put in memory (the staging arena or the caller's tensors), the same bytes the
+pipeline checksummed once before the first attempt, so a second attempt
+rewrites every byte from the start (local files are opened with ``O_TRUNC``;
+object stores replace the object). A failed attempt's partial file is removed before the next attempt and
 after the last one, so a failed write leaves nothing of itself behind.
 
 What counts as transient (see :func:`is_transient`):
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from ..errors import CheckpointError, SaveFailedError
-from .base import SegmentRecord, StorageWriter
+from .base import StorageWriter
 
 log = logging.getLogger("async_ckpt")
 
@@ -209,17 +209,16 @@ def write_with_retry(
     writer: StorageWriter,
     name: str,
     segments: Sequence[memoryview],
-    block_size: int,
     *,
     policy: RetryPolicy | None = None,
-) -> list[SegmentRecord]:
-    """``writer.write_file(name, ...)`` with transient errors retried (see module docstring).
+) -> None:
+    """``writer.write_file(name, segments)`` with transient errors retried (module docstring).
 
     Called from the save's writer threads, one call per data file. A failed
     attempt's partial file is removed with ``writer.abort([name])``.
     """
-    return call_with_retry(
-        lambda: writer.write_file(name, segments, block_size),
+    call_with_retry(
+        lambda: writer.write_file(name, segments),
         what=f"writing data file {name!r} of checkpoint {writer.checkpoint_id!r}",
         policy=policy or RetryPolicy.from_env(),
         cleanup=lambda: writer.abort([name]),
