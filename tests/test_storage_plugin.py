@@ -332,3 +332,20 @@ def test_a_backend_without_a_root_cannot_serve_a_manager(
     register_backend(StorageBackend("rootless", toy.ToyWriter, toy.ToyReader))
     with pytest.raises(async_ckpt.StorageDetectionError, match="rootless"):
         async_ckpt.CheckpointManager("toy://run", executor="thread")
+
+
+def test_a_plugin_that_raises_while_detecting_is_skipped_with_a_warning(
+    toy: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import async_ckpt.storage.registry as registry
+
+    class Raising(toy.ToyWriter):
+        @classmethod
+        def validate_checkpoint_id(cls, checkpoint_id: str) -> bool:
+            raise ValueError("no idea")
+
+    monkeypatch.setattr(registry, "_registered", [])
+    register_backend(StorageBackend("raising", Raising, toy.ToyReader))
+    with pytest.warns(RuntimeWarning, match="'raising' raised ValueError"):
+        writer = detect_writer("memory://still/detected")
+    assert type(writer) is FsspecWriter

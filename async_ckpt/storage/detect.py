@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 from ..errors import StorageDetectionError
 from .base import StorageReader, StorageRoot, StorageWriter
-from .registry import FSSPEC, LOCAL, backends
+from .registry import FSSPEC, LOCAL, StorageBackend, backends
 
 _BUILT_IN = "local paths, file://, and fsspec URLs (memory://, s3://, gs://, az://, ...)"
 
@@ -33,11 +34,27 @@ def _require_id(checkpoint_id: object, role: str) -> str:
     return os.fspath(checkpoint_id)
 
 
+def _accepts(backend: StorageBackend, cls: type, text: str) -> bool:
+    """Whether ``cls`` of ``backend`` handles ``text``; a plugin that raises is skipped."""
+    try:
+        return bool(cls.validate_checkpoint_id(text))
+    except Exception as exc:
+        if backend in (LOCAL, FSSPEC):
+            raise
+        warnings.warn(
+            f"async_ckpt storage plugin {backend.name!r} raised {type(exc).__name__} while "
+            f"checking checkpoint_id {text!r} ({exc}); skipping it",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+
+
 def detect_writer(checkpoint_id: object, **options: object) -> StorageWriter:
     """A writer for ``checkpoint_id``, or StorageDetectionError ("Cannot detect ...")."""
     text = _require_id(checkpoint_id, "writer")
     for backend in backends():
-        if backend.writer.validate_checkpoint_id(text):
+        if _accepts(backend, backend.writer, text):
             return backend.writer(text, **options)
     raise _cannot_detect(text, "writer")
 
@@ -46,7 +63,7 @@ def detect_reader(checkpoint_id: object) -> StorageReader:
     """A reader for ``checkpoint_id``, or StorageDetectionError ("Cannot detect ...")."""
     text = _require_id(checkpoint_id, "reader")
     for backend in backends():
-        if backend.reader.validate_checkpoint_id(text):
+        if _accepts(backend, backend.reader, text):
             return backend.reader(text)
     raise _cannot_detect(text, "reader")
 
@@ -59,7 +76,7 @@ def detect_root(root: str | os.PathLike) -> StorageRoot:
     """
     text = os.fspath(root)
     for backend in backends():
-        if backend.writer.validate_checkpoint_id(text):
+        if _accepts(backend, backend.writer, text):
             if backend.root is None:
                 raise StorageDetectionError(
                     f"storage backend {backend.name!r} handles {text!r} but has no StorageRoot "
