@@ -22,7 +22,7 @@ from .errors import (
 )
 from .format.decode import decode_metadata
 from .format.metadata import Metadata
-from .manager_root import StepStore
+from .manager import StepStore
 from .storage.detect import detect_reader
 
 PROG = "async-ckpt"

@@ -236,7 +236,7 @@ def _run_all(args: argparse.Namespace) -> int:
         return 1
     _wait_gone(Path(args.dir) / "worker.pid")
     print("\non disk after the crash (`async-ckpt ls`):", flush=True)
-    from .manager_root import StepStore
+    from .manager import StepStore
 
     for line in steps_lines(f"{args.dir}/ckpts", StepStore(Path(args.dir) / "ckpts").infos()):
         print(f"  {line}" if line else "", flush=True)

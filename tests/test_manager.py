@@ -249,7 +249,7 @@ def test_two_ranks_share_one_root(tmp_path: Path) -> None:
 
 def test_only_rank0_deletes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "step-00000009").mkdir()
-    monkeypatch.setattr("async_ckpt.manager._group_rank", lambda checkpointer: 1)
+    monkeypatch.setattr("async_ckpt.manager.checkpoint_manager._group_rank", lambda checkpointer: 1)
     with _manager(tmp_path, keep_last=1) as manager:
         assert (tmp_path / "step-00000009").is_dir()  # no clean-up on rank 1
         _save_steps(manager, range(1, 4))

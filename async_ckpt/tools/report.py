@@ -8,7 +8,7 @@ from typing import Any
 
 from ..format.metadata import Metadata, ObjectEntry, TensorEntry, ValueEntry
 from ..format.objects import decode_plain
-from ..manager_root import StepInfo, step_dir_name
+from ..manager.root import StepInfo, step_dir_name
 from ..state.leaves import LeafKind
 
 

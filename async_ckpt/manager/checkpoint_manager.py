@@ -13,30 +13,25 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections.abc import Mapping
 from concurrent.futures import CancelledError
 from typing import Any, Literal
 
-from .api import load
-from .errors import CheckpointError, CheckpointNotFoundError
-from .executor import AsyncCheckpointer, SaveFuture
-from .manager_root import StepStore
-from .settings import env_seconds
+from ..api import load
+from ..errors import CheckpointError, CheckpointNotFoundError
+from ..executor import AsyncCheckpointer, SaveFuture
+from ..settings import env_seconds
+from .retention import (
+    INCOMPLETE_GRACE_ENV,
+    INCOMPLETE_GRACE_S,
+    in_flight,
+    remove_incomplete,
+    steps_to_keep,
+    writing,
+)
+from .root import StepStore
 
 log = logging.getLogger("async_ckpt")
-
-INCOMPLETE_GRACE_S = 600.0
-"""Default age (seconds since the newest file in it was modified) before a manager
-starting up removes a step directory without metadata: a younger one may be a save
-that another live process (an orphaned worker of a killed job, another job) is still
-writing. Overridden by ``CheckpointManager(incomplete_grace_s=...)`` or the
-environment variable named by :data:`INCOMPLETE_GRACE_ENV`."""
-INCOMPLETE_GRACE_ENV = "ASYNC_CKPT_INCOMPLETE_GRACE_S"
-
-# Checkpoint ids some manager of this process is writing right now: never cleaned up.
-_IN_FLIGHT: set[str] = set()
-_IN_FLIGHT_LOCK = threading.Lock()
 
 
 def _positive(name: str, value: int | None) -> int | None:
@@ -145,7 +140,7 @@ class CheckpointManager:
         self._closed = False
         if self.rank == 0:
             try:
-                self._remove_incomplete()
+                remove_incomplete(self.store, self.incomplete_grace_s)
             except Exception as exc:  # e.g. a root we may read but not list or change
                 log.warning(
                     "clean-up of incomplete checkpoints under %s failed: %s", self.root, exc
@@ -192,8 +187,7 @@ class CheckpointManager:
         self._retain_logged()
         self._warn_if_rewound(step)
         cid = self.store.checkpoint_id(step)
-        with _IN_FLIGHT_LOCK:
-            _IN_FLIGHT.add(self.store.identity(step))
+        in_flight(self.store.identity(step), True)
         try:
             future = self.checkpointer.save(state, checkpoint_id=cid)
         except BaseException:
@@ -221,8 +215,7 @@ class CheckpointManager:
 
     def _finished(self, step: int, future: SaveFuture | None) -> None:
         """Done callback of a save (worker's reply thread): retention after a commit."""
-        with _IN_FLIGHT_LOCK:
-            _IN_FLIGHT.discard(self.store.identity(step))
+        in_flight(self.store.identity(step), False)
         if future is None or future.cancelled() or future.exception() is not None:
             return  # the checkpointer logged the failure; nothing is deleted for it
         with self._lock:
@@ -281,14 +274,8 @@ class CheckpointManager:
             committed = sorted(s for s, done in found.items() if done)
             if not committed:
                 return []
-            keep = set(committed if self.keep_last is None else committed[-self.keep_last :])
-            keep.add(committed[-1])
-            if self.keep_every is not None:
-                keep.update(s for s in committed if s % self.keep_every == 0)
-            if self._newest_saved is not None:
-                keep.add(self._newest_saved)
-            with _IN_FLIGHT_LOCK:
-                busy = set(_IN_FLIGHT)
+            keep = steps_to_keep(committed, self.keep_last, self.keep_every, self._newest_saved)
+            busy = writing()
             removed = []
             for step in committed:
                 if step in keep or self.store.identity(step) in busy:
@@ -307,44 +294,6 @@ class CheckpointManager:
                     self.store.remove(step)
                     log.info("removed %s, left by a failed save", self.store.checkpoint_id(step))
             return removed
-
-    def _remove_incomplete(self) -> None:
-        """Remove step directories without metadata older than the grace period.
-
-        Failures are logged as warnings: on a read-only root the manager must
-        still start, so that ``restore()`` works.
-        """
-        with _IN_FLIGHT_LOCK:
-            busy = set(_IN_FLIGHT)
-        for step, committed in sorted(self.store.scan().items()):
-            if committed or self.store.identity(step) in busy:
-                continue
-            cid = self.store.checkpoint_id(step)
-            try:
-                mtime = self.store.info(step, False).mtime
-                age = None if mtime is None else time.time() - mtime
-                if age is None or age < self.incomplete_grace_s:
-                    log.warning(
-                        "kept incomplete checkpoint %s (no metadata.json): %s, so another "
-                        "process may still be writing it",
-                        cid,
-                        "the storage reports no modification time"
-                        if age is None
-                        else f"it was modified {age:.0f} s ago, within the grace period of "
-                        f"{self.incomplete_grace_s:g} s ({INCOMPLETE_GRACE_ENV})",
-                    )
-                    continue
-                self.store.remove(step)
-                if step in self.store.scan():  # the local removal ignores errors deep inside
-                    raise OSError(f"{cid} is still there after its removal")
-            except Exception as exc:  # OSError (EROFS, EACCES) or an fsspec backend's error
-                log.warning("could not remove incomplete checkpoint %s: %s", cid, exc)
-                continue
-            log.warning(
-                "removed incomplete checkpoint %s: it has no metadata.json, so its save never "
-                "committed (left by a crash or a failed save)",
-                cid,
-            )
 
     # ------------------------------------------------------------------- restore
     def restore(

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from .storage.detect import detect_root
+from ..storage.detect import detect_root
 
 STEP_DIR = re.compile(r"^step-(?P<step>\d{8,})$")
 

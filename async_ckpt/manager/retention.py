@@ -1,0 +1,98 @@
+"""What a CheckpointManager keeps and what it removes.
+
+Retention keeps the newest committed steps and every ``keep_every``-th; the
+clean-up at start removes step directories a crash left without metadata, but
+only once they are older than a grace period (a younger one may be a save
+another live process still writes). Steps a manager of this process is saving
+are never removed by either.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from .root import StepStore
+
+log = logging.getLogger("async_ckpt")
+
+INCOMPLETE_GRACE_S = 600.0
+"""Default age (seconds since the newest file in it was modified) before a manager
+starting up removes a step directory without metadata: a younger one may be a save
+that another live process (an orphaned worker of a killed job, another job) is still
+writing. Overridden by ``CheckpointManager(incomplete_grace_s=...)`` or the
+environment variable named by :data:`INCOMPLETE_GRACE_ENV`."""
+INCOMPLETE_GRACE_ENV = "ASYNC_CKPT_INCOMPLETE_GRACE_S"
+
+# Checkpoint ids some manager of this process is writing right now: never cleaned up.
+_IN_FLIGHT: set[str] = set()
+_IN_FLIGHT_LOCK = threading.Lock()
+
+
+def steps_to_keep(
+    committed: list[int], keep_last: int | None, keep_every: int | None, newest_saved: int | None
+) -> set[int]:
+    """The committed steps (oldest first) retention keeps: the ``keep_last`` newest
+    (all if None), the newest always, multiples of ``keep_every``, and the step this
+    manager committed last."""
+    keep = set(committed if keep_last is None else committed[-keep_last:])
+    keep.add(committed[-1])
+    if keep_every is not None:
+        keep.update(s for s in committed if s % keep_every == 0)
+    if newest_saved is not None:
+        keep.add(newest_saved)
+    return keep
+
+
+def in_flight(identity: str, writing_now: bool) -> None:
+    """Mark (or unmark) a step directory as being written by a manager of this process."""
+    with _IN_FLIGHT_LOCK:
+        if writing_now:
+            _IN_FLIGHT.add(identity)
+        else:
+            _IN_FLIGHT.discard(identity)
+
+
+def writing() -> set[str]:
+    """The step directories managers of this process are writing now."""
+    with _IN_FLIGHT_LOCK:
+        return set(_IN_FLIGHT)
+
+
+def remove_incomplete(store: StepStore, grace_s: float) -> None:
+    """Remove step directories without metadata older than the grace period.
+
+    Failures are logged as warnings: on a read-only root the manager must
+    still start, so that ``restore()`` works.
+    """
+    busy = writing()
+    for step, committed in sorted(store.scan().items()):
+        if committed or store.identity(step) in busy:
+            continue
+        cid = store.checkpoint_id(step)
+        try:
+            mtime = store.info(step, False).mtime
+            age = None if mtime is None else time.time() - mtime
+            if age is None or age < grace_s:
+                log.warning(
+                    "kept incomplete checkpoint %s (no metadata.json): %s, so another "
+                    "process may still be writing it",
+                    cid,
+                    "the storage reports no modification time"
+                    if age is None
+                    else f"it was modified {age:.0f} s ago, within the grace period of "
+                    f"{grace_s:g} s ({INCOMPLETE_GRACE_ENV})",
+                )
+                continue
+            store.remove(step)
+            if step in store.scan():  # the local removal ignores errors deep inside
+                raise OSError(f"{cid} is still there after its removal")
+        except Exception as exc:  # OSError (EROFS, EACCES) or an fsspec backend's error
+            log.warning("could not remove incomplete checkpoint %s: %s", cid, exc)
+            continue
+        log.warning(
+            "removed incomplete checkpoint %s: it has no metadata.json, so its save never "
+            "committed (left by a crash or a failed save)",
+            cid,
+        )
