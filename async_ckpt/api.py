@@ -12,27 +12,20 @@ import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import torch
-
 from .dist.ranks import caller_comm
 from .executor import AsyncCheckpointer, SaveFuture
 from .format.metadata import Metadata
 from .pipeline.load import LoadResult, run_load
 from .pipeline.save import run_save
+from .pipeline.waves import memory_waves
 from .planning.plan import Planner, check_same_keys
 from .staging import Stager
-from .state.describe import describe, tensor_bytes
+from .state.describe import describe
 from .state.flatten import flatten
 from .storage.base import StorageReader, StorageWriter
 from .storage.detect import detect_reader, detect_writer
 
 CheckpointId = str | os.PathLike
-
-
-def _contiguous_cpu(tensor: torch.Tensor) -> torch.Tensor:
-    if tensor.device.type != "cpu":
-        return tensor.to("cpu")
-    return tensor if tensor.is_contiguous() else tensor.contiguous()
 
 
 def save(
@@ -52,8 +45,8 @@ def save(
     """
     writer = storage_writer or detect_writer(checkpoint_id)
     state, tensors = describe(flatten(state_dict))
-    sources = [tensor_bytes(_contiguous_cpu(t)) for t in tensors]
-    return run_save(state, sources, writer, caller_comm(process_group, no_dist), Planner())
+    waves = memory_waves(state, tensors)
+    return run_save(state, waves, writer, caller_comm(process_group, no_dist), Planner())
 
 
 _DEFAULT: dict[tuple, AsyncCheckpointer] = {}

@@ -57,3 +57,18 @@ def test_if_busy_raise_counts_free_buffers_not_the_option(tmp_path, gate):
         first.result(timeout=120)
         second.result(timeout=120)
     stager.close()
+
+
+def test_executors_are_chosen_by_name_from_the_registry():
+    from async_ckpt.executor.registry import EXECUTORS
+
+    assert set(EXECUTORS) == {"process", "thread"}
+    with pytest.raises(ac.CheckpointError, match="must be 'process' or 'thread', not 'fiber'"):
+        ac.AsyncCheckpointer(executor="fiber")  # type: ignore[arg-type]
+
+
+def test_the_process_executor_refuses_a_process_local_writer_before_any_worker_starts(memory_url):
+    with ac.AsyncCheckpointer(executor="process") as ckpt:
+        with pytest.raises(ac.CheckpointError, match="executor='thread'"):
+            ckpt.save({"w": torch.ones(2)}, checkpoint_id=f"{memory_url}/refused")
+        assert ckpt.worker_pid is None

@@ -22,8 +22,9 @@ from async_ckpt import (
 )
 from async_ckpt.dist.comm import LocalComm
 from async_ckpt.pipeline.save import run_save
+from async_ckpt.pipeline.waves import memory_waves
 from async_ckpt.planning.plan import Planner
-from async_ckpt.state.describe import describe, tensor_bytes
+from async_ckpt.state.describe import describe
 from async_ckpt.state.flatten import flatten
 
 
@@ -80,9 +81,8 @@ def test_verify_false_loads_damaged_data_anyway(ckpt_dir, saved_small):
 
 def test_a_flip_in_a_later_block_is_found_and_located(ckpt_dir):
     state, tensors = describe(flatten({"big": torch.arange(5000, dtype=torch.float32)}))
-    sources = [tensor_bytes(t) for t in tensors]
     writer = async_ckpt.FileSystemWriter(ckpt_dir)
-    run_save(state, sources, writer, LocalComm(), Planner(), block_size=4096)
+    run_save(state, memory_waves(state, tensors), writer, LocalComm(), Planner(), block_size=4096)
     chunk = _chunk(ckpt_dir, "big")
     assert len(chunk["checksums"]) == 5  # 20000 bytes in 4096-byte blocks
     _flip_bit(ckpt_dir / chunk["file"], chunk["offset"] + 3 * 4096 + 7)

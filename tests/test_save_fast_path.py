@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
+
+import pytest
 import torch
 
 import async_ckpt
@@ -95,3 +98,42 @@ def test_describe_cache_keeps_no_tensor_alive():
     del temp
     gc.collect()
     assert alive() is None
+
+
+@pytest.mark.multiprocess
+def test_the_worker_gets_the_structure_once_and_values_every_save(tmp_path, monkeypatch):
+    """Per save only what changes travels; a new structure is sent once, when it appears."""
+    from async_ckpt.executor import protocol, wire
+
+    sent: list[object] = []
+    send = wire.send
+
+    def recorded(sock, message, fds=None):
+        sent.append(message)
+        send(sock, message, fds)
+
+    monkeypatch.setattr(wire, "send", recorded)
+    w = torch.randn(8)
+    with AsyncCheckpointer(executor="process") as ckpt:
+        for step in range(3):
+            ckpt.save(
+                {"w": w, "step": step, "day": datetime.date(2024, 1, step + 1)},
+                checkpoint_id=tmp_path / str(step),
+            ).result(timeout=120)
+        ckpt.save({"w": w, "x": torch.ones(2), "step": 3}, checkpoint_id=tmp_path / "3").result(
+            timeout=120
+        )
+    structures = [m for m in sent if isinstance(m, protocol.Structure)]
+    saves = [m for m in sent if isinstance(m, protocol.Save)]
+    assert [len(s.items) for s in structures] == [1, 2]
+    assert [s.structure for s in saves] == [structures[0].generation] * 3 + [
+        structures[1].generation
+    ]
+    for step in range(3):
+        out = {"w": torch.zeros(8), "step": -1, "day": None}
+        async_ckpt.load(out, checkpoint_id=tmp_path / str(step))
+        assert out["step"] == step and out["day"] == datetime.date(2024, 1, step + 1)
+        assert torch.equal(out["w"], w)
+    out = {"w": torch.zeros(8), "x": torch.zeros(2), "step": -1}
+    async_ckpt.load(out, checkpoint_id=tmp_path / "3")
+    assert out["step"] == 3 and torch.equal(out["x"], torch.ones(2))

@@ -13,6 +13,7 @@ from torch import nn
 
 import async_ckpt
 from async_ckpt import FileSystemWriter, Stager, StagerOptions
+from async_ckpt.staging.snapshot import item_views
 from async_ckpt.state.describe import describe
 from async_ckpt.state.flatten import flatten
 
@@ -23,9 +24,15 @@ def described(state_dict):
     return describe(flatten(state_dict))
 
 
+def staged_bytes(snap) -> list[memoryview]:
+    """The staged bytes of every item of a snapshot staged in one wave."""
+    (wave,) = snap.waves
+    return item_views(snap.arenas[wave.buffer], snap.state, wave.items, wave.offsets)
+
+
 def staged_tensor(snap, index: int, like: torch.Tensor) -> torch.Tensor:
     """A copy of item ``index``'s staged bytes, as a tensor shaped like ``like``."""
-    view = snap.sources()[index]
+    view = staged_bytes(snap)[index]
     return torch.frombuffer(view, dtype=torch.uint8).view(like.dtype).view(like.shape).clone()
 
 
@@ -99,7 +106,7 @@ def test_buffers_are_reused_across_saves(stager_factory):
         rss.append(proc.memory_info().rss)
     assert rss[-1] - rss[1] < 8 * MiB, [r // MiB for r in rss]
     for i, t in enumerate(tensors):
-        staged = torch.frombuffer(snap.sources()[i], dtype=torch.uint8).view(t.dtype)
+        staged = torch.frombuffer(staged_bytes(snap)[i], dtype=torch.uint8).view(t.dtype)
         assert torch.equal(staged, t)
 
     sd["extra"] = torch.ones(10)  # a new structure re-plans once

@@ -6,6 +6,7 @@ import gc
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -218,3 +219,39 @@ def test_exit_without_close_is_prompt_and_leaves_no_worker(script_run):
     # The save still in flight at exit was finished by the exit hook.
     loads_as(pending, {"w": torch.arange(1 << 20, dtype=torch.float32)})
     loads_as(dropped, {"w": torch.ones(100)})
+
+
+def test_the_worker_answers_typed_messages_and_refuses_a_save_of_an_unknown_structure():
+    """The worker side of the protocol, in-process: ping, and a save whose structure it lacks."""
+    from async_ckpt.executor import protocol, wire
+    from async_ckpt.executor.worker import serve
+    from async_ckpt.staging.snapshot import WavePlace
+
+    caller, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    server = threading.Thread(target=serve, args=(worker,), daemon=True)
+    server.start()
+    try:
+        wire.send(caller, protocol.Ping())
+        pong, _ = wire.recv(caller)
+        assert pong == protocol.Pong(os.getpid())
+        save = protocol.Save(
+            save_no=1,
+            structure=7,
+            values={},
+            objects=[],
+            fingerprints=None,
+            writer=b"",
+            group=None,
+            waves=1,
+            first=WavePlace(0, [], 0, []),
+        )
+        wire.send(caller, save)
+        reply, _ = wire.recv(caller)
+        assert isinstance(reply, protocol.Failed) and reply.save_no == 1
+        assert "structure 7" in str(reply.error)
+        wire.send(caller, protocol.Close())
+        server.join(timeout=60)
+        assert not server.is_alive()
+    finally:
+        caller.close()
+        worker.close()

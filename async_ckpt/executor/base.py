@@ -1,8 +1,10 @@
 """What an executor is handed per save, and the interface executors implement.
 
-Call order (caller's thread unless noted): ``start()`` once (optional,
-pre-warms); ``submit(job)`` per save, after staging began; ``abort()`` from any
-thread to stop the in-flight save (cancel, timeout); ``close()`` once.
+Call order (caller's thread unless noted): ``create(setup)`` once;
+``start()`` once (optional, pre-warms); per save ``check_writer(writer)``
+(on the class, before anything starts), ``restart_after_failure()`` when the
+previous save failed, and ``submit(job)`` after staging began; ``abort()``
+from any thread to stop the in-flight save (cancel, timeout); ``close()`` once.
 """
 
 from __future__ import annotations
@@ -19,6 +21,15 @@ from ..storage.base import StorageWriter
 from .future import SaveFuture
 
 
+@dataclass(frozen=True)
+class ExecutorSetup:
+    """What an executor is built from: the checkpointer's group settings."""
+
+    process_group: Any
+    distributed: bool  # whether saves are collective over ``process_group``
+    group_timeout: float
+
+
 @dataclass
 class SaveJob:
     """One save handed to an executor."""
@@ -27,9 +38,6 @@ class SaveJob:
     snapshot: Snapshot
     writer: StorageWriter
     future: SaveFuture
-    arena_generation: int
-    arenas: list[Any] = field(default_factory=list)  # sent to a worker once per generation
-    options: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     aborted: threading.Event = field(default_factory=threading.Event)
 
@@ -59,6 +67,20 @@ class SaveJob:
 
 class Executor(ABC):
     """Runs the background part of saves (plan, validate, write, commit) in order."""
+
+    @classmethod
+    @abstractmethod
+    def create(cls, setup: ExecutorSetup) -> Executor:
+        """Build the executor on the caller's thread (it may run collectives there)."""
+
+    @classmethod
+    def check_writer(cls, writer: StorageWriter) -> None:
+        """Raise :class:`CheckpointError` if this executor cannot save through ``writer``."""
+        return None  # by default, every writer
+
+    def restart_after_failure(self) -> None:
+        """The previous save failed (on every rank alike): reset what that may have broken."""
+        return None  # by default, a failed save leaves nothing behind
 
     @abstractmethod
     def start(self) -> None:

@@ -11,7 +11,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-from ..dist.group import DEFAULT_TIMEOUT_S, WorkerGroup, thread_comm
+from ..dist.group import DEFAULT_TIMEOUT_S
 from ..dist.ranks import use_distributed
 from ..errors import CheckpointError, SaveInProgressError, SaveTimeoutError
 from ..staging.snapshot import Snapshot
@@ -20,10 +20,9 @@ from ..state.describe import DescribeCache, describe
 from ..state.flatten import flatten
 from ..storage.base import StorageWriter
 from ..storage.detect import detect_writer
-from .base import Executor, SaveJob
+from .base import Executor, ExecutorSetup, SaveJob
 from .future import AwaitableFuture, SaveFuture, SaveStats
-from .process import ProcessExecutor
-from .thread import ThreadExecutor
+from .registry import executor_class
 
 log = logging.getLogger("async_ckpt")
 _LIVE: weakref.WeakSet[AsyncCheckpointer] = weakref.WeakSet()
@@ -55,11 +54,9 @@ class AsyncCheckpointer:
         if_busy: Literal["wait", "raise"] = "wait",
         on_saved: Callable[[SaveStats], None] | None = None,
     ) -> None:
-        if executor not in ("process", "thread"):
-            raise CheckpointError(f"executor must be 'process' or 'thread', not {executor!r}")
+        self._executor_class = executor_class(executor)
         if if_busy not in ("wait", "raise"):
             raise CheckpointError(f"if_busy must be 'wait' or 'raise', not {if_busy!r}")
-        self.executor_kind = executor
         self.stager = stager or Stager()
         self._owns_stager = stager is None
         self.process_group = process_group
@@ -69,7 +66,6 @@ class AsyncCheckpointer:
         self.if_busy = if_busy
         self.on_saved = on_saved
         self._executor: Executor | None = None
-        self._group: WorkerGroup | None = None
         self._last: SaveFuture | None = None
         self._save_no = 0
         self._lock = threading.Lock()
@@ -80,14 +76,8 @@ class AsyncCheckpointer:
     # ------------------------------------------------------------------ lifecycle
     def _ensure_executor(self) -> Executor:
         if self._executor is None:
-            if self.executor_kind == "process":
-                if self.distributed:
-                    self._group = WorkerGroup(self.process_group, self.group_timeout)
-                self._executor = ProcessExecutor(self._group.spec if self._group else None)
-            else:
-                pg, dist_, t = self.process_group, self.distributed, self.group_timeout
-                self._executor = ThreadExecutor(lambda: thread_comm(pg, dist_, t))
-                self._executor.start()  # new_group is a collective: run it on this thread
+            setup = ExecutorSetup(self.process_group, self.distributed, self.group_timeout)
+            self._executor = self._executor_class.create(setup)
         return self._executor
 
     def start(self, state_dict: Mapping[str, Any] | None = None) -> AsyncCheckpointer:
@@ -128,19 +118,12 @@ class AsyncCheckpointer:
         self._check_open()
         t0 = time.perf_counter()
         writer = storage_writer or detect_writer(checkpoint_id)
-        if self.executor_kind == "process" and not writer.visible_across_processes:
-            raise CheckpointError(
-                f"cannot save {writer.checkpoint_id!r} from a worker process: memory:// lives "
-                "inside one process, so the worker's copy would be invisible here. Use "
-                "AsyncCheckpointer(executor='thread') for memory:// checkpoints."
-            )
+        self._executor_class.check_writer(writer)
         executor = self._ensure_executor()
         previous = self._last
-        if previous is not None and previous.done() and self._group is not None:
+        if previous is not None and previous.done():
             if previous.cancelled() or previous.exception() is not None:
-                # Every rank saw that save fail: all restart their workers into a new group.
-                self._group.next_epoch()
-                self._executor.abort(CheckpointError("restarting the worker after a failed save"))
+                executor.restart_after_failure()
         if previous is not None and not previous.done():
             if self.if_busy == "raise" and not self.stager.buffer_free():
                 raise SaveInProgressError(
@@ -160,8 +143,6 @@ class AsyncCheckpointer:
             snapshot=snapshot,
             writer=writer,
             future=future,
-            arena_generation=self.stager.generation,
-            arenas=self.stager.arenas,
             started=t0,
         )
         future.save_no = save_no

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import pickle
@@ -11,15 +12,31 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, Future
 from concurrent.futures import wait as wait_futures
 from pathlib import Path
 from typing import Any
 
+from ..dist.group import WorkerGroup
 from ..errors import CheckpointError, SaveFailedError, WorkerDiedError
 from ..settings import env_seconds
+from ..staging.snapshot import Snapshot, Wave
+from ..state.model import LocalState
+from ..storage.base import StorageWriter
 from . import wire
-from .base import Executor, SaveJob
+from .base import Executor, ExecutorSetup, SaveJob
+from .protocol import (
+    Arenas,
+    Close,
+    Done,
+    Failed,
+    Ping,
+    Pong,
+    Save,
+    Structure,
+    WaveStaged,
+    WaveWritten,
+)
 
 log = logging.getLogger("async_ckpt")
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
@@ -51,7 +68,8 @@ def _worker_pythonpath() -> str:
 class ProcessExecutor(Executor):
     """Hands staged snapshots to a worker process over a Unix socket.
 
-    The arena file descriptors are sent once per arena generation; each save
+    The arena file descriptors are sent once per arena generation and the
+    state's structure once per structure (see :mod:`.protocol`); each save
     then costs one small message. A worker that dies fails the in-flight save
     with :class:`WorkerDiedError` (naming its exit code); the next save starts
     a fresh worker.
@@ -63,8 +81,8 @@ class ProcessExecutor(Executor):
     frozen idle worker cannot hold up interpreter exit.
     """
 
-    def __init__(self, group_spec: Any = None) -> None:
-        self.group_spec = group_spec  # callable returning the workers' group spec, or None
+    def __init__(self, group: WorkerGroup | None = None) -> None:
+        self.group = group  # where the workers of all ranks meet; None on one rank
         self._proc: subprocess.Popen | None = None
         self._sock: socket.socket | None = None
         self._reader: threading.Thread | None = None
@@ -72,7 +90,10 @@ class ProcessExecutor(Executor):
         # Sent, not yet answered: save_no -> (job, the worker it was sent to).
         self._pending: dict[int, tuple[SaveJob, subprocess.Popen]] = {}
         self._unsent: dict[int, SaveJob] = {}  # submitted, still staging
-        self._sent_generation = -1
+        # What the current worker holds: the arenas' generation and the state structure.
+        self._arena_generation = -1
+        self._structure: Structure | None = None
+        self._generations = itertools.count()
         self._pong = threading.Event()
         self._closed = False
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # (send function, args)
@@ -81,6 +102,27 @@ class ProcessExecutor(Executor):
         self._sender: threading.Thread | None = None
 
     # ------------------------------------------------------------ lifecycle
+    @classmethod
+    def create(cls, setup: ExecutorSetup) -> ProcessExecutor:
+        # The group's address is shared over the training group: a collective, run here.
+        group = WorkerGroup(setup.process_group, setup.group_timeout) if setup.distributed else None
+        return cls(group)
+
+    @classmethod
+    def check_writer(cls, writer: StorageWriter) -> None:
+        if not writer.visible_across_processes:
+            raise CheckpointError(
+                f"cannot save {writer.checkpoint_id!r} from a worker process: memory:// lives "
+                "inside one process, so the worker's copy would be invisible here. Use "
+                "AsyncCheckpointer(executor='thread') for memory:// checkpoints."
+            )
+
+    def restart_after_failure(self) -> None:
+        if self.group is not None:
+            # Every rank saw that save fail: all restart their workers into a new group.
+            self.group.next_epoch()
+            self.abort(CheckpointError("restarting the worker after a failed save"))
+
     @property
     def worker_pid(self) -> int | None:
         """The current worker's process id (None before the first start)."""
@@ -101,7 +143,8 @@ class ProcessExecutor(Executor):
         )
         child.close()
         self._sock = parent
-        self._sent_generation = -1
+        self._arena_generation = -1
+        self._structure = None
         self._reader = threading.Thread(
             target=self._read_replies,
             args=(parent, self._proc),
@@ -119,7 +162,7 @@ class ProcessExecutor(Executor):
                 self._spawn()
             proc = self._proc
             try:
-                wire.send(self._sock, {"op": "ping"})
+                wire.send(self._sock, Ping())
             except OSError:
                 pass  # it is gone already; the reader sees EOF and wakes us
         self._pong.wait(timeout=120)  # the worker has imported torch and is listening
@@ -170,13 +213,13 @@ class ProcessExecutor(Executor):
                 log.exception("async_ckpt: handing a save to the worker failed")
             del item, send, args  # do not keep the last job alive until the next save
 
-    def _send_wave(self, job: SaveJob, wave: Any, staged: Any) -> None:
+    def _send_wave(self, job: SaveJob, wave: Wave, staged: Future) -> None:
         """Tell the worker a later wave is staged (or that staging failed, ending the save)."""
-        message: dict[str, Any] = {"op": "wave", "save_no": job.save_no}
         if staged.exception() is not None:
-            message["error"] = SaveFailedError(f"staging failed: {staged.exception()!r}")
+            error = SaveFailedError(f"staging failed: {staged.exception()!r}")
+            message = WaveStaged(job.save_no, error=error)
         else:
-            message["wave"] = wave.descriptor()
+            message = WaveStaged(job.save_no, place=wave.place)
         with self._lock:
             if self._pending.get(job.save_no, (None, None))[1] is not self._proc:
                 return  # the save has ended (or its worker died): nobody waits for this wave
@@ -185,7 +228,7 @@ class ProcessExecutor(Executor):
             except (OSError, ValueError, AttributeError):
                 pass  # the reader sees the worker go and fails the save
 
-    def _send(self, job: SaveJob, staged: Any) -> None:
+    def _send(self, job: SaveJob, staged: Future) -> None:
         if staged.exception() is not None:
             with self._lock:
                 self._unsent.pop(job.save_no, None)
@@ -215,27 +258,22 @@ class ProcessExecutor(Executor):
                     return
                 if not self._alive():
                     self._spawn()
-                if self._sent_generation != job.arena_generation:
-                    arenas = job.arenas
-                    wire.send(
-                        self._sock,
-                        {"op": "arenas", "sizes": [a.nbytes for a in arenas]},
-                        fds=[a.fd for a in arenas],
-                    )
-                    self._sent_generation = job.arena_generation
+                self._send_arenas(snap)
+                structure = self._send_structure(snap.state)
                 self._pending[job.save_no] = (job, self._proc)
                 wire.send(
                     self._sock,
-                    {
-                        "op": "save",
-                        "save_no": job.save_no,
-                        "waves": len(snap.waves),
-                        "wave": snap.waves[0].descriptor(),
-                        "state": snap.state,
-                        "writer": writer,
-                        "group": self.group_spec() if self.group_spec else None,
-                        "options": job.options,
-                    },
+                    Save(
+                        save_no=job.save_no,
+                        structure=structure.generation,
+                        values=snap.state.values,
+                        objects=snap.state.objects,
+                        fingerprints=snap.state.known_fingerprints,
+                        writer=writer,
+                        group=self.group.spec() if self.group is not None else None,
+                        waves=len(snap.waves),
+                        first=snap.waves[0].place,
+                    ),
                 )
         except (OSError, ValueError) as exc:
             with self._lock:
@@ -246,6 +284,21 @@ class ProcessExecutor(Executor):
                 self._pending.pop(job.save_no, None)
             job.finish(error=exc)
 
+    def _send_arenas(self, snap: Snapshot) -> None:
+        """Hand the worker the snapshot's arenas unless it holds that generation already."""
+        if self._arena_generation != snap.arena_generation:
+            arenas = snap.arenas
+            wire.send(self._sock, Arenas([a.nbytes for a in arenas]), fds=[a.fd for a in arenas])
+            self._arena_generation = snap.arena_generation
+
+    def _send_structure(self, state: LocalState) -> Structure:
+        """The worker's structure for ``state``; sent first unless it holds that one already."""
+        if self._structure is None or not self._structure.describes(state):
+            structure = Structure.of(state, next(self._generations))
+            wire.send(self._sock, structure)
+            self._structure = structure
+        return self._structure
+
     def _read_replies(self, sock: socket.socket, proc: subprocess.Popen) -> None:
         while True:
             try:
@@ -255,23 +308,26 @@ class ProcessExecutor(Executor):
             if received is None:
                 break
             msg, _ = received
-            if msg["op"] == "pong":
+            if isinstance(msg, Pong):
                 self._pong.set()
                 continue
-            if msg["op"] == "wave_done":
+            if isinstance(msg, WaveWritten):
                 with self._lock:
-                    job, _ = self._pending.get(msg["save_no"], (None, None))
+                    job, _ = self._pending.get(msg.save_no, (None, None))
                 if job is not None:
-                    job.snapshot.wave_written(msg["wave"], msg.get("ok", True))
+                    job.snapshot.wave_written(msg.wave, msg.ok)
                 continue
-            with self._lock:
-                job, _ = self._pending.pop(msg["save_no"], (None, None))
-            if job is None:
+            if isinstance(msg, Done | Failed):
+                with self._lock:
+                    job, _ = self._pending.pop(msg.save_no, (None, None))
+                if job is None:
+                    continue
+                if isinstance(msg, Done):
+                    job.finish(meta=msg.metadata, timings=msg.timings)
+                else:
+                    job.finish(error=msg.error, timings=msg.timings)
                 continue
-            if msg["op"] == "done":
-                job.finish(meta=msg["metadata"], timings=msg["timings"])
-            else:
-                job.finish(error=msg["error"], timings=msg["timings"])
+            log.error("async_ckpt: the worker sent an unknown message %r", msg)
         code = proc.wait()
         self._pong.set()  # a start() waiting for this worker must not wait in vain
         with self._lock:
@@ -336,7 +392,7 @@ class ProcessExecutor(Executor):
             sock, proc = self._sock, self._proc
         if sock is not None:
             try:
-                wire.send(sock, {"op": "close"})
+                wire.send(sock, Close())
             except OSError:
                 pass
         if proc is not None:

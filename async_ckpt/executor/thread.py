@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from concurrent.futures import CancelledError, ThreadPoolExecutor
-from functools import partial
-from typing import Any
 
 from ..dist.comm import Comm
-from ..pipeline.save import SaveTimings, WaveData, run_save
+from ..dist.group import thread_comm
+from ..pipeline.save import SaveTimings, run_save
+from ..pipeline.waves import snapshot_waves
 from ..planning.plan import Planner
-from .base import Executor, SaveJob
+from .base import Executor, ExecutorSetup, SaveJob
 
 
 class ThreadExecutor(Executor):
@@ -23,7 +23,7 @@ class ThreadExecutor(Executor):
     gloo group created for the checkpointer, never the training group.
     """
 
-    def __init__(self, comm_factory: Any) -> None:
+    def __init__(self, comm_factory: Callable[[], Comm]) -> None:
         self._comm_factory = comm_factory
         self._comm: Comm | None = None
         self._planner = Planner()
@@ -31,6 +31,13 @@ class ThreadExecutor(Executor):
         self._jobs: dict[int, SaveJob] = {}  # submitted and not finished (queued or running)
         self._lock = threading.Lock()
         self._closed = False
+
+    @classmethod
+    def create(cls, setup: ExecutorSetup) -> ThreadExecutor:
+        pg, distributed, timeout = setup.process_group, setup.distributed, setup.group_timeout
+        executor = cls(lambda: thread_comm(pg, distributed, timeout))
+        executor.start()  # new_group is a collective: run it on the caller's thread
+        return executor
 
     def start(self) -> None:
         if self._comm is None:
@@ -50,14 +57,12 @@ class ThreadExecutor(Executor):
                 raise CancelledError("aborted before it started writing")
             meta = run_save(
                 job.snapshot.state,
-                None,
+                snapshot_waves(job.snapshot, job.aborted.is_set),
                 job.writer,
                 self._comm,
                 self._planner,
-                waves=self._waves(job),
                 timings=timings,
                 should_abort=job.aborted.is_set,
-                **job.options,
             )
             job.finish(meta=meta, timings=timings)
         except BaseException as exc:
@@ -65,17 +70,6 @@ class ThreadExecutor(Executor):
         finally:
             with self._lock:
                 self._jobs.pop(job.save_no, None)
-
-    @staticmethod
-    def _waves(job: SaveJob) -> Iterator[WaveData]:
-        snap = job.snapshot
-        for wave in snap.waves:
-            wave.staged.result()  # raises if staging failed
-            if job.aborted.is_set():
-                raise CancelledError("aborted while its waves were staged")
-            yield WaveData(
-                wave.items, snap.wave_sources(wave), partial(snap.wave_written, wave.index)
-            )
 
     def abort(self, reason: BaseException, save_no: int | None = None) -> None:
         # A thread cannot be killed: the running save is marked and stops before its

@@ -1,9 +1,10 @@
 """The persistent worker process: ``python -m async_ckpt.executor.worker --fd N``.
 
 Started as its own interpreter (never by re-importing the user's main
-module), once per rank. It maps the staging arenas once, then per save
-receives a small message, runs plan -> validate -> write -> commit from the
-arena, and reports back. It runs at lower CPU and I/O priority than training.
+module), once per rank. It maps the staging arenas and takes the state's
+structure once (see :mod:`.protocol`), then per save receives a small
+message, runs plan -> validate -> write -> commit from the arena, and
+reports back. It runs at lower CPU and I/O priority than training.
 """
 
 from __future__ import annotations
@@ -16,16 +17,30 @@ import sys
 import threading
 import traceback
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 from ..dist.comm import Comm, LocalComm
 from ..dist.group import connect_group
 from ..errors import SaveFailedError
-from ..pipeline.save import SaveTimings, WaveData, run_save
+from ..pipeline.save import SaveTimings, run_save
+from ..pipeline.waves import staged_waves
 from ..planning.plan import Planner
 from ..staging.arena import Arena
-from ..staging.snapshot import item_views
+from ..staging.snapshot import WavePlace
 from . import wire
+from .protocol import (
+    Arenas,
+    Close,
+    Done,
+    Failed,
+    Ping,
+    Pong,
+    Save,
+    Structure,
+    WaveStaged,
+    WaveWritten,
+)
 
 
 def lower_priority() -> None:
@@ -62,107 +77,105 @@ def _load_writer(payload: bytes) -> Any:
         ) from exc
 
 
-def _receive_waves(
-    sock: socket.socket, msg: dict[str, Any], arenas: dict[int, Arena], closing: threading.Event
-) -> Iterator[WaveData]:
-    """The save's waves: the first came with it, the rest arrive as they are staged."""
-    state, save_no = msg["state"], msg["save_no"]
-
-    def wave_data(wave: dict[str, Any]) -> WaveData:
-        sources = item_views(arenas[wave["buffer"]], state, wave["items"], wave["offsets"])
-
-        def written(ok: bool) -> None:
-            done = {"op": "wave_done", "save_no": save_no, "wave": wave["index"], "ok": ok}
-            try:
-                wire.send(sock, done)
-            except OSError:
-                pass  # the caller has gone; a fully staged save still commits
-
-        return WaveData(wave["items"], sources, written)
-
-    yield wave_data(msg["wave"])
-    for _ in range(1, msg["waves"]):
+def _received_places(
+    sock: socket.socket, save: Save, closing: threading.Event
+) -> Iterator[WavePlace]:
+    """Where the save's waves sit: the first came with it, the rest arrive as they are staged."""
+    yield save.first
+    for _ in range(1, save.waves):
         while True:
             received = wire.recv(sock)
             if received is None:
                 raise SaveFailedError("the caller went away while the save was being staged")
-            nxt, _ = received
-            if nxt["op"] == "ping":
-                wire.send(sock, {"op": "pong", "pid": os.getpid()})
+            msg, _ = received
+            if isinstance(msg, Ping):
+                wire.send(sock, Pong(os.getpid()))
                 continue
-            if nxt["op"] == "close":
+            if isinstance(msg, Close):
                 closing.set()
                 raise SaveFailedError("the caller closed while this save was still being staged")
-            if nxt["op"] != "wave" or nxt["save_no"] != save_no:
+            if not isinstance(msg, WaveStaged) or msg.save_no != save.save_no:
                 raise SaveFailedError(
-                    f"protocol error: expected a wave of save {save_no}, got {nxt}"
+                    f"protocol error: expected a wave of save {save.save_no}, got {msg!r}"
                 )
             break
-        if "error" in nxt:
-            raise nxt["error"]
-        yield wave_data(nxt["wave"])
+        if msg.error is not None:
+            raise msg.error
+        yield msg.place
+
+
+class _Worker:
+    """The worker's side of the protocol: what it holds between saves, and one save."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.arenas: list[Arena] = []
+        self.structure: Structure | None = None
+        self.planner = Planner()
+        self.comm: Comm | None = None
+        self.closing = threading.Event()  # "close" came in the middle of a save's waves
+
+    def map_arenas(self, msg: Arenas, fds: list[int]) -> None:
+        self.close_arenas()
+        self.arenas = [Arena.attach(fd, n) for fd, n in zip(fds, msg.sizes, strict=True)]
+
+    def close_arenas(self) -> None:
+        for arena in self.arenas:
+            arena.close()
+        self.arenas = []
+
+    def report_written(self, save_no: int, wave: int, ok: bool) -> None:
+        try:
+            wire.send(self.sock, WaveWritten(save_no, wave, ok))
+        except OSError:
+            pass  # the caller has gone; a fully staged save still commits
+
+    def save(self, save: Save) -> Done | Failed:
+        timings = SaveTimings()
+        try:
+            if self.structure is None or self.structure.generation != save.structure:
+                raise SaveFailedError(
+                    f"protocol error: save {save.save_no} is of structure {save.structure}, "
+                    f"the worker holds {self.structure and self.structure.generation}"
+                )
+            writer = _load_writer(save.writer)
+            if self.comm is None:
+                self.comm = connect_group(save.group) if save.group else LocalComm()
+            state = self.structure.state(save)
+            places = _received_places(self.sock, save, self.closing)
+            written = partial(self.report_written, save.save_no)
+            waves = staged_waves(state, self.arenas, places, written)
+            meta = run_save(state, waves, writer, self.comm, self.planner, timings=timings)
+            return Done(save.save_no, meta, timings)
+        except Exception as exc:
+            return Failed(save.save_no, _portable_error(exc), timings)
 
 
 def serve(sock: socket.socket) -> None:
     """Handle messages until the caller closes the connection."""
-    arenas: dict[int, Arena] = {}
-    planner = Planner()
-    comm: Comm | None = None
-    closing = threading.Event()
+    worker = _Worker(sock)
     while True:
         received = wire.recv(sock)
         if received is None:
             break
         msg, fds = received
-        op = msg["op"]
-        if op == "arenas":
-            for arena in arenas.values():
-                arena.close()
-            arenas = {
-                i: Arena.attach(fd, n)
-                for i, (fd, n) in enumerate(zip(fds, msg["sizes"], strict=True))
-            }
-            continue
-        if op == "close":
+        if isinstance(msg, Close):
             break
-        if op == "ping":
-            wire.send(sock, {"op": "pong", "pid": os.getpid()})
-            continue
-        if op == "wave":
-            continue  # a wave of a save that has already failed: its buffers went back
-        timings = SaveTimings()
-        try:
-            writer = _load_writer(msg["writer"])
-            if comm is None:
-                comm = connect_group(msg["group"]) if msg["group"] else LocalComm()
-            waves = _receive_waves(sock, msg, arenas, closing)
-            meta = run_save(
-                msg["state"],
-                None,
-                writer,
-                comm,
-                planner,
-                waves=waves,
-                timings=timings,
-                **msg["options"],
-            )
-            del waves
-            reply = {"op": "done", "save_no": msg["save_no"], "metadata": meta, "timings": timings}
-        except Exception as exc:
-            reply = {
-                "op": "error",
-                "save_no": msg["save_no"],
-                "error": _portable_error(exc),
-                "timings": timings,
-            }
-        try:
-            wire.send(sock, reply)
-        except OSError:
-            break  # the caller has gone (exited or killed): nobody is waiting for replies
-        if closing.is_set():  # "close" came in the middle of that save's waves
-            break
-    for arena in arenas.values():
-        arena.close()
+        if isinstance(msg, Ping):
+            wire.send(sock, Pong(os.getpid()))
+        elif isinstance(msg, Arenas):
+            worker.map_arenas(msg, fds)
+        elif isinstance(msg, Structure):
+            worker.structure = msg
+        elif isinstance(msg, Save):
+            try:
+                wire.send(sock, worker.save(msg))
+            except OSError:
+                break  # the caller has gone (exited or killed): nobody is waiting for replies
+            if worker.closing.is_set():
+                break
+        # A WaveStaged here belongs to a save that has already failed: its buffers went back.
+    worker.close_arenas()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,16 +1,17 @@
 """One save on one rank, after the state is described: plan, validate, write, commit.
 
 The same function runs in the caller's process (synchronous save, thread
-executor) and in the worker process; only where the tensor bytes come from
-differs (caller memory, given as ``sources``, or staging-arena waves).
+executor) and in the worker process; only where the bytes come from differs,
+and :mod:`async_ckpt.pipeline.waves` turns each of those into the same waves.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ..dist.comm import Comm
 from ..errors import SaveFailedError, StateDictError
@@ -20,7 +21,8 @@ from ..planning.plan import Planner
 from ..state.model import LocalState
 from ..storage.base import StorageWriter
 from .commit import commit_checkpoint
-from .write import write_rank_files
+from .waves import WaveData
+from .write import SegmentRecord, write_rank_files
 
 DEFAULT_WRITE_THREADS = 4
 
@@ -41,36 +43,43 @@ class SaveTimings:
     plan_reused: bool = False
 
 
-@dataclass
-class WaveData:
-    """Staged bytes of some of a state's items, written together.
+class _WrittenChunk(NamedTuple):
+    """A tensor chunk this rank wrote: which piece of which tensor, and where it landed."""
 
-    ``items`` are indices into ``LocalState.items``, ``sources`` their bytes
-    (aligned); ``written(ok)`` is called once they are stored (``ok``) or
-    skipped after a failed write (not ``ok``: the stager may stop copying the
-    rest), and lets the stager reuse their buffer.
-    """
+    key: str
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    file: str
+    record: SegmentRecord
 
-    items: list[int]
-    sources: Sequence[memoryview]
-    written: Callable[[bool], None] = lambda ok: None
+
+class _WrittenObject(NamedTuple):
+    """An object entry rank 0 wrote, and where it landed."""
+
+    key: str
+    file: str
+    record: SegmentRecord
 
 
 @dataclass
 class _RankResult:
+    """What one rank reports to the coordinator (gathered from every rank)."""
+
     ok: bool
     error: str = ""
-    chunks: list[tuple] = field(default_factory=list)
-    objects: list[tuple] = field(default_factory=list)
+    chunks: list[_WrittenChunk] = field(default_factory=list)
+    objects: list[_WrittenObject] = field(default_factory=list)
     files: dict[str, int] = field(default_factory=dict)
 
 
 def _assemble(state: LocalState, results: list[_RankResult], save_id: str, block: int) -> Metadata:
     chunks_by_key: dict[str, list[Chunk]] = {}
     for res in results:
-        for key, offsets, sizes, name, rec in res.chunks:
-            chunk = Chunk(offsets, sizes, name, rec.offset, rec.nbytes, rec.checksums)
-            chunks_by_key.setdefault(key, []).append(chunk)
+        for c in res.chunks:
+            chunk = Chunk(
+                c.offsets, c.sizes, c.file, c.record.offset, c.record.nbytes, c.record.checksums
+            )
+            chunks_by_key.setdefault(c.key, []).append(chunk)
     entries: dict = {}
     for item in state.items:
         if item.key not in entries:
@@ -89,10 +98,10 @@ def _assemble(state: LocalState, results: list[_RankResult], save_id: str, block
     for key, (path, value) in state.values.items():
         entries[key] = ValueEntry(path, value)
     objects = {o.key: o for o in state.objects}
-    for key, name, rec in results[0].objects:
-        obj = objects[key]
-        entries[key] = ObjectEntry(
-            obj.path, obj.type_name, name, rec.offset, rec.nbytes, rec.checksums
+    for o in results[0].objects:
+        obj = objects[o.key]
+        entries[o.key] = ObjectEntry(
+            obj.path, obj.type_name, o.file, o.record.offset, o.record.nbytes, o.record.checksums
         )
     files = {name: size for res in results for name, size in res.files.items()}
     return Metadata(
@@ -107,65 +116,64 @@ def _assemble(state: LocalState, results: list[_RankResult], save_id: str, block
 
 def run_save(
     state: LocalState,
-    sources: Sequence[memoryview] | None,
+    waves: Iterable[WaveData],
     writer: StorageWriter,
     comm: Comm,
     planner: Planner,
     *,
-    waves: Iterable[WaveData] | None = None,
-    write_threads: int = DEFAULT_WRITE_THREADS,
     block_size: int = DEFAULT_BLOCK_SIZE,
     timings: SaveTimings | None = None,
     should_abort: Callable[[], bool] | None = None,
 ) -> Metadata:
     """Plan, validate, write and commit one save; every rank calls it with its own state.
 
-    ``sources[i]`` holds the contiguous bytes of ``state.items[i]``; or else
-    ``waves`` yields them a few items at a time (a state staged in waves), each
-    wave written before the next is asked for. ``should_abort`` is asked once
-    more just before the commit (cancellation). Returns the committed metadata
-    on every rank, or raises: the original error on a single rank,
-    :class:`SaveFailedError` naming each failing rank otherwise.
+    ``waves`` yields the bytes of ``state`` a few items at a time (see
+    :mod:`async_ckpt.pipeline.waves`), each wave written before the next is
+    asked for; rank 0 alone writes the objects wave. ``should_abort`` is
+    asked once more just before the commit (cancellation). Returns the
+    committed metadata on every rank, or raises: the original error on a
+    single rank, :class:`SaveFailedError` naming each failing rank otherwise.
     """
     timings = timings or SaveTimings()
-    if waves is None:
-        waves = [WaveData(list(range(len(state.items))), sources or [])]
     t0 = time.perf_counter()
     full_plans = planner.full_plans
     plan = planner.plan(state, comm)  # raises RankMismatchError on every rank alike
     timings.plan_reused = planner.full_plans == full_plans
     timings.plan_s = time.perf_counter() - t0
     save_id = new_save_id()
-    threads = writer.thread_count or write_threads
+    threads = writer.thread_count or DEFAULT_WRITE_THREADS
     mine = set(plan.items_for(state, comm.rank))
-    objects = state.objects if comm.rank == 0 else []
     written: dict[str, int] = {}
-    chunks: list[tuple] = []
-    object_records: list[tuple] = []
+    chunks: list[_WrittenChunk] = []
+    objects: list[_WrittenObject] = []
     local_error: BaseException | None = None
+
+    def write(segments: list[memoryview]) -> dict[int, tuple[str, SegmentRecord]]:
+        return write_rank_files(writer, segments, comm.rank, save_id, threads, block_size, written)
+
     t1 = time.perf_counter()
     pending = iter(waves)
     wave: WaveData | None = None
     try:
         writer.prepare(coordinator=comm.rank == 0)
-        for number, wave in enumerate(pending):
-            picked = [
-                (i, src) for i, src in zip(wave.items, wave.sources, strict=True) if i in mine
-            ]
-            segments = [src for _, src in picked]
-            if number == 0:
-                segments += [memoryview(o.payload) for o in objects]
-            placed = write_rank_files(
-                writer, segments, comm.rank, save_id, threads, block_size, written
-            )
-            for n, (i, _) in enumerate(picked):
-                it = state.items[i]
-                chunks.append((it.key, it.offsets, it.sizes, *placed[n]))
-            if number == 0:
-                object_records = [(o.key, *placed[len(picked) + n]) for n, o in enumerate(objects)]
+        for wave in pending:
+            if not wave.objects:
+                picked = [
+                    (i, src) for i, src in zip(wave.items, wave.sources, strict=True) if i in mine
+                ]
+                placed = write([src for _, src in picked])
+                for n, (i, _) in enumerate(picked):
+                    it = state.items[i]
+                    chunks.append(_WrittenChunk(it.key, it.offsets, it.sizes, *placed[n]))
+            elif comm.rank == 0:  # objects are written once, by the coordinator
+                placed = write(list(wave.sources))
+                objects += [
+                    _WrittenObject(state.objects[i].key, *placed[n])
+                    for n, i in enumerate(wave.items)
+                ]
             wave.written(True)
             wave = None
-        result = _RankResult(ok=True, chunks=chunks, objects=object_records, files=written)
+        result = _RankResult(ok=True, chunks=chunks, objects=objects, files=written)
         timings.bytes_written = sum(written.values())
     except Exception as exc:  # reported to the coordinator, re-raised below
         local_error = exc

@@ -12,9 +12,13 @@ from __future__ import annotations
 import threading
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..state.model import LocalState
 from .arena import Arena
+
+if TYPE_CHECKING:
+    import torch
 
 
 def item_views(
@@ -24,6 +28,25 @@ def item_views(
     return [
         arena.memoryview(off, state.items[i].nbytes) for i, off in zip(items, offsets, strict=True)
     ]
+
+
+@dataclass(frozen=True)
+class WavePlace:
+    """Where wave ``index``'s bytes sit: ``items`` (indices into the state's items) at
+    ``offsets`` of arena ``buffer``. Picklable: the worker process finds them with it."""
+
+    index: int
+    items: list[int]
+    buffer: int
+    offsets: list[int]
+
+
+class PendingCopy(NamedTuple):
+    """What :meth:`Stager.fill` still has to copy in: the source tensors (aligned with
+    the state's items) and the caller's CUDA stream, read on the caller's thread."""
+
+    tensors: list[torch.Tensor]
+    stream: Any  # torch.cuda.Stream, or None without CUDA tensors
 
 
 @dataclass
@@ -43,32 +66,34 @@ class Wave:
     last: bool = True
     staged: Future = field(default_factory=Future)
 
-    def descriptor(self) -> dict:
-        """What a worker process needs to find this wave's bytes in its mapped arenas."""
-        return {
-            "index": self.index,
-            "items": self.items,
-            "buffer": self.buffer,
-            "offsets": self.offsets,
-        }
+    @property
+    def place(self) -> WavePlace:
+        """Where this wave's bytes sit, for whoever writes them (maybe another process)."""
+        return WavePlace(self.index, self.items, self.buffer, self.offsets)
 
 
 class Snapshot:
-    """One save's staged state; ``staged`` resolves when every wave is in its buffer."""
+    """One save's staged state; ``staged`` resolves when every wave is in its buffer.
+
+    ``arenas`` are the stager's arenas of generation ``arena_generation`` (a new
+    generation whenever the stager re-plans them).
+    """
 
     def __init__(
         self,
         state: LocalState,
         arenas: list[Arena],
+        arena_generation: int,
         waves: list[Wave],
         leases: list[threading.Event],
     ) -> None:
         self.state = state
         self.arenas = arenas
+        self.arena_generation = arena_generation
         self.waves = waves
         self.staged: Future = Future()
         self.copied_bytes = 0
-        self.to_copy: tuple | None = None  # (source tensors, CUDA stream) until Stager.fill
+        self.to_copy: PendingCopy | None = None  # set by Stager.begin, taken by Stager.fill
         self._leases = leases
         self._held: set[int] = set()
         self._lock = threading.Lock()
@@ -115,14 +140,3 @@ class Snapshot:
             held, self._held = self._held, set()
             for buffer in held:
                 self._leases[buffer].set()
-
-    # ------------------------------------------------------------------ bytes
-    def wave_sources(self, wave: Wave) -> list[memoryview]:
-        """The staged bytes of each item of ``wave`` (valid once ``wave.staged`` is done)."""
-        return item_views(self.arenas[wave.buffer], self.state, wave.items, wave.offsets)
-
-    def sources(self) -> list[memoryview]:
-        """The staged bytes of every item, for a snapshot staged in one wave."""
-        if len(self.waves) != 1:
-            raise ValueError("this snapshot was staged in several waves; use wave_sources()")
-        return self.wave_sources(self.waves[0])

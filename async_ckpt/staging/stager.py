@@ -48,7 +48,7 @@ from .layout import (
     storage_key,
 )
 from .options import StagerOptions
-from .snapshot import Snapshot, Wave
+from .snapshot import PendingCopy, Snapshot, Wave
 
 _PARALLEL_COPY_BYTES = 16 * 1024 * 1024  # below this, one thread copies faster
 
@@ -109,7 +109,7 @@ class Stager:
 
     @property
     def arenas(self) -> list[Arena]:
-        """The current arenas (handed to the worker once per generation)."""
+        """The current arenas (of generation :attr:`generation`)."""
         return list(self._arenas)
 
     # ------------------------------------------------------------------- stage
@@ -212,13 +212,13 @@ class Stager:
                 # buffers change hands within the save: nothing stays staged
                 for seen in self._seen:
                     seen.clear()
-            snap = Snapshot(state, list(self._arenas), waves, self._leases)
+            snap = Snapshot(state, list(self._arenas), self.generation, waves, self._leases)
             snap.acquire(waves[0].buffer)
             self._staging = snap.staged
         # The caller's stream, read on the caller's thread: the copy thread's own
         # current stream is the default one, which may not order the caller's writes.
         compute = torch.cuda.current_stream(cuda[0]) if cuda else None
-        snap.to_copy = (tensors, compute)
+        snap.to_copy = PendingCopy(tensors, compute)
         return snap
 
     def fill(self, snap: Snapshot) -> Snapshot:
@@ -230,9 +230,9 @@ class Stager:
         memory budget each wave waits for a buffer that an earlier wave's
         write frees, so the copy takes longer (back-pressure).
         """
-        if snap.to_copy is None:
+        pending, snap.to_copy = snap.to_copy, None
+        if pending is None:
             raise CheckpointError("this snapshot was filled already")
-        (tensors, compute), snap.to_copy = snap.to_copy, None
         if self.options.async_staging:
             # A standing thread: starting one per save made the caller wait for it
             # to be scheduled, milliseconds on a busy machine.
@@ -241,9 +241,9 @@ class Stager:
                     target=self._stage_loop, name="async_ckpt-stage", daemon=True
                 )
                 self._stage_thread.start()
-            self._stage_queue.put((snap, tensors, compute))
+            self._stage_queue.put((snap, pending))
         else:
-            self._stage_waves(snap, tensors, compute)  # errors land in snap.staged
+            self._stage_waves(snap, pending)  # errors land in snap.staged
         return snap
 
     def _stage_loop(self) -> None:
@@ -251,7 +251,7 @@ class Stager:
             self._stage_waves(*work)
             del work  # do not hold the caller's tensors until the next save
 
-    def _stage_waves(self, snap: Snapshot, tensors: list[torch.Tensor], compute: object) -> None:
+    def _stage_waves(self, snap: Snapshot, pending: PendingCopy) -> None:
         wave = snap.waves[0]
         done_slots: set[int] = set()  # arena slots filled since this buffer was taken
         try:
@@ -262,9 +262,9 @@ class Stager:
                     raise SaveFailedError("staging stopped: a write of this save failed")
                 if wave.fresh:
                     done_slots = set()
-                jobs = self._copy_jobs(snap, wave, tensors, done_slots)
+                jobs = self._copy_jobs(snap, wave, pending.tensors, done_slots)
                 snap.copied_bytes += sum(dst.nbytes for dst, _ in jobs)
-                self._run_copies(jobs, compute)
+                self._run_copies(jobs, pending.stream)
                 wave.staged.set_result(None)
         except BaseException as exc:  # the save fails
             self._seen[wave.buffer].clear()  # the buffer's contents are unknown now

@@ -82,7 +82,8 @@ class DescribeCache:
         self._last: _Structure | None = None
         self._fingerprints: tuple[str, str] | None = None
 
-    def get(self, key: str, leaf: Any, path: KeyPath) -> TensorItem | None:
+    def get(self, key: str, leaf: Any, path: KeyPath) -> _Known | None:
+        """What the previous save knew of ``leaf`` at ``key``, if it is the same tensor unchanged."""
         hit = self._known.get(key)
         if (
             hit is not None
@@ -92,7 +93,7 @@ class DescribeCache:
             and hit.path == path
             and not leaf.is_meta
         ):
-            return hit.item
+            return hit
         return None
 
     def update(self, known: dict[str, _Known], state: LocalState) -> None:
@@ -116,11 +117,11 @@ def describe(
     for key, leaf in flat.leaves.items():
         path = flat.paths[key]
         if cache is not None and type(leaf) in _PLAIN_TENSORS:
-            item = cache.get(key, leaf, path)
-            if item is not None:
-                state.items.append(item)
+            known = cache.get(key, leaf, path)
+            if known is not None:  # the record holds for this save too: reuse it as it is
+                state.items.append(known.item)
                 tensors.append(leaf.detach())  # again: ``.data =`` may have swapped its storage
-                fresh[key] = _Known.of(leaf, path, item)
+                fresh[key] = known
                 continue
         kind = leaf_kind(leaf)
         if kind is LeafKind.VALUE:
