@@ -255,3 +255,19 @@ def test_the_worker_answers_typed_messages_and_refuses_a_save_of_an_unknown_stru
     finally:
         caller.close()
         worker.close()
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="PYTHONSAFEPATH needs Python 3.11")
+def test_the_worker_imports_the_callers_package_not_one_in_the_working_directory(
+    tmp_path, monkeypatch
+):
+    impostor = tmp_path / "cwd" / "async_ckpt"
+    impostor.mkdir(parents=True)
+    (impostor / "__init__.py").write_text("raise ImportError('the wrong async_ckpt')\n")
+    monkeypatch.chdir(impostor.parent)
+    state = {"w": torch.arange(4.0)}
+    with AsyncCheckpointer(executor="process") as ck:
+        ck.save(state, checkpoint_id=str(tmp_path / "ckpt")).result(timeout=120)
+    loaded = {"w": torch.zeros(4)}
+    async_ckpt.load(loaded, checkpoint_id=str(tmp_path / "ckpt"))
+    assert torch.equal(loaded["w"], state["w"])

@@ -135,6 +135,9 @@ class ProcessExecutor(Executor):
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ)
         env["PYTHONPATH"] = _worker_pythonpath()
+        # ``-m`` would put the working directory first on the worker's path, ahead of the
+        # caller's: another checkout of async_ckpt there would run in the worker instead.
+        env["PYTHONSAFEPATH"] = "1"  # Python 3.11+; 3.10 ignores it
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "async_ckpt.executor.worker", "--fd", str(child.fileno())],
             pass_fds=[child.fileno()],
