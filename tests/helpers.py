@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +120,16 @@ def reseal_object(path: Path, key: str, payload: bytes) -> None:
 def crc(data: bytes) -> int:
     """CRC-32C of ``data``."""
     return crc32c.crc32c(data)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` until it holds, for states another process changes (a worker
+    exiting or stopping, a file appearing) that no event in this process reports.
+
+    ``timeout`` only bounds a wait for something that never happens: it fails the test
+    with ``what`` then, however loaded the machine.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} within {timeout} s"
+        time.sleep(0.01)

@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import psutil
 import pytest
 import torch
 from faulty_storage import StopAtWriter, wait_reached
+from helpers import wait_until
 
 import async_ckpt
 from async_ckpt.executor import process
@@ -32,15 +32,6 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def _wait_stopped(pid: int, timeout: float = 60.0) -> None:
-    """Block until the kernel reports ``pid`` stopped (SIGSTOP is delivered asynchronously)."""
-    proc = psutil.Process(pid)
-    deadline = time.monotonic() + timeout
-    while proc.status() != psutil.STATUS_STOPPED:
-        assert time.monotonic() < deadline, f"process {pid} never stopped"
-        time.sleep(0.005)
-
-
 def test_close_kills_a_stopped_idle_worker_after_the_grace(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -53,7 +44,8 @@ def test_close_kills_a_stopped_idle_worker_after_the_grace(
         pid = ckpt.worker_pid
         assert pid is not None
         os.kill(pid, signal.SIGSTOP)
-        _wait_stopped(pid)
+        stopped = psutil.Process(pid)
+        wait_until(lambda: stopped.status() == psutil.STATUS_STOPPED, 60, f"{pid} never stopped")
         closer = threading.Thread(target=ckpt.close, name="close", daemon=True)
         with caplog.at_level(logging.WARNING, logger="async_ckpt"):
             closer.start()

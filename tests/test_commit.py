@@ -7,12 +7,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import data_files, read_meta
+from helpers import data_files, read_meta, wait_until
 
 import async_ckpt
 from async_ckpt import CheckpointExistsError, IncompleteCheckpointError
@@ -46,11 +45,12 @@ def _kill_mid_write(path: Path, gate: Path) -> subprocess.Popen:
         stderr=subprocess.PIPE,
     )
     reached = gate / "mid-write.reached"
-    deadline = time.monotonic() + 120  # only for a save that never gets there
     try:
-        while not reached.exists() and child.poll() is None:
-            assert time.monotonic() < deadline, "the save never wrote its first data file"
-            time.sleep(0.01)
+        wait_until(
+            lambda: reached.exists() or child.poll() is not None,
+            120,
+            "the save never wrote its first data file",
+        )
         child.send_signal(signal.SIGKILL)
         _, err = child.communicate(timeout=120)
     finally:

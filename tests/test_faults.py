@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -32,6 +31,7 @@ from faulty_storage import (
     wait_reached,
 )
 from faulty_storage import tests_on_worker_path as _let_workers_import_tests
+from helpers import wait_until
 
 import async_ckpt
 from async_ckpt import CheckpointNotFoundError, IncompleteCheckpointError, WorkerDiedError
@@ -128,15 +128,6 @@ def alive(pid: int) -> bool:
         return False
 
 
-def wait_gone(pid: int, timeout: float = 120.0) -> None:
-    """Wait for ``pid`` to exit: a worker finishing its save first may take long when the
-    machine is loaded; ``timeout`` only bounds the wait for one that never exits."""
-    deadline = time.monotonic() + timeout
-    while alive(pid):
-        assert time.monotonic() < deadline, f"process {pid} is still alive"
-        time.sleep(0.01)
-
-
 def resume_newest(root: Path, state: dict) -> int | None:
     """What a restarted job does: load the newest checkpoint that loads; returns its step."""
     for path in sorted(root.iterdir(), reverse=True):
@@ -185,7 +176,7 @@ def test_job_killed_mid_write_resumes_from_the_newest_committed_step(ckpt, train
     proc, root, _, worker = training(stop)
     os.killpg(proc.pid, signal.SIGKILL)  # the node dies: training and worker at once
     proc.wait(timeout=120)
-    wait_gone(worker)
+    wait_until(lambda: not alive(worker), 120, f"worker {worker} did not exit")
 
     state = new_state()
     step = resume_newest(root, state)
@@ -212,7 +203,9 @@ def test_training_killed_mid_write_orphan_worker_finishes_and_exits(gate, traini
     proc.wait(timeout=120)
     assert alive(worker)  # its write is in flight, from the shared arena
     (gate / "release").touch()
-    wait_gone(worker)  # it finishes that save, finds its caller gone, and exits
+    wait_until(
+        lambda: not alive(worker), 120, f"worker {worker} did not exit"
+    )  # it finishes that save, finds its caller gone, and exits
 
     state = new_state()
     step = resume_newest(root, state)

@@ -10,13 +10,13 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
 from faulty_storage import FailingWriter, StopAtWriter, wait_reached
+from helpers import wait_until
 
 import async_ckpt
 from async_ckpt import (
@@ -54,15 +54,6 @@ def gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
-
-
-def wait_until(predicate, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def test_killed_worker_fails_the_save_and_is_replaced_then_closed(tmp_path, gate):
@@ -213,9 +204,7 @@ def test_exit_without_close_is_prompt_and_leaves_no_worker(script_run):
     assert out.returncode == 0, out.stderr
     pids = [int(line) for line in out.stdout.split()[-2:]]
     for pid in pids:
-        assert wait_until(lambda pid=pid: gone(pid), timeout=120), (
-            f"worker {pid} outlived its caller"
-        )
+        wait_until(lambda pid=pid: gone(pid), 120, f"worker {pid} did not exit with its caller")
     # The save still in flight at exit was finished by the exit hook.
     loads_as(pending, {"w": torch.arange(1 << 20, dtype=torch.float32)})
     loads_as(dropped, {"w": torch.ones(100)})
