@@ -19,7 +19,7 @@ from helpers import wait_until
 
 import async_ckpt
 from async_ckpt.executor import process
-from async_ckpt.executor.process import CLOSE_GRACE_ENV
+from async_ckpt.executor.launch import CLOSE_GRACE_ENV
 
 pytestmark = pytest.mark.multiprocess
 

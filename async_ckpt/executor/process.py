@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import pickle
 import queue
 import socket
@@ -14,17 +13,16 @@ import threading
 import time
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import wait as wait_futures
-from pathlib import Path
 from typing import Any
 
 from ..dist.group import WorkerGroup
 from ..errors import CheckpointError, SaveFailedError, WorkerDiedError
-from ..settings import env_seconds
 from ..staging.snapshot import Snapshot, Wave
 from ..state.model import LocalState
 from ..storage.base import StorageWriter
 from . import wire
 from .base import Executor, ExecutorSetup, SaveJob
+from .launch import CLOSE_GRACE_ENV, close_grace, launch_worker
 from .protocol import (
     Arenas,
     Close,
@@ -39,30 +37,9 @@ from .protocol import (
 )
 
 log = logging.getLogger("async_ckpt")
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
-
-CLOSE_GRACE_S = 5.0
-"""Default time (seconds) an idle worker gets to exit after ``close()`` told it to; then
-it is killed (its own pid only). An idle worker exits at once, so only one that cannot
-run (stopped with SIGSTOP, frozen, starved) waits this long, and killing it loses
-nothing. Overridden by the environment variable named by :data:`CLOSE_GRACE_ENV`."""
-CLOSE_GRACE_ENV = "ASYNC_CKPT_CLOSE_GRACE_S"
 CLOSE_IN_FLIGHT_WAIT_S = 60.0
 """How long ``close()`` waits for saves the worker still has in flight before it kills
 the worker anyway (``AsyncCheckpointer.close`` waits for its last save before this)."""
-
-
-def _close_grace() -> float:
-    """The grace of :data:`CLOSE_GRACE_S`, or a valid value of :data:`CLOSE_GRACE_ENV`."""
-    return env_seconds(CLOSE_GRACE_ENV, CLOSE_GRACE_S)
-
-
-def _worker_pythonpath() -> str:
-    """The caller's import path (this package first), so the worker can unpickle
-    writers from any module the caller imported, including ones found through the
-    script's directory or a ``sys.path`` entry added at run time."""
-    entries = [_PACKAGE_ROOT, *(os.path.abspath(p) for p in sys.path if isinstance(p, str))]
-    return os.pathsep.join(dict.fromkeys(entries))
 
 
 class ProcessExecutor(Executor):
@@ -132,19 +109,7 @@ class ProcessExecutor(Executor):
         return self._proc is not None and self._proc.poll() is None and self._sock is not None
 
     def _spawn(self) -> None:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = _worker_pythonpath()
-        # ``-m`` would put the working directory first on the worker's path, ahead of the
-        # caller's: another checkout of async_ckpt there would run in the worker instead.
-        env["PYTHONSAFEPATH"] = "1"  # Python 3.11+; 3.10 ignores it
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "async_ckpt.executor.worker", "--fd", str(child.fileno())],
-            pass_fds=[child.fileno()],
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
-        child.close()
+        self._proc, parent = launch_worker()
         self._sock = parent
         self._arena_generation = -1
         self._structure = None
@@ -415,7 +380,7 @@ class ProcessExecutor(Executor):
             in_flight = [job.future._done for job, p in self._pending.values() if p is proc]
         if in_flight:
             wait_futures(in_flight, timeout=CLOSE_IN_FLIGHT_WAIT_S)
-        grace = _close_grace()
+        grace = close_grace()
         started = time.monotonic()
         try:
             proc.wait(timeout=grace)
