@@ -5,7 +5,16 @@ process that plans, validates, writes and commits atomically, and keep
 training. See README.md and docs/.
 """
 
-from .api import assert_same_keys, async_save, close_async_saves, load, save
+from .api import (
+    assert_same_keys,
+    async_save,
+    close_async_saves,
+    load,
+    load_state_dict,
+    save,
+    save_state_dict,
+)
+from .dcp_compat import AsyncCheckpointerType, DefaultLoadPlanner, DefaultSavePlanner
 from .errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -15,6 +24,7 @@ from .errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
     KeyMismatchError,
+    LoadFailedError,
     MetadataChecksumError,
     MetadataError,
     MissingBackendError,
@@ -44,10 +54,21 @@ from .storage import (
     StorageWriter,
 )
 
+CheckpointException = CheckpointError
+"""torch.distributed.checkpoint's name for its base error: ``except CheckpointException``
+in DCP code catches every async_ckpt error."""
+
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncCheckpointer",
+    "AsyncCheckpointerType",
+    "CheckpointException",
+    "DefaultLoadPlanner",
+    "DefaultSavePlanner",
+    "LoadFailedError",
+    "load_state_dict",
+    "save_state_dict",
     "CheckpointManager",
     "SaveFuture",
     "SaveStats",

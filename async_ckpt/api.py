@@ -1,5 +1,7 @@
 """The public entry points: ``save``, ``async_save``, ``load`` and ``assert_same_keys``.
 
+Also DCP's deprecated ``save_state_dict``/``load_state_dict`` names.
+
 Keyword names follow torch.distributed.checkpoint, so moving from DCP is an
 import change. Wiring only: ``async_save`` hands the state to a shared
 :class:`~async_ckpt.executor.AsyncCheckpointer`, ``save`` and ``load`` run the
@@ -9,13 +11,15 @@ pipeline on the caller's thread.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from . import dcp_compat
 from .dist.ranks import caller_comm
 from .executor import AsyncCheckpointer, SaveFuture
 from .format.metadata import Metadata
-from .pipeline.load import LoadResult, run_load
+from .pipeline.load import KeyCheck, LoadResult, run_load
 from .pipeline.save import run_save
 from .pipeline.waves import memory_waves
 from .planning.plan import Planner, check_same_keys
@@ -23,6 +27,7 @@ from .staging import Stager
 from .state.describe import describe
 from .state.flatten import flatten
 from .storage.base import StorageReader, StorageWriter
+from .storage.dcp_options import warn_no_effect
 from .storage.detect import detect_reader, detect_writer
 
 CheckpointId = str | os.PathLike
@@ -33,8 +38,10 @@ def save(
     *,
     checkpoint_id: CheckpointId | None = None,
     storage_writer: StorageWriter | None = None,
+    planner: Any = None,
     process_group: Any = None,
     no_dist: bool = False,
+    use_collectives: bool = True,
 ) -> Metadata:
     """Save ``state_dict`` synchronously and return the committed checkpoint's metadata.
 
@@ -42,11 +49,25 @@ def save(
     others are made contiguous on the CPU first. With an initialized
     torch.distributed group every rank calls ``save`` with the same
     ``checkpoint_id``; ``no_dist=True`` saves this process's state alone.
+    ``planner`` (None or a default planner) and ``use_collectives`` are
+    torch.distributed.checkpoint's keywords (docs/migrating-from-dcp.md).
     """
+    dcp_compat.check_save_planner(planner)
+    dcp_compat.check_writer(storage_writer)
+    _check_use_collectives(use_collectives)
     writer = storage_writer or detect_writer(checkpoint_id)
     state, tensors = describe(flatten(state_dict))
     waves = memory_waves(state, tensors)
     return run_save(state, waves, writer, caller_comm(process_group, no_dist), Planner())
+
+
+def _check_use_collectives(use_collectives: bool) -> None:
+    if not use_collectives:
+        warn_no_effect(
+            "use_collectives=False",
+            "every save validates keys and plans across ranks with one small collective "
+            "(pass no_dist=True to save one process's state alone)",
+        )
 
 
 _DEFAULT: dict[tuple, AsyncCheckpointer] = {}
@@ -57,9 +78,13 @@ def async_save(
     *,
     checkpoint_id: Any = None,
     storage_writer: StorageWriter | None = None,
+    planner: Any = None,
     process_group: Any = None,
+    async_checkpointer_type: Any = None,
+    async_stager: Any = None,
     no_dist: bool = False,
-    executor: Literal["process", "thread"] = "process",
+    use_collectives: bool = True,
+    executor: Literal["process", "thread"] | None = None,
     stager: Stager | None = None,
 ) -> SaveFuture:
     """Save ``state_dict`` in the background; returns once the state is staged.
@@ -67,7 +92,19 @@ def async_save(
     Uses one module-wide :class:`AsyncCheckpointer` per (executor, group,
     stager), so repeated calls reuse the same worker and staging memory. Await
     the returned future before the next save of the same state.
+
+    ``executor`` is ``"process"`` (the default: a persistent worker process) or
+    ``"thread"``; DCP's ``async_checkpointer_type`` (THREAD/PROCESS) chooses the
+    same. ``stager`` is an :class:`async_ckpt.Stager`; DCP's ``async_stager``
+    (``DefaultStager(StagingOptions(...))``) maps onto one.
     """
+    dcp_compat.check_save_planner(planner)
+    dcp_compat.check_writer(storage_writer)
+    _check_use_collectives(use_collectives)
+    executor = dcp_compat.executor_name(executor, async_checkpointer_type)
+    if stager is not None and async_stager is not None:
+        raise ValueError("pass stager= or async_stager=, not both")
+    stager = stager or dcp_compat.stager_for(async_stager)
     key = (executor, id(process_group), no_dist, id(stager))
     ckpt = _DEFAULT.get(key)
     if ckpt is None or ckpt._closed:
@@ -95,19 +132,27 @@ def load(
     *,
     checkpoint_id: CheckpointId | None = None,
     storage_reader: StorageReader | None = None,
+    planner: Any = None,
     process_group: Any = None,
     no_dist: bool = False,
-    strict: bool = True,
+    strict: KeyCheck = True,
     verify: bool = True,
     allow_lossy_cast: bool = False,
     verify_first: bool = False,
 ) -> LoadResult:
     """Fill ``state_dict`` in place from a checkpoint; returns the keys that did not match.
 
+    The keys of ``state_dict`` decide what is loaded, as in
+    torch.distributed.checkpoint: every one must be in the checkpoint
+    (:class:`KeyMismatchError` names those that are not), while keys the
+    checkpoint holds beyond them are left alone and listed in
+    ``LoadResult.unexpected_keys``. ``strict="exact"`` also refuses those;
+    ``strict=False`` (or DCP's ``DefaultLoadPlanner(allow_partial_load=True)``)
+    loads the keys present and lists the rest in ``missing_keys``.
+
     Tensors are copied into the caller's tensors (keeping device and dtype),
     other leaves are replaced, and objects with ``load_state_dict`` get it
-    called. Checksums are verified unless ``verify=False``. ``strict=False``
-    loads the keys present and reports the rest in the result. A tensor whose
+    called. Checksums are verified unless ``verify=False``. A tensor whose
     dtype differs from the stored one is filled only when the cast is lossless
     (float32 into float64, ...); ``allow_lossy_cast=True`` allows any cast
     (float32 into bfloat16, ...).
@@ -117,19 +162,78 @@ def load(
     of the caller's tensors already. ``verify_first=True`` reads and verifies
     everything into scratch memory first (as much extra CPU memory as the
     tensors loaded) and fills the caller's tensors only once all of it checked
-    out: all or nothing. Every rank reads
-    what its own tensors (or DTensor shards) need, so loading reshards freely;
-    ``process_group``/``no_dist`` are accepted for DCP compatibility.
+    out: all or nothing.
+
+    Every rank reads what its own tensors (or DTensor shards) need, so loading
+    reshards freely. With a process group the load is collective, as DCP's:
+    it returns on every rank once all ranks have read (so a checkpoint may be
+    deleted right after), and if any rank fails every rank raises
+    (:class:`LoadFailedError` on the ranks that did not fail themselves).
+    ``no_dist=True`` loads this process alone. A torch.distributed.checkpoint
+    directory is read directly (its metadata decoded without running code).
     """
-    del process_group, no_dist  # loading needs no collectives
+    partial = dcp_compat.partial_load(planner)
+    dcp_compat.check_reader(storage_reader)
     reader = storage_reader or detect_reader(checkpoint_id)
     return run_load(
         state_dict,
         reader,
-        strict=strict,
+        strict=False if partial else strict,
         verify=verify,
         allow_lossy_cast=allow_lossy_cast,
         verify_first=verify_first,
+        comm=caller_comm(process_group, no_dist),
+    )
+
+
+def save_state_dict(
+    state_dict: Mapping[str, Any],
+    storage_writer: StorageWriter,
+    process_group: Any = None,
+    coordinator_rank: int = 0,
+    no_dist: bool = False,
+    planner: Any = None,
+) -> Metadata:
+    """Deprecated in torch.distributed.checkpoint too: use :func:`save`.
+
+    ``coordinator_rank`` is accepted; rank 0 of the group always commits.
+    """
+    warnings.warn(
+        "save_state_dict is deprecated (as in torch.distributed.checkpoint); use save()",
+        FutureWarning,
+        stacklevel=2,
+    )
+    del coordinator_rank
+    return save(
+        state_dict,
+        storage_writer=storage_writer,
+        planner=planner,
+        process_group=process_group,
+        no_dist=no_dist,
+    )
+
+
+def load_state_dict(
+    state_dict: Mapping[str, Any],
+    storage_reader: StorageReader,
+    process_group: Any = None,
+    coordinator_rank: int = 0,
+    no_dist: bool = False,
+    planner: Any = None,
+) -> LoadResult:
+    """Deprecated in torch.distributed.checkpoint too: use :func:`load`."""
+    warnings.warn(
+        "load_state_dict is deprecated (as in torch.distributed.checkpoint); use load()",
+        FutureWarning,
+        stacklevel=2,
+    )
+    del coordinator_rank
+    return load(
+        state_dict,
+        storage_reader=storage_reader,
+        planner=planner,
+        process_group=process_group,
+        no_dist=no_dist,
     )
 
 

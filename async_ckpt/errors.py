@@ -80,6 +80,14 @@ class RankMismatchError(CheckpointError, AssertionError):
     """Ranks disagree on the keys (or shapes/dtypes) of the state they save."""
 
 
+class LoadFailedError(CheckpointError):
+    """A collective load failed on other ranks; ``failures`` maps each such rank to its error."""
+
+    def __init__(self, message: str, *, failures: dict[int, str] | None = None) -> None:
+        super().__init__(message)
+        self.failures = failures or {}
+
+
 class SaveFailedError(CheckpointError):
     """A save failed on one or more ranks; nothing was committed."""
 

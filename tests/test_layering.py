@@ -23,7 +23,8 @@ ALLOWED = {
     "pipeline": BASE | {"format", "state", "dist", "storage", "planning", "staging"},
     "executor": BASE | {"format", "state", "dist", "storage", "planning", "staging", "pipeline"},
 }
-ALLOWED["api"] = ALLOWED["executor"] | {"executor"}
+ALLOWED["dcp_compat"] = ALLOWED["executor"] | {"executor"}
+ALLOWED["api"] = ALLOWED["executor"] | {"executor", "dcp_compat"}
 ALLOWED["materialize"] = ALLOWED["api"]
 ALLOWED["manager"] = ALLOWED["api"] | {"api"}
 ALLOWED["tools"] = ALLOWED["manager"] | {"manager", "materialize"}

@@ -281,15 +281,46 @@ def test_strict_false_reports_missing_and_unexpected_keys(ckpt_dir):
     assert torch.equal(target["new"], torch.zeros(1)) and "gone" not in target
 
 
-def test_strict_load_raises_key_mismatch_naming_both_sides(ckpt_dir):
+def test_exact_load_raises_key_mismatch_naming_both_sides(ckpt_dir):
     async_ckpt.save({"a": torch.ones(2), "gone": 5}, checkpoint_id=ckpt_dir)
     target = {"a": torch.zeros(2), "new": 0}
     with pytest.raises(KeyMismatchError) as info:
-        async_ckpt.load(target, checkpoint_id=ckpt_dir)
+        async_ckpt.load(target, checkpoint_id=ckpt_dir, strict="exact")
     assert info.value.missing == ["new"] and info.value.unexpected == ["gone"]
     assert "new" in str(info.value) and "gone" in str(info.value)
     assert isinstance(info.value, KeyError)
     assert torch.equal(target["a"], torch.zeros(2))  # nothing was loaded
+
+
+def test_exact_load_refuses_keys_only_the_checkpoint_has(ckpt_dir):
+    async_ckpt.save({"a": torch.ones(2), "gone": 5}, checkpoint_id=ckpt_dir)
+    target = {"a": torch.zeros(2)}
+    with pytest.raises(KeyMismatchError, match="gone") as info:
+        async_ckpt.load(target, checkpoint_id=ckpt_dir, strict="exact")
+    assert info.value.missing == [] and info.value.unexpected == ["gone"]
+
+
+def test_default_load_as_dcp_target_keys_decide(ckpt_dir):
+    """The state dict's keys decide: extra stored keys are fine, a missing one is named."""
+    async_ckpt.save(
+        {"model": {"w": torch.ones(2)}, "optim": {"m": torch.ones(3)}}, checkpoint_id=ckpt_dir
+    )
+    target = {"model": {"w": torch.zeros(2)}}
+    result = async_ckpt.load(target, checkpoint_id=ckpt_dir)
+    assert torch.equal(target["model"]["w"], torch.ones(2)) and "optim" not in target
+    assert result.unexpected_keys == ["optim.m"] and result.missing_keys == []
+    asks_more = {"model": {"w": torch.zeros(2), "b": torch.zeros(1)}}
+    with pytest.raises(
+        KeyMismatchError, match=r"Missing key in checkpoint state_dict: \['model\.b'\]"
+    ):
+        async_ckpt.load(asks_more, checkpoint_id=ckpt_dir)
+    assert torch.equal(asks_more["model"]["w"], torch.zeros(2))  # nothing was loaded
+
+
+def test_strict_accepts_only_true_false_or_exact(ckpt_dir):
+    async_ckpt.save({"a": torch.ones(2)}, checkpoint_id=ckpt_dir)
+    with pytest.raises(ValueError, match="strict must be"):
+        async_ckpt.load({"a": torch.zeros(2)}, checkpoint_id=ckpt_dir, strict="both")
 
 
 def test_shape_mismatch_raises_naming_the_key(ckpt_dir):

@@ -33,7 +33,7 @@ def _peer_failure(fn: Callable) -> Callable:
             raise SaveFailedError(
                 f"rank {self.rank}: a checkpoint collective among {self.world_size} ranks failed "
                 f"({type(exc).__name__}: {exc}); another rank probably died, hung or timed "
-                "out. Nothing was committed."
+                "out. A save in progress does not commit."
             ) from exc
 
     return wrapper

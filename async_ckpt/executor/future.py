@@ -87,6 +87,17 @@ class SaveFuture:
     def __await__(self) -> Generator[Any, None, Metadata]:
         return self._done.__await__()
 
+    # the two futures of DCP's AsyncSaveResponse, for code written against it
+    @property
+    def staging_completion(self) -> concurrent.futures.Future:
+        """Resolves once the state is staged (DCP's name for :attr:`staged`)."""
+        return self.staged
+
+    @property
+    def upload_completion(self) -> concurrent.futures.Future:
+        """Resolves with the committed :class:`Metadata` (a plain concurrent future)."""
+        return self._done
+
     # for executors
     def _set_result(self, meta: Metadata) -> None:
         if not self._done.done():

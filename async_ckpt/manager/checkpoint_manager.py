@@ -20,6 +20,7 @@ from typing import Any, Literal
 from ..api import load
 from ..errors import CheckpointError, CheckpointNotFoundError
 from ..executor import AsyncCheckpointer, SaveFuture
+from ..pipeline.load import KeyCheck
 from ..settings import env_seconds
 from .retention import (
     INCOMPLETE_GRACE_ENV,
@@ -301,7 +302,7 @@ class CheckpointManager:
         state: Mapping[str, Any],
         step: int | None = None,
         *,
-        strict: bool = True,
+        strict: KeyCheck = True,
         allow_lossy_cast: bool = False,
     ) -> int:
         """Load the newest committed step (or ``step``) into ``state`` in place; returns the step.
@@ -320,7 +321,14 @@ class CheckpointManager:
                     "(check manager.latest_step() is not None before restoring)"
                 )
         cid = self.store.checkpoint_id(_check_step(step))
-        load(state, checkpoint_id=cid, strict=strict, allow_lossy_cast=allow_lossy_cast)
+        load(
+            state,
+            checkpoint_id=cid,
+            strict=strict,
+            allow_lossy_cast=allow_lossy_cast,
+            process_group=self.checkpointer.process_group,
+            no_dist=not self.checkpointer.distributed,
+        )
         with self._lock:
             self._last_step = step
         log.info("restored %s", cid)

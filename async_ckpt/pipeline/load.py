@@ -12,15 +12,18 @@ import math
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from ..dist.comm import Comm, LocalComm
 from ..errors import (
     CheckpointReplacedError,
     ChecksumMismatchError,
     CorruptCheckpointError,
     KeyMismatchError,
+    LoadFailedError,
+    SaveFailedError,
     StateDictError,
 )
 from ..format.checksum import block_checksums
@@ -28,7 +31,15 @@ from ..format.decode import decode_metadata
 from ..format.dtypes import dtype_from_name, itemsize
 from ..format.metadata import Chunk, Metadata, TensorEntry
 from ..format.objects import loads_object
-from ..planning.read_plan import ReadPlan, Target, match_keys, overlap, plan_reads, read_groups
+from ..planning.read_plan import (
+    KeyMatch,
+    ReadPlan,
+    Target,
+    match_keys,
+    overlap,
+    plan_reads,
+    read_groups,
+)
 from ..state.flatten import flatten, set_leaf
 from ..storage.base import StorageReader
 
@@ -47,7 +58,13 @@ class LoadResult:
 def verify_blocks(
     data: memoryview, chunk: Chunk, first_block: int, block_size: int, key: str
 ) -> None:
-    """Check ``data`` (blocks ``first_block``.. of ``chunk``) against the stored checksums."""
+    """Check ``data`` (blocks ``first_block``.. of ``chunk``) against the stored checksums.
+
+    A chunk without checksums is one read from a foreign format (a DCP checkpoint
+    stores none); our own decoder requires one per block, so this cannot skip them.
+    """
+    if not chunk.checksums:
+        return
     for n, crc in enumerate(block_checksums(data, block_size)):
         if crc != chunk.checksums[first_block + n]:
             start = chunk.offset + (first_block + n) * block_size
@@ -220,41 +237,113 @@ def _raise_if_replaced(reader: StorageReader, meta: Metadata, exc: Exception) ->
         ) from exc
 
 
+KeyCheck = bool | Literal["exact"]
+"""How a load checks keys: True (the state dict's keys must all be stored, as in
+DCP), "exact" (and nothing else may be stored), False (load what matches)."""
+
+
+def _check_keys(keys: KeyMatch, strict: KeyCheck, checkpoint_id: str) -> None:
+    if strict not in (True, False, "exact"):
+        raise ValueError(f"strict must be True, False or 'exact', not {strict!r}")
+    missing, unexpected = keys.missing, keys.unexpected
+    if strict is False or not (missing or (strict == "exact" and unexpected)):
+        return
+    parts = []
+    if missing:  # DCP's phrase, which existing code matches
+        parts.append(f"Missing key in checkpoint state_dict: {_some(missing)}")
+    if strict == "exact" and unexpected:
+        parts.append(f"in the checkpoint but not in the state dict: {_some(unexpected)}")
+    hint = (
+        "strict=False loads the keys present"
+        if strict is True
+        else "strict=True allows extra keys in the checkpoint, strict=False loads the keys present"
+    )
+    raise KeyMismatchError(
+        f"state dict and checkpoint {checkpoint_id!r} disagree. {'; '.join(parts)}. {hint}.",
+        missing=missing,
+        unexpected=unexpected,
+    )
+
+
+def _some(keys: list[str]) -> str:
+    return f"{keys[:20]}{' ...' if len(keys) > 20 else ''}"
+
+
+def _agree(comm: Comm, error: Exception | None, what: str, checkpoint_id: str) -> None:
+    """Every rank learns whether all ranks got through ``what``; a rank's own error wins.
+
+    One fixed-size collective when all is well; the failures' text travels only
+    when some rank failed. Without it a rank that failed would leave the others
+    waiting in the next collective (or return early while they still read).
+    """
+    if comm.world_size > 1:
+        text = None if error is None else f"{type(error).__name__}: {error}"
+        try:
+            flags = comm.all_gather_digests(b"\x01" if error is not None else b"\x00")
+            gathered = comm.all_gather_object(text) if any(f != b"\x00" for f in flags) else []
+        except SaveFailedError as exc:  # a peer died or timed out: the comm says so
+            raise LoadFailedError(f"loading {checkpoint_id!r}: {exc}") from (error or exc)
+        if gathered:
+            failures = {rank: reason for rank, reason in enumerate(gathered) if reason is not None}
+            if error is None:
+                raise LoadFailedError(
+                    f"loading {checkpoint_id!r} failed on rank(s) {sorted(failures)} while "
+                    f"{what}: " + "; ".join(f"rank {r}: {m}" for r, m in sorted(failures.items())),
+                    failures=failures,
+                )
+    if error is not None:
+        raise error
+
+
+def _read_metadata(reader: StorageReader) -> Metadata:
+    """The checkpoint's metadata: decoded, or translated by a reader of a foreign format."""
+    translate = getattr(reader, "translated_metadata", None)  # duck-typed wrappers lack it
+    translated = translate() if translate is not None else None
+    return translated if translated is not None else decode_metadata(reader.read_metadata())
+
+
 def run_load(
     state_dict: Mapping[str, Any],
     reader: StorageReader,
     *,
-    strict: bool = True,
+    strict: KeyCheck = True,
     verify: bool = True,
     read_threads: int = DEFAULT_READ_THREADS,
     allow_lossy_cast: bool = False,
     verify_first: bool = False,
     metadata: Metadata | None = None,
+    comm: Comm | None = None,
 ) -> LoadResult:
     """Fill ``state_dict`` from the checkpoint ``reader`` reads; see :func:`async_ckpt.load`.
 
     ``metadata``: the checkpoint's, when the caller has decoded it already.
+    ``comm``: the caller's ranks, which load together (None: this process alone).
     """
-    meta = metadata if metadata is not None else decode_metadata(reader.read_metadata())
-    flat = flatten(state_dict)
-    keys = match_keys(flat, meta)
-    missing, unexpected = keys.missing, keys.unexpected
-    if strict and (missing or unexpected):
-        raise KeyMismatchError(
-            f"state dict and checkpoint {reader.checkpoint_id!r} disagree: missing from the "
-            f"checkpoint: {missing[:20]}{' ...' if len(missing) > 20 else ''}; in the checkpoint "
-            f"but not in the state dict: {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}"
-            ". Pass strict=False to load the keys present.",
-            missing=missing,
-            unexpected=unexpected,
-        )
-
+    comm = comm or LocalComm()
+    cid = reader.checkpoint_id
     try:
-        plan = plan_reads(flat, meta, keys.adopt, allow_lossy_cast=allow_lossy_cast)
-        targets, replaced = _read_all(plan, meta, reader, verify, read_threads, verify_first)
-    except CorruptCheckpointError as exc:
-        _raise_if_replaced(reader, meta, exc)
-        raise
+        error: Exception | None = None
+        try:  # planning: every rank learns of a key or shape error on any rank
+            meta = metadata or _read_metadata(reader)
+            flat = flatten(state_dict)
+            keys = match_keys(flat, meta)
+            _check_keys(keys, strict, cid)
+            plan = plan_reads(flat, meta, keys.adopt, allow_lossy_cast=allow_lossy_cast)
+        except Exception as exc:
+            error = exc
+        _agree(comm, error, "planning the load", cid)
+        try:  # reading: DCP's load is collective; code may delete the checkpoint after it
+            targets, replaced = _read_all(plan, meta, reader, verify, read_threads, verify_first)
+        except CorruptCheckpointError as exc:
+            try:
+                _raise_if_replaced(reader, meta, exc)
+            except CheckpointReplacedError as replaced_exc:
+                error = replaced_exc
+            else:
+                error = exc
+        except Exception as exc:
+            error = exc
+        _agree(comm, error, "reading", cid)
     finally:
         reader.close()
 
@@ -280,7 +369,7 @@ def run_load(
             raise StateDictError(
                 f"{type(obj).__qualname__} at {prefix!r} rejected the loaded state: {exc}"
             ) from exc
-    return LoadResult(missing_keys=missing, unexpected_keys=unexpected)
+    return LoadResult(missing_keys=keys.missing, unexpected_keys=keys.unexpected)
 
 
-__all__ = ["LoadResult", "run_load", "verify_blocks"]
+__all__ = ["KeyCheck", "LoadResult", "run_load", "verify_blocks"]

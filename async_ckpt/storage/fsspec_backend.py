@@ -23,6 +23,7 @@ from ..format.decode import MAX_METADATA_BYTES
 from ..format.names import DATA_FILE, METADATA_FILE, is_safe_file_name
 from . import s3_transfer
 from .base import StorageReader, StorageRoot, StorageWriter, Usage
+from .dcp_options import _NOT_SET, checkpoint_id_or_path, warn_ignored
 
 # Packages that provide the common protocols, for a helpful error when one is missing.
 _INSTALL_HINT = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs"}
@@ -62,14 +63,33 @@ class FsspecWriter(StorageWriter):
 
     def __init__(
         self,
-        checkpoint_id: str,
-        *,
-        overwrite: bool = True,
-        storage_options: dict[str, Any] | None = None,
+        checkpoint_id: str | None = None,
+        single_file_per_rank: Any = _NOT_SET,
+        sync_files: Any = _NOT_SET,
         thread_count: int | None = None,
+        per_thread_copy_ahead: Any = _NOT_SET,
+        overwrite: bool = True,
+        *,
+        path: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        serialization_format: Any = _NOT_SET,
+        _extensions: Any = _NOT_SET,
+        **fs_options: Any,
     ) -> None:
+        # Positions and names as in torch.distributed.checkpoint's FsspecWriter (extra
+        # keywords are fsspec options there too); options meaningless here warn.
+        checkpoint_id = checkpoint_id_or_path(checkpoint_id, path)
+        warn_ignored(
+            single_file_per_rank=single_file_per_rank,
+            sync_files=sync_files,
+            per_thread_copy_ahead=per_thread_copy_ahead,
+            serialization_format=serialization_format,
+            _extensions=_extensions,
+        )
         self.checkpoint_id = os.fspath(checkpoint_id)
-        self.fs, self.path = open_filesystem(self.checkpoint_id, storage_options)
+        self.fs, self.path = open_filesystem(
+            self.checkpoint_id, {**(storage_options or {}), **fs_options}
+        )
         self.visible_across_processes = url_protocol(self.checkpoint_id) != "memory"
         self.overwrite = overwrite
         self.thread_count = thread_count
@@ -84,7 +104,8 @@ class FsspecWriter(StorageWriter):
     def prepare(self, *, coordinator: bool) -> None:
         if coordinator and not self.overwrite and self.fs.exists(self._join(METADATA_FILE)):
             raise CheckpointExistsError(
-                f"checkpoint {self.checkpoint_id!r} already exists; pass overwrite=True to the "
+                f"Checkpoint already exists: {self.checkpoint_id!r} holds a committed checkpoint "
+                "and the writer has overwrite=False; pass overwrite=True to the "
                 "writer to replace it, or save under a new checkpoint_id"
             )
         self.fs.makedirs(self.path, exist_ok=True)
@@ -179,10 +200,18 @@ class FsspecReader(StorageReader):
     coalesce_reads = True
 
     def __init__(
-        self, checkpoint_id: str, *, storage_options: dict[str, Any] | None = None
+        self,
+        checkpoint_id: str | None = None,
+        *,
+        path: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        **fs_options: Any,
     ) -> None:
+        checkpoint_id = checkpoint_id_or_path(checkpoint_id, path)  # ``path=``: DCP's keyword
         self.checkpoint_id = os.fspath(checkpoint_id)
-        self.fs, self.path = open_filesystem(self.checkpoint_id, storage_options)
+        self.fs, self.path = open_filesystem(
+            self.checkpoint_id, {**(storage_options or {}), **fs_options}
+        )
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str) -> bool:

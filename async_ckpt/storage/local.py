@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from ..errors import (
     CheckpointExistsError,
@@ -25,6 +26,7 @@ from ..errors import (
 from ..format.decode import MAX_METADATA_BYTES
 from ..format.names import DATA_FILE, METADATA_FILE, METADATA_TEMP_PREFIX, is_safe_file_name
 from .base import StorageReader, StorageRoot, StorageWriter, Usage
+from .dcp_options import _NOT_SET, checkpoint_id_or_path, warn_ignored
 
 _WRITE_PIECE = 64 * 1024 * 1024  # bounded syscalls: os.write caps a call near 2 GiB
 # NOFOLLOW: a symlinked file could point outside the checkpoint. NONBLOCK: opening a FIFO
@@ -65,12 +67,28 @@ class FileSystemWriter(StorageWriter):
 
     def __init__(
         self,
-        checkpoint_id: str | os.PathLike,
-        *,
-        overwrite: bool = True,
+        checkpoint_id: str | os.PathLike | None = None,
+        single_file_per_rank: Any = _NOT_SET,
         sync_files: bool = True,
         thread_count: int | None = None,
+        per_thread_copy_ahead: Any = _NOT_SET,
+        overwrite: bool = True,
+        *,
+        path: str | os.PathLike | None = None,
+        cache_staged_state_dict: Any = _NOT_SET,
+        serialization_format: Any = _NOT_SET,
+        _extensions: Any = _NOT_SET,
     ) -> None:
+        # Positions and names as in torch.distributed.checkpoint's FileSystemWriter, so a
+        # DCP call works unchanged; its options that mean nothing here warn (dcp_options).
+        checkpoint_id = checkpoint_id_or_path(checkpoint_id, path)
+        warn_ignored(
+            single_file_per_rank=single_file_per_rank,
+            per_thread_copy_ahead=per_thread_copy_ahead,
+            cache_staged_state_dict=cache_staged_state_dict,
+            serialization_format=serialization_format,
+            _extensions=_extensions,
+        )
         self.checkpoint_id = os.fspath(checkpoint_id)
         self.path = _local_path(checkpoint_id)
         self.overwrite = overwrite
@@ -85,7 +103,8 @@ class FileSystemWriter(StorageWriter):
     def prepare(self, *, coordinator: bool) -> None:
         if coordinator and not self.overwrite and (self.path / METADATA_FILE).exists():
             raise CheckpointExistsError(
-                f"checkpoint {self.checkpoint_id!r} already exists; pass overwrite=True to the "
+                f"Checkpoint already exists: {self.checkpoint_id!r} holds a committed checkpoint "
+                "and the writer has overwrite=False; pass overwrite=True to the "
                 "writer to replace it, or save under a new checkpoint_id"
             )
         self.path.mkdir(parents=True, exist_ok=True)
@@ -220,7 +239,13 @@ def _read_regular_file(path: Path, limit: int, fd: int | None = None) -> bytes:
 class FileSystemReader(StorageReader):
     """Reads a checkpoint directory with positioned reads straight into tensor memory."""
 
-    def __init__(self, checkpoint_id: str | os.PathLike) -> None:
+    def __init__(
+        self,
+        checkpoint_id: str | os.PathLike | None = None,
+        *,
+        path: str | os.PathLike | None = None,
+    ) -> None:
+        checkpoint_id = checkpoint_id_or_path(checkpoint_id, path)  # ``path=``: DCP's keyword
         self.checkpoint_id = os.fspath(checkpoint_id)
         self.path = _local_path(checkpoint_id)
         self._fds: dict[str, int] = {}
