@@ -148,16 +148,25 @@ def stager_for(async_stager: Any) -> Stager | None:
 
 def check_writer(writer: Any) -> None:
     """A DCP StorageWriter passed by mistake gets a TypeError that says what to pass."""
-    if writer is None or isinstance(writer, StorageWriter):
-        return
-    raise TypeError(_wrong_storage(writer, "storage_writer", "FileSystemWriter"))
+    _check_storage(
+        writer, "storage_writer", "FileSystemWriter", ("prepare", "write_file", "commit")
+    )
 
 
 def check_reader(reader: Any) -> None:
     """A DCP StorageReader passed by mistake gets a TypeError that says what to pass."""
-    if reader is None or isinstance(reader, StorageReader):
+    _check_storage(reader, "storage_reader", "FileSystemReader", ("read_metadata", "read_into"))
+
+
+def _check_storage(obj: Any, role: str, example: str, methods: tuple[str, ...]) -> None:
+    # Duck-typed wrappers of ours (tests, instrumentation) pass; DCP's classes, which
+    # have none of our methods or other meanings for them, do not.
+    if obj is None or isinstance(obj, (StorageWriter, StorageReader)):
+        if obj is None or isinstance(obj, StorageWriter if "writer" in role else StorageReader):
+            return
+    elif not type(obj).__module__.startswith(_DCP) and all(hasattr(obj, m) for m in methods):
         return
-    raise TypeError(_wrong_storage(reader, "storage_reader", "FileSystemReader"))
+    raise TypeError(_wrong_storage(obj, role, example))
 
 
 def _wrong_storage(obj: Any, role: str, example: str) -> str:

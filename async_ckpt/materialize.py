@@ -107,10 +107,13 @@ def materialize(
 
     Needs memory for every tensor of the checkpoint. Checksums are verified
     unless ``verify=False``; damaged data raises as :func:`async_ckpt.load` does.
+    A torch.distributed.checkpoint directory is read too (it has no checksums).
     ``metadata`` is the checkpoint's, when the caller has decoded it already.
     """
     reader = storage_reader or detect_reader(checkpoint_id)
     try:
+        if metadata is None:  # a foreign format (a DCP directory) comes translated
+            metadata = reader.translated_metadata()
         meta = metadata if metadata is not None else decode_metadata(reader.read_metadata())
     except BaseException:
         reader.close()

@@ -31,6 +31,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..format.metadata import Metadata
 
 
 class StorageWriter(ABC):
@@ -140,6 +144,14 @@ class StorageReader(ABC):
 
         Called before a load allocates buffers, so that sizes a damaged or hostile
         metadata file declares are checked against the real files first.
+        """
+        return None
+
+    def translated_metadata(self) -> Metadata | None:
+        """A reader of a foreign format returns the checkpoint in our model; loaders use it
+        instead of decoding ``read_metadata()``. None (the default): the checkpoint is ours.
+
+        ``read_into`` then serves the files that model names (see ``storage/dcp.py``).
         """
         return None
 

@@ -7,6 +7,7 @@ import warnings
 
 from ..errors import StorageDetectionError
 from .base import StorageReader, StorageRoot, StorageWriter
+from .dcp import DcpReader, is_dcp_checkpoint
 from .registry import FSSPEC, LOCAL, StorageBackend, backends
 
 _BUILT_IN = "local paths, file://, and fsspec URLs (memory://, s3://, gs://, az://, ...)"
@@ -60,8 +61,14 @@ def detect_writer(checkpoint_id: object, **options: object) -> StorageWriter:
 
 
 def detect_reader(checkpoint_id: object) -> StorageReader:
-    """A reader for ``checkpoint_id``, or StorageDetectionError ("Cannot detect ...")."""
+    """A reader for ``checkpoint_id``, or StorageDetectionError ("Cannot detect ...").
+
+    A local torch.distributed.checkpoint directory (``.metadata``, no
+    ``metadata.json``) gets a :class:`DcpReader`, which reads it without running its code.
+    """
     text = _require_id(checkpoint_id, "reader")
+    if is_dcp_checkpoint(text):
+        return DcpReader(text)
     for backend in backends():
         if _accepts(backend, backend.reader, text):
             return backend.reader(text)

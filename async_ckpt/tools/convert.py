@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,13 +12,14 @@ from ..api import save
 from ..errors import (
     CheckpointError,
     CheckpointExistsError,
-    CheckpointNotFoundError,
     CorruptCheckpointError,
+    UnsafeObjectError,
 )
 from ..format.metadata import Metadata
 from ..materialize import materialize
 from ..state.flatten import flatten
 from ..state.leaves import LeafKind, leaf_kind, ndarray_for_saving
+from ..storage.dcp import DcpReader
 from ..storage.detect import detect_reader, detect_writer
 
 
@@ -108,49 +107,30 @@ def _exists(checkpoint_id: str | os.PathLike) -> bool:
         reader.close()
 
 
-def _dcp_reason(exc: BaseException) -> str:
-    """The causes inside DCP's CheckpointException, without the tracebacks it pastes in."""
-    failures = getattr(exc, "failures", None)
-    errors = [pair[0] for pair in failures.values()] if isinstance(failures, dict) else [exc]
-    parts = []
-    for error in errors:
-        chain = [error, error.__context__] if error.__context__ is not None else [error]
-        parts += [f"{type(e).__name__}: {e}" for e in reversed(chain)]
-    return "; then ".join(dict.fromkeys(parts))
-
-
 def from_dcp(
     dcp_dir: str | os.PathLike, out_id: str | os.PathLike, *, overwrite: bool = False
 ) -> Metadata:
     """Save a torch.distributed.checkpoint directory as an async_ckpt checkpoint.
 
-    The DCP checkpoint is read whole (every rank's shards) into memory. DCP
-    stores its ``.metadata`` as a pickle, so convert only checkpoints you trust.
+    The DCP checkpoint is read whole (every rank's shards) into memory, through
+    :class:`~async_ckpt.storage.dcp.DcpReader`: its ``.metadata`` is decoded with
+    an allow-listed unpickler and its data with ``torch.load(weights_only=True)``,
+    so nothing in it can run code. Objects of classes torch does not allow load
+    only if allow-listed (``async_ckpt.allow_class``).
     """
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    if not os.path.isfile(os.path.join(dcp_dir, ".metadata")):
-        raise CheckpointNotFoundError(
-            f"{os.fspath(dcp_dir)!r} is not a torch.distributed.checkpoint directory: "
-            "it has no .metadata file"
-        )
-    if not overwrite and _exists(out_id):
-        raise CheckpointExistsError(
-            f"checkpoint {os.fspath(out_id)!r} already exists; pass --force to replace it"
-        )
-    with tempfile.TemporaryDirectory(prefix="async_ckpt-dcp-") as tmp:
-        path = os.path.join(tmp, "state.pt")
+    reader = DcpReader(dcp_dir)
+    try:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                dcp_to_torch_save(dcp_dir, path)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:  # DCP's CheckpointException derives from BaseException
-            raise CorruptCheckpointError(
-                f"cannot read the DCP checkpoint {os.fspath(dcp_dir)!r}: {_dcp_reason(exc)}"
+            meta = reader.translated_metadata()  # CheckpointNotFoundError: no .metadata
+            if not overwrite and _exists(out_id):
+                raise CheckpointExistsError(
+                    f"checkpoint {os.fspath(out_id)!r} already exists; pass --force to replace it"
+                )
+            state = materialize(storage_reader=reader, metadata=meta)
+        except (CorruptCheckpointError, UnsafeObjectError) as exc:
+            raise type(exc)(
+                f"cannot read the DCP checkpoint {os.fspath(dcp_dir)!r}: {exc}"
             ) from exc
-        # Not weights_only: DCP checkpoints may hold arbitrary objects, and reading DCP
-        # already unpickled its .metadata, so the source is trusted by now.
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    finally:
+        reader.close()
     return save(state, storage_writer=detect_writer(out_id, overwrite=overwrite), no_dist=True)

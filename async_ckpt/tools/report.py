@@ -6,6 +6,7 @@ import datetime
 from collections.abc import Sequence
 from typing import Any
 
+from ..format.dcp_translate import is_translated_dcp
 from ..format.metadata import Metadata, ObjectEntry, TensorEntry, ValueEntry
 from ..format.objects import decode_plain
 from ..manager.root import StepInfo, step_dir_name
@@ -75,12 +76,17 @@ def _table(rows: Sequence[tuple[str, list[str]]]) -> list[str]:
 
 def tree_lines(meta: Metadata, checkpoint_id: str) -> list[str]:
     """The ``inspect`` report: header, one line per container and leaf, totals."""
-    lines = [
-        f"checkpoint {checkpoint_id}",
-        f"  format v{meta.version}, save id {meta.save_id}, written by "
-        f"{_plural(meta.world_size, 'rank')}, checksum block {human_bytes(meta.block_size)}",
-        "",
-    ]
+    if is_translated_dcp(meta):
+        about = (
+            f"  torch.distributed.checkpoint (DCP {meta.extra.get('dcp_version') or '?'}), "
+            f"written by {_plural(meta.world_size, 'rank')}; no checksums"
+        )
+    else:
+        about = (
+            f"  format v{meta.version}, save id {meta.save_id}, written by "
+            f"{_plural(meta.world_size, 'rank')}, checksum block {human_bytes(meta.block_size)}"
+        )
+    lines = [f"checkpoint {checkpoint_id}", about, ""]
     rows: list[tuple[str, list[str]]] = []
     shown: tuple = ()
     for entry in sorted(meta.entries.values(), key=lambda e: _path_order(e.path)):

@@ -111,9 +111,13 @@ def verify_checkpoint(
     (CheckpointNotFoundError, IncompleteCheckpointError, MetadataError);
     damaged data does not: each defect becomes a :class:`Problem` in the
     report, naming key and file. ``progress`` draws a tqdm bar (bytes) on stderr.
+    A DCP checkpoint has no checksums: each chunk is read and decoded, which finds
+    truncated or unreadable data only.
     """
     reader = storage_reader or detect_reader(checkpoint_id)
     try:
+        if metadata is None:  # a foreign format (a DCP directory) comes translated
+            metadata = reader.translated_metadata()
         meta = metadata if metadata is not None else decode_metadata(reader.read_metadata())
         report = VerifyReport(reader.checkpoint_id, entries=len(meta.entries))
         pieces = _pieces(meta)
