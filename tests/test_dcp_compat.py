@@ -394,3 +394,9 @@ def test_warnings_are_not_raised_for_plain_calls(ckpt_dir):
         warnings.simplefilter("error")
         dcp.save(_state(), storage_writer=dcp.FileSystemWriter(ckpt_dir, sync_files=False))
         dcp.load(_zeros(), checkpoint_id=ckpt_dir)
+
+
+def test_shape_mismatch_keeps_dcps_phrase(ckpt_dir):
+    dcp.save({"w": torch.ones(2, 3)}, checkpoint_id=ckpt_dir)
+    with pytest.raises(dcp.ShapeMismatchError, match=r"Size mismatch between saved \[2, 3\]"):
+        dcp.load({"w": torch.zeros(3, 2)}, checkpoint_id=ckpt_dir)

@@ -352,7 +352,8 @@ def run_load(
     for key, value in replaced.items():
         entry = meta.entries[key]
         if isinstance(entry, TensorEntry):
-            value = by_key[key]
+            if value is None:  # else a tensor the plan made (for a meta-device leaf)
+                value = by_key[key]
             if entry.numpy:
                 value = value.numpy()
         # A leaf the caller has goes back where the caller has it; adopted leaves follow the

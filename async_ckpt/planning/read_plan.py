@@ -1,7 +1,9 @@
 """The read plan of a load: which stored entries go where, and which bytes to fetch.
 
 Pure planning, no I/O: it matches the caller's keys with the checkpoint's,
-decides for each entry whether it fills a caller's tensor in place, becomes a
+decides for each entry whether it fills a caller's tensor in place (a tensor,
+a DTensor's local piece or shards, a ShardedTensor's local shards; a
+meta-device tensor is first replaced by a real one, as DCP does), becomes a
 new tensor, an object to unpickle or a value, and groups the chunk reads
 (only the stored chunks that overlap a target, back-to-back ones together on
 stores that charge per request). :mod:`async_ckpt.pipeline.load` executes it.
@@ -14,12 +16,23 @@ from typing import Any
 
 import torch
 
-from ..errors import ShapeMismatchError
+from ..errors import ShapeMismatchError, StateDictError
 from ..format.dtypes import dtype_from_name, dtype_name, is_lossless_cast
 from ..format.metadata import Chunk, Metadata, ObjectEntry, TensorEntry
 from ..format.objects import decode_plain
 from ..state.flatten import Flat
-from ..state.leaves import LeafKind, fills_in_place, leaf_kind, tensor_piece
+from ..state.leaves import (
+    LeafKind,
+    fills_in_place,
+    leaf_kind,
+    overrides_dispatch,
+    refuse,
+    tensor_pieces,
+)
+
+# Leaves that are one whole tensor (a tensor or an array): loaded into from an entry of the
+# other kind, they are handed back as the checkpoint held it (distributed leaves stay so).
+_ONE_PIECE = (LeafKind.TENSOR, LeafKind.NDARRAY)
 
 WINDOW_BYTES = 64 * 1024 * 1024
 """The most bytes one coalesced read fetches (back-to-back chunks of one file)."""
@@ -51,7 +64,9 @@ class ReadPlan:
     targets: list[Target] = field(default_factory=list)  # caller's tensors, filled in place
     fresh: list[tuple[str, TensorEntry]] = field(default_factory=list)  # tensors to create
     objects: list[tuple[str, ObjectEntry]] = field(default_factory=list)  # to unpickle
-    replaced: dict[str, Any] = field(default_factory=dict)  # leaves set from the checkpoint
+    # leaves set in the caller's containers once read: values, and for tensor entries the
+    # leaf made for a meta-device one, or None for the target tensor itself (kind changed)
+    replaced: dict[str, Any] = field(default_factory=dict)
     files: set[str] = field(default_factory=set)  # data files the reads touch
 
 
@@ -80,18 +95,94 @@ def overlap(
     return tuple(lo), tuple(h - lo_ for lo_, h in zip(lo, hi, strict=True))
 
 
-def _in_place_target(key: str, leaf: Any, kind: LeafKind, entry: TensorEntry) -> Target | None:
-    """The caller's tensor (or shard) to fill; None for a DTensor whose mesh leaves this rank out."""
-    piece = tensor_piece(leaf, kind, for_load=True)
-    if piece is None:  # nothing to fill here (its global shape may be unknown too)
-        return None
-    if tuple(piece.shape) != entry.shape:
+def _check_shape(key: str, shape: tuple[int, ...], entry: TensorEntry) -> None:
+    if tuple(shape) != entry.shape:
         raise ShapeMismatchError(
-            f"tensor {key!r} has shape {list(piece.shape)} in the state dict but "
+            f"tensor {key!r} has shape {list(shape)} in the state dict but "
             f"{list(entry.shape)} in the checkpoint; build the model with the saved "
-            "configuration, or leave this key out of the state dict you load into"
+            "configuration, or leave this key out of the state dict you load into "
+            # DCP's phrase, which existing code matches
+            f"(Size mismatch between saved {list(entry.shape)} and current: {list(shape)} for {key})"
         )
-    return Target(key, piece.local, piece.offsets, entry)
+
+
+def _in_place_targets(key: str, leaf: Any, kind: LeafKind, entry: TensorEntry) -> list[Target]:
+    """The caller's tensor, or its local shards, to fill; none where this rank holds no piece
+    (a DTensor whose mesh leaves it out, a ShardedTensor without a local shard)."""
+    targets = []
+    for piece in tensor_pieces(key, leaf, kind, for_load=True):
+        local = piece.local
+        if kind is not LeafKind.TENSOR:  # pieces of a DTensor or ShardedTensor
+            refuse(key, local, "load into")
+        elif local.layout != torch.strided or local.is_nested or local.is_quantized:
+            refuse(key, local, "load into")
+        _check_shape(key, piece.shape, entry)
+        if local.is_meta:  # the shards of a ShardedTensor or LocalShardsWrapper
+            raise StateDictError(
+                f"cannot load into tensor {key!r}: its shards are on the meta device "
+                "(a sharded tensor is not rebuilt from the checkpoint, as in DCP); "
+                "allocate them first (e.g. module.to_empty(device=...))"
+            )
+        targets.append(Target(key, local, piece.offsets, entry))
+    return targets
+
+
+def _meta_load_device() -> torch.device:
+    """Where a meta-device tensor loaded into is materialised, as DCP does: the default
+    process group's device (CUDA's current device under NCCL), CPU without one."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return torch.device("cpu")
+    try:  # a pybind property; DCP's own helper for it is deprecated and warns
+        types = dist.distributed_c10d._get_default_group()._device_types
+    except Exception:
+        return torch.device("cpu")
+    if len(types) != 1 or types[0].type == "cpu":
+        return torch.device("cpu")
+    return _current(types[0].type)
+
+
+def _current(device_type: str) -> torch.device:
+    """``device_type``'s current device (``cuda`` -> ``cuda:<current>``)."""
+    module = getattr(torch, device_type, None)
+    current = getattr(module, "current_device", None)
+    return torch.device(device_type, current()) if callable(current) else torch.device(device_type)
+
+
+def _materialized(key: str, leaf: Any, kind: LeafKind, entry: TensorEntry) -> Any:
+    """A real leaf to load into in place of a meta-device one, or None if ``leaf`` has data.
+
+    As DCP's load does: a meta tensor becomes a tensor of its shape and dtype on
+    the default process group's device, a DTensor with a meta local tensor a
+    DTensor with the same mesh, placements and global shape on its mesh's
+    device. The load fills it and sets it in the caller's container (so
+    ``model.load_state_dict(sd, assign=True)`` can take it). Shards of a
+    ShardedTensor or LocalShardsWrapper on the meta device are refused.
+    """
+    if kind is LeafKind.TENSOR:
+        if overrides_dispatch(type(leaf)) or not leaf.is_meta:
+            return None
+        _check_shape(key, tuple(leaf.shape), entry)
+        return torch.zeros(leaf.shape, dtype=leaf.dtype, device=_meta_load_device())
+    if kind is not LeafKind.DTENSOR:
+        return None
+    local = leaf.to_local()
+    if overrides_dispatch(type(local)) or not local.is_meta:
+        return None
+    _check_shape(key, tuple(leaf.shape), entry)
+    from torch.distributed.tensor import DTensor
+
+    mesh = leaf.device_mesh
+    device = _current(mesh.device_type) if mesh.device_type != "cpu" else torch.device("cpu")
+    return DTensor.from_local(
+        torch.zeros(local.shape, dtype=local.dtype, device=device),
+        mesh,
+        leaf.placements,
+        run_check=False,
+        shape=leaf.shape,
+        stride=leaf.stride(),
+    )
 
 
 def _check_cast(key: str, entry: TensorEntry, target: torch.dtype) -> None:
@@ -127,8 +218,14 @@ def plan_reads(
             plan.fresh.append((key, entry))
             plan.files.update(c.file for c in entry.chunks)
             continue
-        target = _in_place_target(key, leaf, kind, entry)
-        if target is not None:
+        real = _materialized(key, leaf, kind, entry)
+        if real is not None:
+            if entry.numpy and kind is LeafKind.TENSOR:  # kind changed: what the checkpoint held
+                plan.fresh.append((key, entry))
+                plan.files.update(c.file for c in entry.chunks)
+                continue
+            leaf = plan.replaced[key] = real
+        for target in _in_place_targets(key, leaf, kind, entry):
             if not allow_lossy_cast:
                 _check_cast(key, entry, target.tensor.dtype)
             plan.targets.append(target)
@@ -138,7 +235,7 @@ def plan_reads(
                 for c in entry.chunks
                 if overlap(c.offsets, c.sizes, target.offsets, shape) is not None
             )
-        if (kind is LeafKind.NDARRAY) != entry.numpy and kind is not LeafKind.DTENSOR:
+        if real is None and (kind is LeafKind.NDARRAY) != entry.numpy and kind in _ONE_PIECE:
             plan.replaced[key] = None  # kind changed: hand back what the checkpoint held
     return plan
 

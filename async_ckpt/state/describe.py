@@ -17,7 +17,15 @@ from ..errors import StateDictError, UnsafeObjectError
 from ..format.dtypes import dtype_name
 from ..format.objects import dumps_object, encode_plain
 from .flatten import Flat, KeyPath
-from .leaves import LeafKind, leaf_kind, outside_mesh, tensor_piece
+from .leaves import (
+    LeafKind,
+    Piece,
+    global_dtype_and_shape,
+    leaf_kind,
+    refuse,
+    tensor_piece,
+    tensor_pieces,
+)
 from .model import LocalState, ObjectItem, TensorItem, TensorStub
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
@@ -135,40 +143,75 @@ def describe(
                 raise UnsafeObjectError(f"cannot save {key!r}: {exc}") from exc
             state.objects.append(ObjectItem(key, path, type_name, payload))
             continue
-        if kind is LeafKind.DTENSOR and outside_mesh(leaf):
-            # no piece here: known for key validation, nothing stored
-            shape = tuple(int(s) for s in leaf.shape)
-            state.stubs.append(TensorStub(key, path, dtype_name(leaf.dtype), shape))
+        if kind is LeafKind.TENSOR or kind is LeafKind.NDARRAY:  # one piece: most leaves
+            try:
+                piece = tensor_piece(leaf, kind)
+            except RuntimeError:  # a tensor without sizes (nested): say why, with its key
+                if kind is LeafKind.TENSOR:
+                    refuse(key, leaf, "save")
+                raise
+            item, local = _item(key, path, piece, kind is LeafKind.NDARRAY)
+            state.items.append(item)
+            tensors.append(local.detach())
+            if local is leaf:  # plain tensors only: numpy leaves are rebuilt each time
+                fresh[key] = _Known.of(leaf, path, item)
             continue
-        piece = tensor_piece(leaf, kind)
-        local = _checked_local(key, piece.local)
-        item = TensorItem(
-            key=key,
-            path=path,
-            dtype=dtype_name(local.dtype),
-            shape=tuple(int(s) for s in piece.shape),
-            offsets=piece.offsets,
-            sizes=tuple(int(s) for s in local.shape),
-            numpy=kind is LeafKind.NDARRAY,
-        )
-        state.items.append(item)
-        tensors.append(local.detach())
-        if local is leaf:  # plain tensors only: DTensor and numpy leaves are rebuilt each time
-            fresh[key] = _Known.of(leaf, path, item)
+        pieces = tensor_pieces(key, leaf, kind)
+        if not pieces:
+            # no piece here (outside a DTensor's mesh, no local shard): known for key
+            # validation, nothing stored
+            dtype, shape = global_dtype_and_shape(leaf, kind)
+            state.stubs.append(TensorStub(key, path, _dtype_name(key, dtype), shape))
+            continue
+        for piece in pieces:
+            item, local = _item(key, path, piece, False)
+            state.items.append(item)
+            tensors.append(local.detach())
     if cache is not None:
         cache.update(fresh, state)
     return state, tensors
 
 
+def _item(key: str, path: KeyPath, piece: Piece, numpy: bool) -> tuple[TensorItem, torch.Tensor]:
+    """The descriptor of one piece, and its data as saved."""
+    local = _checked_local(key, piece.local)
+    try:
+        dtype = dtype_name(local.dtype)
+    except StateDictError as exc:
+        raise StateDictError(f"cannot save tensor {key!r}: {exc}") from None
+    item = TensorItem(
+        key=key,
+        path=path,
+        dtype=dtype,
+        shape=piece.shape,
+        offsets=piece.offsets,
+        sizes=tuple(local.shape),
+        numpy=numpy,
+    )
+    return item, local
+
+
+def _dtype_name(key: str, dtype: torch.dtype) -> str:
+    try:
+        return dtype_name(dtype)
+    except StateDictError as exc:
+        raise StateDictError(f"cannot save tensor {key!r}: {exc}") from None
+
+
 def _checked_local(key: str, local: torch.Tensor) -> torch.Tensor:
     """A tensor's data as saved: refuse what has no bytes to save, resolve lazy views."""
-    if local.device.type == "meta":
+    if (
+        type(local) not in _PLAIN_TENSORS  # a subclass: stored if it only adds methods
+        or local.layout != torch.strided
+        or local.is_nested
+        or local.is_quantized
+    ):
+        refuse(key, local, "save")  # raises unless its bytes can be stored after all
+    if local.is_meta:
         raise StateDictError(
             f"tensor {key!r} is on the meta device and has no data to save; "
             "materialize it (e.g. module.to_empty(device=...) and initialize) first"
         )
-    if local.is_sparse or local.layout != torch.strided:
-        raise StateDictError(f"tensor {key!r} has layout {local.layout}; save it dense")
     if local.is_conj() or local.is_neg():  # lazy views: store the values they show
         local = local.resolve_conj().resolve_neg()
     return local
