@@ -58,7 +58,8 @@ def save(
     writer = storage_writer or detect_writer(checkpoint_id)
     state, tensors = describe(flatten(state_dict))
     waves = memory_waves(state, tensors)
-    return run_save(state, waves, writer, caller_comm(process_group, no_dist), Planner())
+    comm = caller_comm(process_group, no_dist, "async_ckpt.save")
+    return run_save(state, waves, writer, comm, Planner())
 
 
 def _check_use_collectives(use_collectives: bool) -> None:
@@ -182,7 +183,7 @@ def load(
         verify=verify,
         allow_lossy_cast=allow_lossy_cast,
         verify_first=verify_first,
-        comm=caller_comm(process_group, no_dist),
+        comm=caller_comm(process_group, no_dist, "async_ckpt.load"),
     )
 
 
@@ -243,7 +244,7 @@ def assert_same_keys(state_dict: Mapping[str, Any], process_group: Any = None) -
     Costs one small collective on a fingerprint when ranks agree; the per-rank
     key diff is gathered only on mismatch. Returns at once on a single rank.
     """
-    comm = caller_comm(process_group, no_dist=False)
+    comm = caller_comm(process_group, no_dist=False, what="async_ckpt.assert_same_keys")
     if comm.world_size == 1:
         return
     state, _ = describe(flatten(state_dict))

@@ -80,6 +80,17 @@ class RankMismatchError(CheckpointError, AssertionError):
     """Ranks disagree on the keys (or shapes/dtypes) of the state they save."""
 
 
+class RanksMissingError(CheckpointError, TimeoutError):
+    """A collective checkpoint call was not made by every rank of the group in time.
+
+    ``missing`` lists the ranks that never arrived (see ASYNC_CKPT_ARRIVAL_TIMEOUT_S).
+    """
+
+    def __init__(self, message: str, *, missing: list[int]) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
 class LoadFailedError(CheckpointError):
     """A collective load failed on other ranks; ``failures`` maps each such rank to its error."""
 

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from ..errors import SaveFailedError
 from .comm import Comm, GroupComm, LocalComm
+from .ranks import arrive
 
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -31,6 +32,9 @@ class WorkerGroup:
         self.world_size = dist.get_world_size(process_group)
         self.timeout_s = timeout_s
         self.epoch = 0
+        # the broadcast below is the first collective on the training group: check that
+        # every rank came (a save on rank 0 alone would wait there until torch's timeout)
+        arrive(process_group, self.rank, self.world_size, "starting async_ckpt's checkpointer")
         self._server = None
         address = None
         if self.rank == 0:
@@ -69,6 +73,12 @@ def thread_comm(process_group: Any, distributed: bool, timeout_s: float) -> Comm
     if not distributed:
         return LocalComm()
     ranks = dist.get_process_group_ranks(process_group or dist.group.WORLD)
+    arrive(
+        process_group,
+        dist.get_rank(process_group),
+        len(ranks),
+        "starting async_ckpt's checkpointer",
+    )
     group = dist.new_group(
         ranks=ranks, backend="gloo", timeout=datetime.timedelta(seconds=timeout_s)
     )
