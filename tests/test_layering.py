@@ -28,9 +28,10 @@ ALLOWED["api"] = ALLOWED["executor"] | {"executor", "dcp_compat"}
 ALLOWED["materialize"] = ALLOWED["api"]
 ALLOWED["manager"] = ALLOWED["api"] | {"api"}
 ALLOWED["tools"] = ALLOWED["manager"] | {"manager", "materialize"}
+ALLOWED["integrations"] = ALLOWED["tools"] | {"tools"}
 ALLOWED["cli"] = ALLOWED["tools"] | {"tools"}
 ALLOWED["demo"] = ALLOWED["cli"] | {"cli", "__init__"}
-ALLOWED["__init__"] = set(ALLOWED) - {"demo", "cli", "__init__"}
+ALLOWED["__init__"] = set(ALLOWED) - {"demo", "cli", "integrations", "__init__"}
 
 
 def _part(path: Path) -> str:
