@@ -43,7 +43,7 @@ from .executor import AsyncCheckpointer, SaveFuture, SaveStats
 from .format.metadata import Metadata
 from .format.objects import allow_class, allow_global
 from .manager import CheckpointManager
-from .materialize import materialize
+from .materialize import materialize, read_entry
 from .pipeline.load import LoadResult
 from .staging import Stager, StagerOptions
 from .storage import (
@@ -111,5 +111,6 @@ __all__ = [
     "assert_same_keys",
     "load",
     "materialize",
+    "read_entry",
     "save",
 ]

@@ -106,14 +106,31 @@ def async_save(
     if stager is not None and async_stager is not None:
         raise ValueError("pass stager= or async_stager=, not both")
     stager = stager or dcp_compat.stager_for(async_stager)
-    key = (executor, id(process_group), no_dist, id(stager))
+    return _shared_checkpointer(executor, process_group, no_dist, stager).save(
+        state_dict, checkpoint_id=checkpoint_id, storage_writer=storage_writer
+    )
+
+
+def _shared_checkpointer(
+    executor: Literal["process", "thread"], process_group: Any, no_dist: bool, stager: Stager | None
+) -> AsyncCheckpointer:
+    """The one checkpointer (one worker, one staging buffer) of this configuration.
+
+    A ``stager`` with the options of the current one reuses it, whatever the
+    object (a loop that builds ``Stager(...)`` each call must not start a worker
+    per call); other options replace it, after its pending save finished.
+    """
+    key = (executor, id(process_group), no_dist)
     ckpt = _DEFAULT.get(key)
-    if ckpt is None or ckpt._closed:
-        ckpt = AsyncCheckpointer(
-            executor=executor, stager=stager, process_group=process_group, no_dist=no_dist
-        )
-        _DEFAULT[key] = ckpt
-    return ckpt.save(state_dict, checkpoint_id=checkpoint_id, storage_writer=storage_writer)
+    if ckpt is not None and not ckpt._closed:
+        if stager is None or stager is ckpt.stager or stager.options == ckpt.stager.options:
+            return ckpt
+        ckpt.close()  # waits for its save: one worker at a time, never two
+    ckpt = AsyncCheckpointer(
+        executor=executor, stager=stager, process_group=process_group, no_dist=no_dist
+    )
+    _DEFAULT[key] = ckpt
+    return ckpt
 
 
 def close_async_saves() -> None:
@@ -140,6 +157,7 @@ def load(
     verify: bool = True,
     allow_lossy_cast: bool = False,
     verify_first: bool = False,
+    progress: bool = False,
 ) -> LoadResult:
     """Fill ``state_dict`` in place from a checkpoint; returns the keys that did not match.
 
@@ -172,6 +190,7 @@ def load(
     (:class:`LoadFailedError` on the ranks that did not fail themselves).
     ``no_dist=True`` loads this process alone. A torch.distributed.checkpoint
     directory is read directly (its metadata decoded without running code).
+    ``progress=True`` draws a progress bar (bytes read) on stderr.
     """
     partial = dcp_compat.partial_load(planner)
     dcp_compat.check_reader(storage_reader)
@@ -184,6 +203,7 @@ def load(
         allow_lossy_cast=allow_lossy_cast,
         verify_first=verify_first,
         comm=caller_comm(process_group, no_dist, "async_ckpt.load"),
+        progress=progress,
     )
 
 

@@ -9,11 +9,14 @@ nested dicts, lists and tuples of CPU tensors, numpy arrays and values.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
+from .errors import KeyMismatchError
 from .format.decode import decode_metadata
 from .format.dtypes import dtype_from_name
 from .format.metadata import Metadata, TensorEntry
@@ -96,18 +99,51 @@ def empty_state(meta: Metadata) -> dict[str, Any]:
     return root
 
 
+def select(meta: Metadata, keys: Iterable[str]) -> Metadata:
+    """The part of ``meta`` under ``keys`` (flat keys or their prefixes, e.g. ``"model"``).
+
+    Raises KeyMismatchError naming the keys that match nothing.
+    """
+    wanted = list(dict.fromkeys(keys))
+
+    def under(key: str) -> bool:
+        return any(key == w or key.startswith(w + ".") for w in wanted)
+
+    entries = {k: e for k, e in meta.entries.items() if under(k)}
+    unknown = [w for w in wanted if not any(k == w or k.startswith(w + ".") for k in entries)]
+    unknown = [w for w in unknown if w not in meta.containers]  # an empty container is fine
+    if unknown:
+        raise KeyMismatchError(
+            f"checkpoint has no key {unknown[0]!r}{f' (nor {unknown[1:]})' if unknown[1:] else ''}"
+            "; list its keys with `async-ckpt inspect ID`",
+            missing=unknown,
+            unexpected=[],
+        )
+    # containers on the way to a selected key, and those inside a selected prefix
+    containers = {
+        k: kind
+        for k, kind in meta.containers.items()
+        if under(k) or any(w.startswith(k + ".") for w in wanted)
+    }
+    return dataclasses.replace(meta, entries=entries, containers=containers)
+
+
 def materialize(
     checkpoint_id: str | os.PathLike | None = None,
     *,
+    keys: Iterable[str] | None = None,
     storage_reader: StorageReader | None = None,
     metadata: Metadata | None = None,
     verify: bool = True,
 ) -> dict[str, Any]:
-    """The checkpoint's whole state as nested dicts/lists/tuples of CPU tensors and values.
+    """The checkpoint's state as nested dicts/lists/tuples of CPU tensors and values.
 
-    Needs memory for every tensor of the checkpoint. Checksums are verified
-    unless ``verify=False``; damaged data raises as :func:`async_ckpt.load` does.
-    A torch.distributed.checkpoint directory is read too (it has no checksums).
+    ``keys`` (flat keys, or prefixes such as ``"model"``) selects part of it:
+    only those entries are read, the rest of the checkpoint is not touched (list
+    items left out of a selection are None).
+    Needs memory for every tensor selected. Checksums are verified unless
+    ``verify=False``; damaged data raises as :func:`async_ckpt.load` does. A
+    torch.distributed.checkpoint directory is read too (it has no checksums).
     ``metadata`` is the checkpoint's, when the caller has decoded it already.
     """
     reader = storage_reader or detect_reader(checkpoint_id)
@@ -115,9 +151,47 @@ def materialize(
         if metadata is None:  # a foreign format (a DCP directory) comes translated
             metadata = reader.translated_metadata()
         meta = metadata if metadata is not None else decode_metadata(reader.read_metadata())
+        if keys is not None:
+            meta = select(meta, [keys] if isinstance(keys, str) else keys)
     except BaseException:
         reader.close()
         raise
     state = empty_state(meta)
-    run_load(state, reader, strict=True, verify=verify, metadata=meta)
+    # A selection inside a list pads the items it leaves out with None: not keys to load.
+    run_load(state, reader, strict=keys is None, verify=verify, metadata=meta)
     return _freeze(state, (), meta.containers)
+
+
+def read_entry(
+    checkpoint_id: str | os.PathLike | None = None,
+    key: str = "",
+    *,
+    storage_reader: StorageReader | None = None,
+    verify: bool = True,
+) -> Any:
+    """One entry of a checkpoint by its flat key (a tensor, array, value or object),
+    or the nested state under a prefix; nothing else is read."""
+    if not key:
+        raise ValueError("read_entry needs the key of an entry (see `async-ckpt inspect ID`)")
+    reader = storage_reader or detect_reader(checkpoint_id)
+    try:
+        meta = reader.translated_metadata() or decode_metadata(reader.read_metadata())
+        meta = select(meta, [key])
+    except BaseException:
+        reader.close()
+        raise
+    state = materialize(storage_reader=reader, metadata=meta, keys=[key], verify=verify)
+    path = meta.entries[key].path if key in meta.entries else _container_path(meta, key)
+    node: Any = state
+    for part in path:
+        node = node[part]
+    return node
+
+
+def _container_path(meta: Metadata, key: str) -> KeyPath:
+    """The path of container ``key``, from an entry under it (or from the key itself)."""
+    for entry in meta.entries.values():
+        for n in range(1, len(entry.path)):
+            if key_of(entry.path[:n]) == key:
+                return entry.path[:n]
+    return (key,)  # an empty top-level container

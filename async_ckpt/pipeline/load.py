@@ -9,12 +9,14 @@ read, and of those only the rows needed, rounded out to checksum blocks.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from tqdm import tqdm
 
 from ..dist.comm import Comm, LocalComm
 from ..errors import (
@@ -157,6 +159,7 @@ def _read_all(
     verify: bool,
     read_threads: int,
     verify_first: bool = False,
+    progress: bool = False,
 ) -> tuple[list[Target], dict[str, Any]]:
     """Execute ``plan``; returns the tensor targets and the leaves to set."""
     _check_file_sizes(plan.files, meta, reader)
@@ -183,18 +186,31 @@ def _read_all(
 
     groups = read_groups(targets, reader.coalesce_reads)
 
+    bar = tqdm(
+        total=sum(c.nbytes for g in groups for _, c in g),
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=f"load {reader.checkpoint_id}",
+        file=sys.stderr,
+        disable=not progress,
+        leave=False,
+    )
+
     def run(group: list[tuple[Target, Chunk]]) -> None:
         source = _WindowReader.fetch(reader, group) if len(group) > 1 else reader
         for t, c in group:
             _read_chunk_part(source, t, c, meta, verify)
+            bar.update(c.nbytes)  # tqdm serialises updates from the reader threads
 
-    if read_threads > 1 and len(groups) > 1:
-        with ThreadPoolExecutor(read_threads, thread_name_prefix="async_ckpt-read") as pool:
-            for f in [pool.submit(run, g) for g in groups]:
-                f.result()
-    else:
-        for g in groups:
-            run(g)
+    with bar:
+        if read_threads > 1 and len(groups) > 1:
+            with ThreadPoolExecutor(read_threads, thread_name_prefix="async_ckpt-read") as pool:
+                for f in [pool.submit(run, g) for g in groups]:
+                    f.result()
+        else:
+            for g in groups:
+                run(g)
     for dest, scratch in staged:  # every read is verified: now fill the caller's tensors
         dest.copy_(scratch)
     return targets, replaced
@@ -246,23 +262,76 @@ def _check_keys(keys: KeyMatch, strict: KeyCheck, checkpoint_id: str) -> None:
     if strict not in (True, False, "exact"):
         raise ValueError(f"strict must be True, False or 'exact', not {strict!r}")
     missing, unexpected = keys.missing, keys.unexpected
-    if strict is False or not (missing or (strict == "exact" and unexpected)):
+    if strict is False:
+        # a renamed module (DDP's module., torch.compile's _orig_mod.) cannot load even
+        # partially: its load_state_dict would get the other names; say so before reading
+        if wrapper_segment(missing, keys.adopt) is None:
+            return
+    elif not (missing or (strict == "exact" and unexpected)):
         return
     parts = []
     if missing:  # DCP's phrase, which existing code matches
         parts.append(f"Missing key in checkpoint state_dict: {_some(missing)}")
-    if strict == "exact" and unexpected:
-        parts.append(f"in the checkpoint but not in the state dict: {_some(unexpected)}")
-    hint = (
-        "strict=False loads the keys present"
-        if strict is True
-        else "strict=True allows extra keys in the checkpoint, strict=False loads the keys present"
-    )
+    # keys under a Stateful object (adopted) are the likely other half of a renaming
+    others = sorted(unexpected + keys.adopt) if missing else unexpected
+    if others and (missing or strict == "exact"):
+        parts.append(f"in the checkpoint but not in the state dict: {_some(others)}")
+    wrapper = wrapper_segment(missing, others)
+    if wrapper is not None:
+        name, where = wrapper
+        parts.append(
+            f"the keys differ by a {name!r} path component, which the {where} side has: "
+            f"{_WRAPPERS.get(name, 'a wrapper module')} adds it. Save and load the same "
+            "wrapping (e.g. the unwrapped model: model.module for DDP, model._orig_mod for "
+            "torch.compile), or get the state dict with "
+            "torch.distributed.checkpoint.state_dict.get_model_state_dict, which drops it"
+        )
+    if wrapper is not None:
+        hint = "strict=False cannot help: the names differ, not the set of tensors"
+    elif strict is True:
+        hint = "strict=False loads the keys present"
+    else:
+        hint = (
+            "strict=True allows extra keys in the checkpoint, strict=False loads the keys present"
+        )
     raise KeyMismatchError(
         f"state dict and checkpoint {checkpoint_id!r} disagree. {'; '.join(parts)}. {hint}.",
         missing=missing,
         unexpected=unexpected,
     )
+
+
+_WRAPPERS = {
+    "module": "DistributedDataParallel (or DataParallel)",
+    "_orig_mod": "torch.compile",
+    "_fsdp_wrapped_module": "FSDP1",
+    "_checkpoint_wrapped_module": "activation checkpointing",
+}
+
+
+def wrapper_segment(missing: list[str], unexpected: list[str]) -> tuple[str, str] | None:
+    """A path component that, removed from one side's keys, makes them the other's.
+
+    Returns (component, "state dict" or "checkpoint"): the side whose keys have it.
+    Decided on most of the missing keys, so one stray key does not hide it.
+    """
+    if not missing or not unexpected:
+        return None
+    found: dict[tuple[str, str], int] = {}
+    for longer, shorter, side in (
+        (missing, set(unexpected), "state dict"),
+        (unexpected, set(missing), "checkpoint"),
+    ):
+        for key in longer[:200]:
+            parts = key.split(".")
+            for i, part in enumerate(parts):
+                if ".".join(parts[:i] + parts[i + 1 :]) in shorter:
+                    found[(part, side)] = found.get((part, side), 0) + 1
+                    break
+    if not found:
+        return None
+    (part, side), count = max(found.items(), key=lambda kv: kv[1])
+    return (part, side) if count * 2 >= min(len(missing), 200) else None
 
 
 def _some(keys: list[str]) -> str:
@@ -313,6 +382,7 @@ def run_load(
     verify_first: bool = False,
     metadata: Metadata | None = None,
     comm: Comm | None = None,
+    progress: bool = False,
 ) -> LoadResult:
     """Fill ``state_dict`` from the checkpoint ``reader`` reads; see :func:`async_ckpt.load`.
 
@@ -333,7 +403,9 @@ def run_load(
             error = exc
         _agree(comm, error, "planning the load", cid)
         try:  # reading: DCP's load is collective; code may delete the checkpoint after it
-            targets, replaced = _read_all(plan, meta, reader, verify, read_threads, verify_first)
+            targets, replaced = _read_all(
+                plan, meta, reader, verify, read_threads, verify_first, progress
+            )
         except CorruptCheckpointError as exc:
             try:
                 _raise_if_replaced(reader, meta, exc)

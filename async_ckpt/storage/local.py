@@ -259,21 +259,44 @@ class FileSystemReader(StorageReader):
         meta = self.path / METADATA_FILE
         try:
             fd = os.open(meta, _OPEN_READ)
-        except FileNotFoundError:
-            if self.path.is_dir():
-                raise IncompleteCheckpointError(
-                    f"checkpoint {self.checkpoint_id!r} is incomplete: it has no {METADATA_FILE}, "
-                    "so its save never committed (crashed or still running). Load an earlier "
-                    "checkpoint; this one holds no usable data."
-                ) from None
-            raise CheckpointNotFoundError(
-                f"no checkpoint at {self.checkpoint_id!r}: the directory does not exist"
-            ) from None
+        except (FileNotFoundError, NotADirectoryError):
+            raise self._not_a_checkpoint() from None
         except OSError as exc:  # ELOOP: metadata.json is a symlink
             raise CorruptCheckpointError(
                 f"cannot open {meta}: {exc}; checkpoint files must be regular files"
             ) from exc
         return _read_regular_file(meta, MAX_METADATA_BYTES, fd)
+
+    def _not_a_checkpoint(self) -> Exception:
+        """Why there is no committed checkpoint here, for what users point a load at."""
+        cid = self.checkpoint_id
+        if self.path.is_file():
+            return CheckpointNotFoundError(
+                f"{cid!r} is a file, not an async_ckpt checkpoint (a directory): probably a "
+                "torch.save file. Read it with torch.load, or convert it once with "
+                "async_ckpt.save(torch.load(path), checkpoint_id=NEW_DIR)."
+            )
+        if not self.path.is_dir():
+            return CheckpointNotFoundError(
+                f"no checkpoint at {cid!r}: the directory does not exist"
+            )
+        steps = sorted(
+            child.name
+            for child in self.path.iterdir()
+            if child.is_dir() and (child / METADATA_FILE).is_file()
+        )
+        if steps:
+            return CheckpointNotFoundError(
+                f"{cid!r} is not a checkpoint but a directory of {len(steps)} checkpoints "
+                f"(a CheckpointManager root?): {steps[:5]}{' ...' if len(steps) > 5 else ''}. "
+                f"Load one of them (checkpoint_id={str(self.path / steps[-1])!r}), or "
+                "CheckpointManager(root).restore(state) for the newest step."
+            )
+        return IncompleteCheckpointError(
+            f"checkpoint {cid!r} is incomplete: it has no {METADATA_FILE}, "
+            "so its save never committed (crashed or still running). Load an earlier "
+            "checkpoint; this one holds no usable data."
+        )
 
     def _fd(self, name: str) -> int:
         with self._lock:

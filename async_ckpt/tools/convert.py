@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from ..api import save
 from ..errors import (
@@ -15,10 +19,13 @@ from ..errors import (
     CorruptCheckpointError,
     UnsafeObjectError,
 )
-from ..format.metadata import Metadata
-from ..materialize import materialize
+from ..format.decode import decode_metadata
+from ..format.dtypes import dtype_from_name, itemsize
+from ..format.metadata import Metadata, TensorEntry
+from ..materialize import materialize, select
+from ..state.describe import tensor_bytes
 from ..state.flatten import flatten
-from ..state.leaves import LeafKind, leaf_kind, ndarray_for_saving
+from ..state.leaves import leaf_kind, ndarray_for_saving
 from ..storage.dcp import DcpReader
 from ..storage.detect import detect_reader, detect_writer
 
@@ -60,40 +67,119 @@ def to_torch(
     return _count(state)
 
 
+# safetensors' dtype names; a dtype it has no name for cannot be converted
+_SAFETENSORS_DTYPES = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "float8_e4m3fnuz": "F8_E4M3FNUZ",
+    "float8_e5m2fnuz": "F8_E5M2FNUZ",
+    "complex64": "C64",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint64": "U64",
+    "uint32": "U32",
+    "uint16": "U16",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
+
+
 def to_safetensors(
     checkpoint_id: str | os.PathLike,
     out: str | os.PathLike,
     *,
     overwrite: bool = False,
     metadata: Metadata | None = None,
+    progress: bool = False,
 ) -> Converted:
     """Write the checkpoint's tensors to a safetensors file under their flat keys.
 
-    Non-tensor leaves (values, objects) have no place in safetensors: they are
-    left out and listed in the result. ``metadata`` is the checkpoint's, when
-    the caller has decoded it already.
+    Streams entry by entry: memory holds the largest tensor, not the
+    checkpoint. The file appears complete or not at all (written beside it,
+    then renamed). Non-tensor leaves (values, objects) have no place in
+    safetensors: they are left out and listed in the result. ``metadata`` is
+    the checkpoint's, when the caller has decoded it already; ``progress``
+    draws a bar (bytes) on stderr.
     """
-    from safetensors.torch import save_file
-
     _refuse_existing_file(out, overwrite)
-    flat = flatten(materialize(checkpoint_id, metadata=metadata))
-    tensors: dict[str, torch.Tensor] = {}
-    result = Converted()
-    for key, leaf in flat.leaves.items():
-        match leaf_kind(leaf):  # a materialized state holds no DTensor: its pieces are joined
-            case LeafKind.TENSOR:
-                tensors[key] = leaf.contiguous()
-            case LeafKind.NDARRAY:
-                tensors[key] = ndarray_for_saving(leaf)
-            case _:
-                result.skipped.append(key)
+    meta = metadata if metadata is not None else _metadata(checkpoint_id)
+    tensors = sorted(k for k, e in meta.entries.items() if isinstance(e, TensorEntry))
+    result = Converted(skipped=sorted(k for k in meta.entries if k not in set(tensors)))
     result.others = len(result.skipped)
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key in tensors:
+        entry = meta.entries[key]
+        assert isinstance(entry, TensorEntry)
+        name = _SAFETENSORS_DTYPES.get(entry.dtype)
+        if name is None:
+            raise CheckpointError(
+                f"safetensors cannot store tensor {key!r}: it has no dtype {entry.dtype}"
+            )
+        nbytes = math.prod(entry.shape) * itemsize(dtype_from_name(entry.dtype))
+        header[key] = {
+            "dtype": name,
+            "shape": list(entry.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    temp = f"{os.fspath(out)}.tmp-{os.getpid()}"
     try:
-        save_file(tensors, os.fspath(out), metadata={"format": "pt"})
-    except (ValueError, TypeError, RuntimeError) as exc:
-        raise CheckpointError(f"safetensors cannot store this checkpoint's tensors: {exc}") from exc
+        with open(temp, "wb") as f, _bar(offset, "convert", progress) as bar:
+            f.write(len(encoded).to_bytes(8, "little") + encoded)
+            for key in tensors:
+                part = select(meta, [key])
+                state = materialize(
+                    storage_reader=detect_reader(checkpoint_id), metadata=part, keys=[key]
+                )
+                value = state_leaf(state, part.entries[key].path)
+                tensor = value if isinstance(value, torch.Tensor) else ndarray_for_saving(value)
+                view = tensor_bytes(tensor.contiguous())
+                f.write(view)
+                bar.update(len(view))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, out)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
     result.tensors = len(tensors)
     return result
+
+
+def _metadata(checkpoint_id: str | os.PathLike) -> Metadata:
+    reader = detect_reader(checkpoint_id)
+    try:
+        return reader.translated_metadata() or decode_metadata(reader.read_metadata())
+    finally:
+        reader.close()
+
+
+def state_leaf(state: Any, path: tuple) -> Any:
+    for part in path:
+        state = state[part]
+    return state
+
+
+def _bar(total: int, desc: str, progress: bool) -> tqdm:
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=desc,
+        file=sys.stderr,
+        disable=not progress,
+        leave=False,
+    )
 
 
 def _exists(checkpoint_id: str | os.PathLike) -> bool:
