@@ -189,3 +189,10 @@ def test_load_progress_bar_on_request(ckpt_dir, capfd):
     assert "load" not in capfd.readouterr().err
     ac.load(target, checkpoint_id=ckpt_dir, progress=True)
     assert f"load {ckpt_dir}" in capfd.readouterr().err
+
+
+def test_cli_version(capsys):
+    from async_ckpt.cli import main
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"async-ckpt {ac.__version__}"
