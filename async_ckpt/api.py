@@ -88,16 +88,46 @@ def async_save(
     executor: Literal["process", "thread"] | None = None,
     stager: Stager | None = None,
 ) -> SaveFuture:
-    """Save ``state_dict`` in the background; returns once the state is staged.
+    """Save ``state_dict`` in the background; returns a :class:`SaveFuture` once it is staged.
 
-    Uses one module-wide :class:`AsyncCheckpointer` per (executor, group,
-    stager), so repeated calls reuse the same worker and staging memory. Await
-    the returned future before the next save of the same state.
+    The state (tensors on any device, nested dicts/lists, ``Stateful`` objects
+    such as modules and optimizers, plain values) is copied into reused
+    shared memory; a worker then validates keys across ranks, writes and
+    commits atomically while training goes on. ``future.result()`` returns the
+    committed :class:`Metadata` or raises the save's error
+    (:class:`SaveFailedError` and its subclasses); ``await future`` works in
+    asyncio code.
 
-    ``executor`` is ``"process"`` (the default: a persistent worker process) or
-    ``"thread"``; DCP's ``async_checkpointer_type`` (THREAD/PROCESS) chooses the
-    same. ``stager`` is an :class:`async_ckpt.Stager`; DCP's ``async_stager``
-    (``DefaultStager(StagingOptions(...))``) maps onto one.
+    Lifetime: the first call starts one :class:`AsyncCheckpointer` (a worker
+    process and a staging buffer the size of the state) per executor and
+    process group, reused by every later call and closed at interpreter exit
+    or by :func:`close_async_saves`. You need not await a save before the
+    next one: the next call waits for the staging buffer to be free (the
+    previous snapshot handed over), and the worker commits saves in order.
+    Await the last future before you rely on the checkpoint (or exit).
+    You may change the state as soon as this returns; with
+    ``StagerOptions(async_staging=True)`` only after ``future.staged``.
+
+    Arguments:
+        checkpoint_id / storage_writer: where to save (storage detected from the
+            id: a local path, ``s3://``, ``gs://``, ``memory://`` (thread executor
+            only), a plugin's scheme).
+        process_group / no_dist: with an initialised group every rank calls this
+            with the same id; ``no_dist=True`` saves this process alone (what a
+            framework that saves on rank 0 only needs). A call on some ranks only
+            raises :class:`RanksMissingError` after ``ASYNC_CKPT_ARRIVAL_TIMEOUT_S``.
+        executor: ``"process"`` (default) or ``"thread"``; DCP's
+            ``async_checkpointer_type`` (THREAD/PROCESS) chooses the same.
+        stager: a :class:`Stager` (its options: buffers, async staging, a memory
+            budget); a Stager with the options of the current one reuses it, other
+            options replace it after its pending save. DCP's ``async_stager``
+            (``DefaultStager(StagingOptions(...))``) maps onto one.
+        planner, use_collectives: DCP's keywords (docs/migrating-from-dcp.md).
+
+    Raises at the call: :class:`StateDictError` / :class:`UnsafeObjectError`
+    for state that cannot be saved or would not load back,
+    :class:`StorageDetectionError` for an id no backend handles, ``TypeError``
+    for DCP's own storage classes.
     """
     dcp_compat.check_save_planner(planner)
     dcp_compat.check_writer(storage_writer)
