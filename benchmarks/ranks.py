@@ -63,7 +63,9 @@ def run_ranks(
 
     Each rank runs in its own process, in a gloo group of ``world_size`` ranks
     (file rendezvous in a temporary directory, ``MASTER_ADDR`` on loopback);
-    ``fn`` and its results must pickle.
+    ``fn`` and its results must pickle. Return plain Python values, not
+    tensors: tensors travel through shared memory and can fail with EOFError
+    once the rank has exited.
 
     ``timeout`` bounds the wait for each rank's report: only a rank that hangs
     reaches it, so callers make it generous (ranks and their workers share the
