@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -47,8 +48,8 @@ def _read_metadata(checkpoint_id: str) -> Metadata:
     try:
         translated = reader.translated_metadata()  # a DCP directory: no metadata.json
         return translated if translated is not None else decode_metadata(reader.read_metadata())
-    except IncompleteCheckpointError as exc:
-        if StepStore(checkpoint_id).scan():
+    except (IncompleteCheckpointError, CheckpointNotFoundError) as exc:
+        if os.path.isdir(checkpoint_id) and StepStore(checkpoint_id).scan():
             raise CheckpointNotFoundError(
                 f"{checkpoint_id!r} holds step directories, not a checkpoint: it is a "
                 f"manager root. List it with `{PROG} ls {checkpoint_id}` and pass one step."
@@ -105,7 +106,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
     store = StepStore(args.root)
     if not store.exists():
         raise CheckpointNotFoundError(f"no checkpoint root at {args.root!r}")
-    for line in steps_lines(args.root, store.infos()):
+    infos = store.infos()
+    metrics: dict[int, dict | None] = {}
+    for info in infos:
+        if info.committed:
+            try:
+                metrics[info.step] = store.metrics(info.step) or {}
+            except (CheckpointError, OSError):  # damaged or unreadable: "?", `verify` tells more
+                metrics[info.step] = None
+    for line in steps_lines(args.root, infos, metrics):
         _out(line)
     return EXIT_OK
 
@@ -118,13 +127,26 @@ def cmd_convert(args: argparse.Namespace) -> int:
         _out(f"saved {args.dest}: {len(meta.entries)} entries from DCP checkpoint {args.source}")
         return EXIT_OK
     meta = _read_metadata(args.source)
-    to = convert.to_torch if args.to == "torch" else convert.to_safetensors
-    done = to(args.source, args.dest, overwrite=args.force, metadata=meta)
+    if args.to == "torch":  # torch.save pickles one object: the whole state is in memory
+        done = convert.to_torch(args.source, args.dest, overwrite=args.force, metadata=meta)
+    else:  # streamed entry by entry
+        done = convert.to_safetensors(
+            args.source, args.dest, overwrite=args.force, metadata=meta, progress=not args.quiet
+        )
     _out(f"wrote {args.dest}: {done.tensors} tensors, {done.others} other leaves")
     if done.skipped:
         shown = ", ".join(done.skipped[:10]) + (" ..." if len(done.skipped) > 10 else "")
         _out(f"left out {len(done.skipped)} non-tensor leaves (safetensors holds tensors): {shown}")
     return EXIT_OK
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("async_ckpt")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--traceback", action="store_true", help="show the traceback of unexpected errors"
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("inspect", help="show a checkpoint's keys: shape, dtype, bytes, chunks")
@@ -149,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("ls", help="list the steps under a CheckpointManager root")
+    p = sub.add_parser(
+        "ls", help="list the steps under a CheckpointManager root, with their metrics"
+    )
     p.add_argument("root", metavar="ROOT")
     p.set_defaults(func=cmd_ls)
 
@@ -167,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--from", dest="from_format", choices=["dcp"], help="input format of SOURCE"
     )
     p.add_argument("--force", action="store_true", help="replace DEST if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
     return parser
 

@@ -32,13 +32,14 @@ class ExecutorSetup:
 
 @dataclass
 class SaveJob:
-    """One save handed to an executor."""
+    """One save handed to an executor; ``extra`` (checked) goes into the metadata."""
 
     save_no: int
     snapshot: Snapshot
     writer: StorageWriter
     future: SaveFuture
     started: float = field(default_factory=time.perf_counter)
+    extra: dict[str, Any] = field(default_factory=dict)
     aborted: threading.Event = field(default_factory=threading.Event)
 
     def finish(

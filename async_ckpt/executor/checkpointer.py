@@ -14,6 +14,7 @@ from typing import Any, Literal
 from ..dist.group import DEFAULT_TIMEOUT_S
 from ..dist.ranks import use_distributed
 from ..errors import CheckpointError, SaveInProgressError, SaveTimeoutError
+from ..pipeline.commit import check_extra
 from ..staging.snapshot import Snapshot
 from ..staging.stager import Stager
 from ..state.describe import DescribeCache, describe
@@ -109,14 +110,22 @@ class AsyncCheckpointer:
         checkpoint_id: Any = None,
         storage_writer: StorageWriter | None = None,
         timeout: float | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> SaveFuture:
         """Stage ``state_dict`` and return a :class:`SaveFuture` while it is written.
 
         With synchronous staging (default) the state may be mutated as soon as
         this returns; with ``async_staging`` only after ``fut.staged`` is done.
+
+        ``extra`` is a small dict of application data (metrics, a run id) stored
+        in the checkpoint's metadata (``Metadata.extra``; ``async-ckpt ls`` shows
+        its ``"metrics"``): string keys, finite numbers, strings and dicts of
+        them; anything else raises :class:`CheckpointError` here, before anything
+        is staged. With several ranks, rank 0's ``extra`` is the one committed.
         """
         self._check_open()
         t0 = time.perf_counter()
+        extra = check_extra(extra)
         writer = storage_writer or detect_writer(checkpoint_id)
         self._executor_class.check_writer(writer)
         executor = self._ensure_executor()
@@ -144,6 +153,7 @@ class AsyncCheckpointer:
             writer=writer,
             future=future,
             started=t0,
+            extra=extra,
         )
         future.save_no = save_no
         future._cancel_hook = lambda: self._abort(future, None)

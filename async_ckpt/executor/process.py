@@ -241,6 +241,7 @@ class ProcessExecutor(Executor):
                         group=self.group.spec() if self.group is not None else None,
                         waves=len(snap.waves),
                         first=snap.waves[0].place,
+                        extra=job.extra,
                     ),
                 )
         except (OSError, ValueError) as exc:

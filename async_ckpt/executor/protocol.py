@@ -83,7 +83,8 @@ class Save:
     ``writer`` is the pickled storage writer (pickled apart, so that one the
     worker cannot import fails this save alone); ``group`` how the worker joins
     the ranks' group (None on one rank); ``waves`` how many waves follow the
-    first as :class:`WaveStaged`.
+    first as :class:`WaveStaged`; ``extra`` the application data for the
+    metadata's ``extra`` field (checked by the caller).
     """
 
     save_no: int
@@ -95,6 +96,7 @@ class Save:
     group: dict[str, Any] | None
     waves: int
     first: WavePlace
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ class ThreadExecutor(Executor):
                 self._planner,
                 timings=timings,
                 should_abort=job.aborted.is_set,
+                extra=job.extra,
             )
             job.finish(meta=meta, timings=timings)
         except BaseException as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import signal
 import socket
 import sys
 import threading
@@ -145,7 +146,9 @@ class _Worker:
             places = _received_places(self.sock, save, self.closing)
             written = partial(self.report_written, save.save_no)
             waves = staged_waves(state, self.arenas, places, written)
-            meta = run_save(state, waves, writer, self.comm, self.planner, timings=timings)
+            meta = run_save(
+                state, waves, writer, self.comm, self.planner, timings=timings, extra=save.extra
+            )
             return Done(save.save_no, meta, timings)
         except Exception as exc:
             return Failed(save.save_no, _portable_error(exc), timings)
@@ -182,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--fd", type=int, required=True, help="connected Unix socket to the caller")
     args = parser.parse_args(argv)
+    # The caller decides when this process ends (Close, or EOF once the caller is gone;
+    # it kills with SIGKILL). A SIGTERM or Ctrl-C sent to the whole process group, as
+    # schedulers do on preemption, must not kill the save the caller still waits for.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     lower_priority()
     sock = socket.socket(fileno=args.fd)
     try:

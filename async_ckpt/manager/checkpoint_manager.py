@@ -6,6 +6,11 @@ one save in flight, deletes old checkpoints after each commit, removes what a
 crash left behind when it starts (once it is older than a grace period: it may
 be a save another process is still writing), and restores the newest committed
 step. Restoring never needs write access to the root.
+
+With ``keep_best`` it also keeps the checkpoints with the best metric (the
+metrics are stored in each checkpoint's metadata, so a new manager reads them
+back); with ``save_on_preemption`` a signal makes the next ``maybe_save`` take a
+final save, agreed by all ranks (:mod:`.preemption`).
 """
 
 from __future__ import annotations
@@ -20,12 +25,16 @@ from typing import Any, Literal
 from ..api import load
 from ..errors import CheckpointError, CheckpointNotFoundError
 from ..executor import AsyncCheckpointer, SaveFuture
+from ..pipeline.commit import check_extra
 from ..pipeline.load import KeyCheck
 from ..settings import env_seconds
+from .preemption import RankAgreement, SignalWatcher, preemption_signals, signal_name
 from .retention import (
     INCOMPLETE_GRACE_ENV,
     INCOMPLETE_GRACE_S,
+    best_steps,
     in_flight,
+    metric_value,
     remove_incomplete,
     steps_to_keep,
     writing,
@@ -50,6 +59,21 @@ def _grace(value: float | None) -> float:
             )
         return float(value)
     return env_seconds(INCOMPLETE_GRACE_ENV, INCOMPLETE_GRACE_S)
+
+
+def _check_metric(metric: str | None, mode: str, keep_best: int | None) -> str | None:
+    if metric is not None and (not isinstance(metric, str) or not metric):
+        raise CheckpointError(
+            f"metric must be a non-empty string (a key of metrics), not {metric!r}"
+        )
+    if mode not in ("min", "max"):
+        raise CheckpointError(f"mode must be 'min' or 'max', not {mode!r}")
+    if keep_best is not None and metric is None:
+        raise CheckpointError(
+            "keep_best needs the metric to rank by: CheckpointManager(keep_best=k, metric='loss', "
+            "mode='min'), and save(step, state, metrics={'loss': ...})"
+        )
+    return metric
 
 
 def _check_step(step: int) -> int:
@@ -83,6 +107,28 @@ class CheckpointManager:
     and is kept with a warning. A clean-up that fails (a read-only root) is a
     warning too, never an error: ``restore()`` needs no write access.
 
+    **Best checkpoints.** ``save(step, state, metrics={"loss": 0.12})`` stores the
+    metrics (finite numbers and strings) in the checkpoint's metadata. With
+    ``keep_best=k`` and ``metric="loss"``, retention also keeps the ``k``
+    committed steps with the lowest (``mode="min"``) or highest (``"max"``)
+    value of that metric; steps saved without it are never among the best.
+    :meth:`best_step` returns the best committed step (``metric`` alone, without
+    ``keep_best``, enables it without changing retention).
+
+    **Preemption.** With ``save_on_preemption=True`` (SIGTERM) or a tuple of
+    signals, a signal only records the request; the next :meth:`maybe_save`
+    finishes the save in flight and saves its step whatever the interval, then
+    :attr:`preempted` is true: leave the training loop and close the manager,
+    which waits for that save to commit. The handlers it replaced are called
+    too (Python functions only) and put back by ``close()``. With several ranks
+    every ``maybe_save`` all-reduces the flag over a small gloo group of the
+    manager's own, read one step later so that training never waits for it:
+    all ranks take the final save at the same step, the one after the first
+    rank saw the signal. ``preemption_check_every=N`` checks only at steps
+    divisible by N (each check's all-reduce then has N steps to finish, and
+    the final save comes up to 2N steps after the signal): for short steps on
+    many ranks.
+
     Saves run on an :class:`AsyncCheckpointer` built from ``executor``,
     ``process_group``, ``no_dist`` and ``checkpointer_kwargs`` (``on_saved``,
     ``stager``, ``timeout``...), or on ``checkpointer`` if given.
@@ -104,12 +150,27 @@ class CheckpointManager:
         no_dist: bool = False,
         checkpointer: AsyncCheckpointer | None = None,
         incomplete_grace_s: float | None = None,
+        keep_best: int | None = None,
+        metric: str | None = None,
+        mode: Literal["min", "max"] = "min",
+        save_on_preemption: bool | int | tuple[int, ...] = False,
+        preemption_check_every: int = 1,
         **checkpointer_kwargs: Any,
     ) -> None:
         self.incomplete_grace_s = _grace(incomplete_grace_s)
         self.keep_last = _positive("keep_last", keep_last)
         self.keep_every = _positive("keep_every", keep_every)
         self.save_every = _positive("save_every", save_every)
+        self.keep_best = _positive("keep_best", keep_best)
+        self.metric = _check_metric(metric, mode, self.keep_best)
+        self.mode = mode
+        if preemption_check_every is None:
+            raise CheckpointError("preemption_check_every must be a positive integer, not None")
+        self.preemption_check_every = _positive("preemption_check_every", preemption_check_every)
+        signals = preemption_signals(save_on_preemption)
+        watcher = SignalWatcher(signals) if signals else None
+        if watcher is not None:
+            watcher.check_thread()  # before a worker is started
         self.store = StepStore(root)
         self.root = self.store.root
         if checkpointer is None:
@@ -139,6 +200,25 @@ class CheckpointManager:
         self._last_step: int | None = None  # saved or restored last: maybe_save skips it
         self._newest_saved: int | None = None  # committed last by this manager: kept
         self._closed = False
+        # Metrics of committed steps (None: it has none), read from their metadata once.
+        self._metrics: dict[int, dict[str, Any] | None] = {}
+        self._warned_no_metric = False
+        self._watcher = watcher
+        self._agreement: RankAgreement | None = None
+        self._preempted_step: int | None = None
+        if watcher is not None:
+            try:
+                # a collective (new_group) on several ranks: here, where every rank is
+                self._agreement = RankAgreement(
+                    checkpointer.process_group,
+                    checkpointer.distributed,
+                    checkpointer.group_timeout,
+                )
+                watcher.install()
+            except BaseException:
+                if self._owns_checkpointer:
+                    checkpointer.close()
+                raise
         if self.rank == 0:
             try:
                 remove_incomplete(self.store, self.incomplete_grace_s)
@@ -161,36 +241,176 @@ class CheckpointManager:
         """Where ``step`` is (or would be) saved."""
         return self.store.checkpoint_id(_check_step(step))
 
+    def metrics(self, step: int) -> dict[str, Any] | None:
+        """The metrics committed step ``step`` was saved with; None if it has none.
+
+        Read from its metadata once, then remembered.
+        """
+        _check_step(step)
+        with self._lock:
+            try:
+                return self._metrics_of(step)
+            except CheckpointError:
+                if step not in self.store.committed():
+                    return None
+                raise
+
+    def best_step(self) -> int | None:
+        """The committed step with the best ``metric`` (lowest for ``mode="min"``,
+        highest for ``"max"``; the newer of equals), or None when no committed
+        step has it. A save still in flight is not considered (``wait()`` first)."""
+        if self.metric is None:
+            raise CheckpointError(
+                "best_step needs the metric to rank by: CheckpointManager(metric='loss', "
+                "mode='min'), and save(step, state, metrics={'loss': ...})"
+            )
+        committed = self.store.committed()
+        with self._lock:
+            values, _ = self._metric_values(committed)
+        best = best_steps(values, 1, self.mode)
+        return best[0] if best else None
+
+    def _metrics_of(self, step: int) -> dict[str, Any] | None:
+        """``step``'s metrics, from memory or its metadata (call with the lock held).
+
+        Raises when the metadata cannot be read; a failure is not remembered.
+        """
+        if step not in self._metrics:
+            self._metrics[step] = self.store.metrics(step)
+        return self._metrics[step]
+
+    def _metric_values(self, committed: list[int]) -> tuple[dict[int, float], set[int]]:
+        """``metric`` of each committed step that has it, and the steps whose metadata
+        could not be read (call with the lock held)."""
+        assert self.metric is not None
+        values, unknown = {}, set()
+        for step in committed:
+            try:
+                value = metric_value(self._metrics_of(step), self.metric)
+            except Exception as exc:  # damaged, vanished, or the storage failed: unknown
+                log.warning(
+                    "could not read the metrics of %s: %s", self.store.checkpoint_id(step), exc
+                )
+                unknown.add(step)
+                continue
+            if value is not None:
+                values[step] = value
+        return values, unknown
+
+    # ---------------------------------------------------------------- preemption
+    @property
+    def preempted(self) -> bool:
+        """True once a preemption was agreed and its final save taken: stop training,
+        then close the manager (it waits for that save to commit)."""
+        return self._preempted_step is not None
+
+    @property
+    def preemption_step(self) -> int | None:
+        """The step of the final save a preemption asked for (None before)."""
+        return self._preempted_step
+
+    @property
+    def preemption_signal(self) -> int | None:
+        """The signal that reached this process (None if none did; with several ranks
+        another rank's signal may be what :attr:`preempted` follows)."""
+        return self._watcher.received if self._watcher is not None else None
+
+    def request_preemption(self) -> None:
+        """Ask for the final save as a signal would (from a scheduler's notice, say).
+
+        Only records the request; the next :meth:`maybe_save` acts on it. Needs
+        ``save_on_preemption``, so that the ranks agree on it at every step.
+        """
+        if self._watcher is None:
+            raise CheckpointError(
+                "request_preemption needs CheckpointManager(save_on_preemption=True), so that "
+                "maybe_save checks (and the ranks agree on) the request"
+            )
+        self._watcher.request()
+
     # --------------------------------------------------------------------- saves
-    def maybe_save(self, step: int, state: Mapping[str, Any]) -> SaveFuture | None:
-        """Save ``state`` as ``step`` if ``step`` is a multiple of ``save_every``.
+    def maybe_save(
+        self, step: int, state: Mapping[str, Any], metrics: Mapping[str, Any] | None = None
+    ) -> SaveFuture | None:
+        """Save ``state`` as ``step`` if ``step`` is a multiple of ``save_every``,
+        or as the final save once preemption was requested.
 
         Returns the save's future, or None when this step is not saved (also
-        when this manager just saved or restored this very step).
+        when this manager just saved or restored this very step). ``metrics``
+        are stored with the save (see :meth:`save`) and checked only when it
+        saves. With ``save_on_preemption`` call it on every rank at every step:
+        that is where the ranks agree on the preemption.
         """
-        if self.save_every is None:
+        if self.save_every is None and self._watcher is None:
             raise CheckpointError(
                 "maybe_save needs CheckpointManager(save_every=N); or call save(step, state)"
             )
-        if _check_step(step) % self.save_every != 0 or step == self._last_step:
+        _check_step(step)
+        agreement = self._agreement
+        if agreement is not None and self._preempted_step is None and not self._closed:
+            assert self._watcher is not None
+            # one rank decides alone, at once; several all-reduce at the agreed steps only
+            checks = agreement.group is None or step % self.preemption_check_every == 0
+            if checks and agreement.any(self._watcher.pending):
+                return self._final_save(step, state, metrics)
+        if self.save_every is None or step % self.save_every != 0 or step == self._last_step:
             return None
-        return self.save(step, state)
+        return self.save(step, state, metrics)
 
-    def save(self, step: int, state: Mapping[str, Any]) -> SaveFuture:
+    def _final_save(
+        self, step: int, state: Mapping[str, Any], metrics: Mapping[str, Any] | None
+    ) -> SaveFuture | None:
+        """Preemption was agreed: finish the save in flight, then save ``step`` (once)."""
+        self._preempted_step = step
+        watcher = self._watcher
+        assert watcher is not None
+        if watcher.received is not None:
+            why = signal_name(watcher.received)
+        else:
+            why = "request_preemption()" if watcher.requested else "on another rank"
+        log.warning(
+            "preemption requested (%s): %s step %d as the final checkpoint under %s",
+            why,
+            "already saved" if step == self._last_step else "saving",
+            step,
+            self.root,
+        )
+        with self._lock:
+            pending, pending_step = self._pending, self._pending_step
+        if step == self._last_step:
+            return pending if pending_step == step else None
+        try:
+            self._collect(None)
+        except Exception as exc:  # logged by the checkpointer too; the final save matters more
+            log.warning(
+                "the save before the final one failed (%s); saving step %d anyway", exc, step
+            )
+        return self.save(step, state, metrics)
+
+    def save(
+        self, step: int, state: Mapping[str, Any], metrics: Mapping[str, Any] | None = None
+    ) -> SaveFuture:
         """Save ``state`` as ``step`` in the background; returns once it is staged.
 
         Waits for the previous save first (never two in flight) and raises its
         error if it failed, once; then the state is saved as usual.
+
+        ``metrics`` (a dict of finite numbers and strings, e.g. ``{"loss":
+        0.12}``) is stored in the checkpoint's metadata (``extra["metrics"]``),
+        shown by ``async-ckpt ls`` and ranks the step for ``keep_best``; a
+        value that cannot be stored raises :class:`CheckpointError` here, before
+        anything is saved. With several ranks, rank 0's metrics are stored.
         """
         self._check_open()
         step = _check_step(step)
+        extra = self._metrics_extra(step, metrics)
         self._collect(None)
         self._retain_logged()
         self._warn_if_rewound(step)
         cid = self.store.checkpoint_id(step)
         in_flight(self.store.identity(step), True)
         try:
-            future = self.checkpointer.save(state, checkpoint_id=cid)
+            future = self.checkpointer.save(state, checkpoint_id=cid, extra=extra)
         except BaseException:
             self._finished(step, None)
             raise
@@ -199,6 +419,34 @@ class CheckpointManager:
             self._last_step = step
         future.add_done_callback(lambda fut: self._finished(step, fut))
         return future
+
+    def _metrics_extra(self, step: int, metrics: Mapping[str, Any] | None) -> dict[str, Any] | None:
+        """The ``extra`` that stores ``metrics``; CheckpointError if they cannot be stored."""
+        if metrics is None:
+            checked = None
+        elif not isinstance(metrics, Mapping):
+            raise CheckpointError(f"metrics must be a dict, not {type(metrics).__qualname__}")
+        else:
+            checked = check_extra({"metrics": metrics})["metrics"]
+        if self.metric is None:
+            return None if checked is None else {"metrics": checked}
+        if checked is not None and self.metric in checked:
+            if metric_value(checked, self.metric) is None:
+                raise CheckpointError(
+                    f"metrics[{self.metric!r}] is {checked[self.metric]!r}: the metric "
+                    "checkpoints are ranked by must be a number"
+                )
+        elif self.keep_best is not None and not self._warned_no_metric:
+            self._warned_no_metric = True
+            log.warning(
+                "step %d is saved without metric %r, so it is never among the keep_best=%d "
+                "best; pass metrics={%r: ...} to save/maybe_save (warned once)",
+                step,
+                self.metric,
+                self.keep_best,
+                self.metric,
+            )
+        return None if checked is None else {"metrics": checked}
 
     def _warn_if_rewound(self, step: int) -> None:
         if self.rank != 0 or step == self._last_step:
@@ -219,9 +467,16 @@ class CheckpointManager:
         in_flight(self.store.identity(step), False)
         if future is None or future.cancelled() or future.exception() is not None:
             return  # the checkpointer logged the failure; nothing is deleted for it
+        self._committed(step, future)
+        self._retain_logged()
+
+    def _committed(self, step: int, future: SaveFuture) -> None:
+        """Record a commit of this manager: kept by retention, its metrics known."""
+        extra = getattr(future.result(), "extra", None) or {}
+        metrics = extra.get("metrics")  # rank 0's, on every rank
         with self._lock:
             self._newest_saved = step
-        self._retain_logged()
+            self._metrics[step] = metrics if isinstance(metrics, dict) else None
 
     def _collect(self, timeout: float | None) -> None:
         """Wait for the pending save; raise its error (not a cancellation) once."""
@@ -238,8 +493,7 @@ class CheckpointManager:
             if isinstance(exc, CancelledError):
                 return
             raise
-        with self._lock:
-            self._newest_saved = step  # before the done callback may have run
+        self._committed(step, future)  # before the done callback may have run
         self._forget(future)
 
     def _forget(self, future: SaveFuture) -> None:
@@ -263,10 +517,11 @@ class CheckpointManager:
         """Delete committed steps the retention policy does not keep; returns them.
 
         Kept: the ``keep_last`` newest committed steps, steps divisible by
-        ``keep_every``, the step this manager committed last and any step a
-        save is writing. Leftovers of failed saves (directories without
-        metadata) older than the newest committed step go too. Only rank 0
-        deletes; other ranks return ``[]``.
+        ``keep_every``, the ``keep_best`` steps with the best metric (and any
+        whose metadata could not be read), the step this manager committed last
+        and any step a save is writing. Leftovers of failed saves (directories
+        without metadata) older than the newest committed step go too. Only
+        rank 0 deletes; other ranks return ``[]``.
         """
         if self.rank != 0:
             return []
@@ -275,19 +530,28 @@ class CheckpointManager:
             committed = sorted(s for s, done in found.items() if done)
             if not committed:
                 return []
-            keep = steps_to_keep(committed, self.keep_last, self.keep_every, self._newest_saved)
+            best: list[int] = []
+            if self.keep_best is not None:
+                values, unknown = self._metric_values(committed)
+                # a step whose metric could not be read might be among the best: kept
+                best = best_steps(values, self.keep_best, self.mode) + sorted(unknown)
+            keep = steps_to_keep(
+                committed, self.keep_last, self.keep_every, self._newest_saved, best
+            )
             busy = writing()
             removed = []
             for step in committed:
                 if step in keep or self.store.identity(step) in busy:
                     continue
                 self.store.remove(step)
+                self._metrics.pop(step, None)
                 removed.append(step)
                 log.info(
-                    "removed checkpoint %s (keep_last=%s, keep_every=%s)",
+                    "removed checkpoint %s (keep_last=%s, keep_every=%s, keep_best=%s)",
                     self.store.checkpoint_id(step),
                     self.keep_last,
                     self.keep_every,
+                    self.keep_best,
                 )
             # A failed save's directory is not written any more once a later save committed.
             for step in sorted(s for s, done in found.items() if not done and s < committed[-1]):
@@ -352,6 +616,10 @@ class CheckpointManager:
             self._collect(None)
         except Exception:  # logged by the checkpointer
             pass
+        if self._watcher is not None:
+            self._watcher.uninstall()
+        if self._agreement is not None:
+            self._agreement.close()
         self._retain_logged()
         if self._owns_checkpointer:
             self.checkpointer.close()
@@ -363,7 +631,12 @@ class CheckpointManager:
         self.close()
 
     def __repr__(self) -> str:
+        best = (
+            f", keep_best={self.keep_best}, metric={self.metric!r}, mode={self.mode!r}"
+            if self.metric is not None
+            else ""
+        )
         return (
             f"CheckpointManager({self.root!r}, keep_last={self.keep_last}, "
-            f"keep_every={self.keep_every}, save_every={self.save_every})"
+            f"keep_every={self.keep_every}, save_every={self.save_every}{best})"
         )

@@ -1,17 +1,20 @@
 """What a CheckpointManager keeps and what it removes.
 
-Retention keeps the newest committed steps and every ``keep_every``-th; the
-clean-up at start removes step directories a crash left without metadata, but
-only once they are older than a grace period (a younger one may be a save
-another live process still writes). Steps a manager of this process is saving
-are never removed by either.
+Retention keeps the newest committed steps, every ``keep_every``-th and the
+``keep_best`` steps with the best metric; the clean-up at start removes step
+directories a crash left without metadata, but only once they are older than a
+grace period (a younger one may be a save another live process still writes).
+Steps a manager of this process is saving are never removed by either.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
 from .root import StepStore
 
@@ -31,18 +34,41 @@ _IN_FLIGHT_LOCK = threading.Lock()
 
 
 def steps_to_keep(
-    committed: list[int], keep_last: int | None, keep_every: int | None, newest_saved: int | None
+    committed: list[int],
+    keep_last: int | None,
+    keep_every: int | None,
+    newest_saved: int | None,
+    best: Iterable[int] = (),
 ) -> set[int]:
     """The committed steps (oldest first) retention keeps: the ``keep_last`` newest
-    (all if None), the newest always, multiples of ``keep_every``, and the step this
-    manager committed last."""
+    (all if None), the newest always, multiples of ``keep_every``, the step this
+    manager committed last, and ``best`` (see :func:`best_steps`)."""
     keep = set(committed if keep_last is None else committed[-keep_last:])
     keep.add(committed[-1])
     if keep_every is not None:
         keep.update(s for s in committed if s % keep_every == 0)
     if newest_saved is not None:
         keep.add(newest_saved)
+    keep.update(s for s in best if s in committed)
     return keep
+
+
+def metric_value(metrics: Mapping[str, Any] | None, metric: str) -> float | None:
+    """``metrics[metric]`` as a number; None when it is missing or not a finite number
+    (a step without the metric is never among the best)."""
+    if not isinstance(metrics, Mapping):
+        return None
+    value = metrics.get(metric)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def best_steps(values: Mapping[int, float], k: int, mode: Literal["min", "max"]) -> list[int]:
+    """The ``k`` steps with the best value, best first: lowest for ``"min"``, highest
+    for ``"max"``; of equal values the newer step ranks first."""
+    sign = 1.0 if mode == "min" else -1.0
+    return sorted(values, key=lambda step: (sign * values[step], -step))[:k]
 
 
 def in_flight(identity: str, writing_now: bool) -> None:

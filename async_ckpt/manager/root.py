@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 
-from ..storage.detect import detect_root
+from ..format.decode import decode_metadata
+from ..storage.detect import detect_reader, detect_root
 
 STEP_DIR = re.compile(r"^step-(?P<step>\d{8,})$")
 
@@ -87,6 +89,25 @@ class StepStore:
     def infos(self) -> list[StepInfo]:
         """:class:`StepInfo` of every step directory, oldest step first."""
         return [self.info(step, done) for step, done in sorted(self.scan().items())]
+
+    def extra(self, step: int) -> dict[str, Any]:
+        """The ``extra`` field of ``step``'s committed metadata (decoded and checksum-verified).
+
+        Raises :class:`~async_ckpt.errors.CheckpointError` when the metadata is
+        missing or damaged.
+        """
+        reader = detect_reader(self.checkpoint_id(step))
+        try:
+            translated = reader.translated_metadata()
+            meta = translated if translated is not None else decode_metadata(reader.read_metadata())
+        finally:
+            reader.close()
+        return meta.extra
+
+    def metrics(self, step: int) -> dict[str, Any] | None:
+        """The metrics ``step`` was saved with (``extra["metrics"]``), None if it has none."""
+        metrics = self.extra(step).get("metrics")
+        return metrics if isinstance(metrics, dict) else None
 
     def remove(self, step: int) -> None:
         """Delete ``step``'s directory; its metadata goes first, so a crash midway

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ..dist.comm import Comm
 from ..errors import SaveFailedError, StateDictError
@@ -20,7 +20,7 @@ from ..format.metadata import Chunk, Metadata, ObjectEntry, TensorEntry, ValueEn
 from ..planning.plan import Planner
 from ..state.model import LocalState
 from ..storage.base import StorageWriter
-from .commit import commit_checkpoint
+from .commit import check_extra, commit_checkpoint
 from .waves import WaveData
 from .write import SegmentRecord, write_rank_files
 
@@ -72,7 +72,13 @@ class _RankResult:
     files: dict[str, int] = field(default_factory=dict)
 
 
-def _assemble(state: LocalState, results: list[_RankResult], save_id: str, block: int) -> Metadata:
+def _assemble(
+    state: LocalState,
+    results: list[_RankResult],
+    save_id: str,
+    block: int,
+    extra: dict[str, Any],
+) -> Metadata:
     chunks_by_key: dict[str, list[Chunk]] = {}
     for res in results:
         for c in res.chunks:
@@ -111,6 +117,7 @@ def _assemble(state: LocalState, results: list[_RankResult], save_id: str, block
         files=files,
         containers=state.containers,
         entries=entries,
+        extra=extra,
     )
 
 
@@ -124,13 +131,16 @@ def run_save(
     block_size: int = DEFAULT_BLOCK_SIZE,
     timings: SaveTimings | None = None,
     should_abort: Callable[[], bool] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> Metadata:
     """Plan, validate, write and commit one save; every rank calls it with its own state.
 
     ``waves`` yields the bytes of ``state`` a few items at a time (see
     :mod:`async_ckpt.pipeline.waves`), each wave written before the next is
     asked for; rank 0 alone writes the objects wave. ``should_abort`` is
-    asked once more just before the commit (cancellation). Returns the
+    asked once more just before the commit (cancellation). ``extra`` (see
+    :func:`~async_ckpt.pipeline.commit.check_extra`) goes into the metadata's
+    ``extra`` field; rank 0's is the one committed. Returns the
     committed metadata on every rank, or raises: the original error on a
     single rank, :class:`SaveFailedError` naming each failing rank otherwise.
     """
@@ -194,7 +204,8 @@ def run_save(
             outcome = failures
         else:
             try:
-                metadata = _assemble(state, results, save_id, block_size)
+                # checked here too (callers check at the call), where a failure reaches every rank
+                metadata = _assemble(state, results, save_id, block_size, check_extra(extra))
                 commit_checkpoint(writer, metadata)
                 outcome = metadata
             except Exception as exc:

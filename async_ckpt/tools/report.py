@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..format.dcp_translate import is_translated_dcp
@@ -155,11 +155,41 @@ def summary(meta: Metadata, checkpoint_id: str) -> dict[str, Any]:
     }
 
 
-def steps_lines(root: str, infos: Sequence[StepInfo]) -> list[str]:
-    """The ``ls`` report: one line per step directory, then a summary."""
+def metrics_text(metrics: Mapping[str, Any] | None) -> str:
+    """``{"loss": 0.1234567, "eval": {"acc": 0.9}}`` -> ``"eval.acc=0.9 loss=0.123457"``."""
+    return " ".join(_metric_parts("", metrics or {}))
+
+
+def _metric_parts(prefix: str, metrics: Mapping[str, Any]) -> list[str]:
+    parts = []
+    for key, value in sorted(metrics.items()):
+        if isinstance(value, Mapping):
+            parts += _metric_parts(f"{prefix}{key}.", value)
+        elif isinstance(value, float):
+            parts.append(f"{prefix}{key}={value:.6g}")
+        else:
+            parts.append(f"{prefix}{key}={value}")
+    return parts
+
+
+def steps_lines(
+    root: str,
+    infos: Sequence[StepInfo],
+    metrics: Mapping[int, Mapping[str, Any] | None] | None = None,
+) -> list[str]:
+    """The ``ls`` report: one line per step directory, then a summary.
+
+    ``metrics`` (step -> the metrics it was saved with; ``None``: unreadable)
+    adds a last column when any step has metrics.
+    """
     if not infos:
         return [f"no checkpoints under {root}"]
-    rows = [("step", ["status", "size", "modified"])]
+    metrics = metrics or {}
+    # a column when some step has metrics, or some step's could not be read ("?")
+    shown = any(
+        info.step in metrics and metrics[info.step] != {} for info in infos if info.committed
+    )
+    rows = [("step", ["status", "size", "modified", *(["metrics"] if shown else [])])]
     for info in infos:
         stamp = (
             datetime.datetime.fromtimestamp(info.mtime).strftime("%Y-%m-%d %H:%M:%S")
@@ -167,7 +197,11 @@ def steps_lines(root: str, infos: Sequence[StepInfo]) -> list[str]:
             else "?"
         )
         status = "committed" if info.committed else "incomplete"
-        rows.append((step_dir_name(info.step), [status, human_bytes(info.size), stamp]))
+        cols = [status, human_bytes(info.size), stamp]
+        if shown and info.committed:
+            found = metrics.get(info.step, {})
+            cols.append("?" if found is None else metrics_text(found))
+        rows.append((step_dir_name(info.step), cols))
     committed = [i.step for i in infos if i.committed]
     latest = f"step {committed[-1]}" if committed else "none"
     return [
