@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-busy lint format bench bench-full clean
+.PHONY: venv demo test test-busy lint typecheck format bench bench-full clean
 
 venv: $(STAMP)
 
@@ -19,9 +19,13 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m async_ckpt.demo
 
-lint: $(STAMP)
+lint: $(STAMP) typecheck
 	$(VENV)/bin/ruff format --check async_ckpt tests benchmarks
 	$(VENV)/bin/ruff check async_ckpt tests benchmarks
+
+# mypy on the public API; files and settings in pyproject.toml [tool.mypy] (a few seconds)
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format async_ckpt tests benchmarks

@@ -9,6 +9,7 @@ from .api import (
     assert_same_keys,
     async_save,
     close_async_saves,
+    delete,
     load,
     load_state_dict,
     save,
@@ -41,7 +42,7 @@ from .errors import (
 )
 from .executor import AsyncCheckpointer, SaveFuture, SaveStats
 from .format.metadata import Metadata
-from .format.objects import allow_class, allow_global
+from .format.objects import allow_class, allow_global, allow_module
 from .manager import CheckpointManager
 from .materialize import materialize, read_entry
 from .pipeline.load import LoadResult
@@ -77,6 +78,7 @@ __all__ = [
     "StagerOptions",
     "async_save",
     "close_async_saves",
+    "delete",
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
@@ -108,6 +110,7 @@ __all__ = [
     "WorkerDiedError",
     "allow_class",
     "allow_global",
+    "allow_module",
     "assert_same_keys",
     "load",
     "materialize",

@@ -1,4 +1,4 @@
-"""The public entry points: ``save``, ``async_save``, ``load`` and ``assert_same_keys``.
+"""The public entry points: ``save``, ``async_save``, ``load``, ``delete``, ``assert_same_keys``.
 
 Also DCP's deprecated ``save_state_dict``/``load_state_dict`` names.
 
@@ -11,13 +11,15 @@ pipeline on the caller's thread.
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
 from . import dcp_compat
 from .dist.ranks import caller_comm
-from .executor import AsyncCheckpointer, SaveFuture
+from .errors import SaveInProgressError
+from .executor import AsyncCheckpointer, SaveFuture, inflight
 from .format.metadata import Metadata
 from .pipeline.load import KeyCheck, LoadResult, run_load
 from .pipeline.save import run_save
@@ -28,7 +30,7 @@ from .state.describe import describe
 from .state.flatten import flatten
 from .storage.base import StorageReader, StorageWriter
 from .storage.dcp_options import warn_no_effect
-from .storage.detect import detect_reader, detect_writer
+from .storage.detect import detect_reader, detect_root, detect_writer
 
 CheckpointId = str | os.PathLike
 
@@ -286,6 +288,42 @@ def load_state_dict(
         process_group=process_group,
         no_dist=no_dist,
     )
+
+
+def delete(checkpoint_id: CheckpointId, *, recent_s: float = 60.0, force: bool = False) -> None:
+    """Delete a checkpoint: its metadata first (so a crash midway leaves it incomplete,
+    never half-loadable), then its data files.
+
+    Refuses with :class:`SaveInProgressError` while a save of this process
+    writes ``checkpoint_id``, and, unless ``force``, an uncommitted checkpoint
+    whose files changed in the last ``recent_s`` seconds: another process is
+    probably writing it. (A save by another process overwriting a committed
+    checkpoint cannot be told from here: make deletes and saves of one id come
+    from one place, as ``CheckpointManager`` does.) A checkpoint already gone is
+    no error.
+    """
+    if inflight.is_writing(checkpoint_id):
+        raise SaveInProgressError(
+            f"checkpoint {os.fspath(checkpoint_id)!r} is being written by a save of this "
+            "process; wait for its future before deleting it"
+        )
+    text = os.fspath(checkpoint_id).rstrip("/")
+    parent, _, name = text.rpartition("/")
+    if not name or name in (".", ".."):
+        raise ValueError(f"cannot delete {text!r}: name a checkpoint, not a root")
+    root = detect_root(parent or ".")
+    committed = root.children().get(name)
+    if committed is None:
+        return
+    if not committed and not force:
+        mtime = root.usage(name).mtime
+        if mtime is not None and time.time() - mtime < recent_s:
+            raise SaveInProgressError(
+                f"checkpoint {text!r} is not committed and its files changed "
+                f"{time.time() - mtime:.0f} s ago: a save may still be writing it. "
+                "Pass force=True to delete it anyway."
+            )
+    root.delete(name)
 
 
 def assert_same_keys(state_dict: Mapping[str, Any], process_group: Any = None) -> None:

@@ -66,9 +66,10 @@ def _empty_containers(root: dict, meta: Metadata) -> None:
         if key in known:
             continue
         parent = max((k for k in known if k == "" or key.startswith(k + ".")), key=len)
-        part: str | int = key[len(parent) + 1 :] if parent else key
-        if meta.containers.get(parent, "dict") != "dict" and part.isdigit():
-            part = int(part)
+        name = key[len(parent) + 1 :] if parent else key
+        part: str | int = name
+        if meta.containers.get(parent, "dict") != "dict" and name.isdigit():
+            part = int(name)
         path = (*known[parent], part)
         _place(root, path, {} if meta.containers[key] == "dict" else [], meta.containers)
         known[key] = path

@@ -196,3 +196,44 @@ def test_cli_version(capsys):
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"async-ckpt {ac.__version__}"
+
+
+# -------------------------------------------------------------------------------- delete
+
+
+def test_delete_removes_a_committed_checkpoint(ckpt_dir):
+    ac.save({"w": torch.ones(2)}, checkpoint_id=ckpt_dir)
+    ac.delete(ckpt_dir)
+    assert not ckpt_dir.exists()
+    ac.delete(ckpt_dir)  # already gone: no error
+
+
+def test_delete_refuses_a_checkpoint_this_process_is_writing(tmp_path, gate):
+    from faulty_storage import StopAtWriter
+
+    target = tmp_path / "c"
+    ac.save({"w": torch.zeros(8)}, checkpoint_id=target)  # committed: being overwritten now
+    with ac.AsyncCheckpointer(executor="thread") as ckpt:
+        held = StopAtWriter(target, gate=gate, point="before-write")
+        future = ckpt.save({"w": torch.ones(8)}, storage_writer=held)
+        with pytest.raises(ac.SaveInProgressError, match="being written by a save"):
+            ac.delete(target)
+        (gate / "release").touch()
+        future.result(timeout=120)
+    ac.delete(target)
+    assert not target.exists()
+
+
+def test_delete_refuses_a_recent_uncommitted_checkpoint_unless_forced(tmp_path):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "abc-r0-0.data").write_bytes(b"x" * 10)  # as another process's save leaves it
+    with pytest.raises(ac.SaveInProgressError, match="force=True"):
+        ac.delete(partial)
+    ac.delete(partial, force=True)
+    assert not partial.exists()
+
+
+def test_delete_wants_a_checkpoint_not_a_root():
+    with pytest.raises(ValueError, match="name a checkpoint"):
+        ac.delete("/")

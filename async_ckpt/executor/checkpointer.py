@@ -21,6 +21,7 @@ from ..state.describe import DescribeCache, describe
 from ..state.flatten import flatten
 from ..storage.base import StorageWriter
 from ..storage.detect import detect_writer
+from . import inflight
 from .base import Executor, ExecutorSetup, SaveJob
 from .future import AwaitableFuture, SaveFuture, SaveStats
 from .registry import executor_class
@@ -40,7 +41,22 @@ class AsyncCheckpointer:
     ``on_saved`` is called with each save's :class:`SaveStats`.
 
     In a multi-rank job create it on every rank at the same point of the
-    program (its start is a collective on ``process_group``).
+    program (its start is a collective on ``process_group``; a start on some
+    ranks only raises :class:`RanksMissingError` after
+    ``ASYNC_CKPT_ARRIVAL_TIMEOUT_S``); ``no_dist=True`` saves this process alone.
+
+    Lifetime: the worker and the staging memory (one buffer the size of the
+    state per ``num_buffers``) are made at the first save (or ``start()``) and
+    reused by every save; ``close()`` (or leaving a ``with`` block, or
+    interpreter exit) waits for the last save, bounded by ``timeout`` or
+    ``group_timeout``, then frees them. ``timeout`` bounds each save: one not
+    committed by then is stopped and fails with :class:`SaveTimeoutError`.
+
+    Errors: ``save()`` raises at the call for state that cannot be saved
+    (:class:`StateDictError`, :class:`UnsafeObjectError`) or a storage it
+    cannot use; everything that happens later (a failed write, a rank that
+    died, :class:`WorkerDiedError`) fails that save's future, nothing is
+    committed, and the next save starts a fresh worker.
     """
 
     def __init__(
@@ -157,6 +173,8 @@ class AsyncCheckpointer:
         )
         future.save_no = save_no
         future._cancel_hook = lambda: self._abort(future, None)
+        writing = inflight.started(writer.checkpoint_id)  # async_ckpt.delete refuses it
+        future.add_done_callback(lambda _: inflight.finished(writing))
         future.add_done_callback(self._after_save)
         executor.submit(job)  # before the copy: later waves wait for earlier ones' writes
         limit = timeout if timeout is not None else self.timeout

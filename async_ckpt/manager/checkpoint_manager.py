@@ -166,7 +166,8 @@ class CheckpointManager:
         self.mode = mode
         if preemption_check_every is None:
             raise CheckpointError("preemption_check_every must be a positive integer, not None")
-        self.preemption_check_every = _positive("preemption_check_every", preemption_check_every)
+        _positive("preemption_check_every", preemption_check_every)  # raises unless >= 1
+        self.preemption_check_every = preemption_check_every
         signals = preemption_signals(save_on_preemption)
         watcher = SignalWatcher(signals) if signals else None
         if watcher is not None:
@@ -484,6 +485,7 @@ class CheckpointManager:
             future, step = self._pending, self._pending_step
         if future is None:
             return
+        assert step is not None  # set together with _pending
         try:
             future.result(timeout)
         except BaseException as exc:

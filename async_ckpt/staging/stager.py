@@ -28,17 +28,19 @@ from the copy time to roughly the time to write all but the last
 
 from __future__ import annotations
 
+import copy
 import os
 import queue
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import CheckpointError, SaveFailedError
-from ..state.model import LocalState
-from .arena import Arena
+from ..state.model import LocalState, TensorItem
+from .arena import ALIGNMENT, Arena
 from .layout import (
     Layout,
     buffer_capacity,
@@ -47,8 +49,13 @@ from .layout import (
     split_to_fit,
     storage_key,
 )
-from .options import StagerOptions
+from .options import InvalidOptionError, StagerOptions
 from .snapshot import PendingCopy, Snapshot, Wave
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .options import StagerOverrides
 
 _PARALLEL_COPY_BYTES = 16 * 1024 * 1024  # below this, one thread copies faster
 
@@ -56,18 +63,49 @@ _PARALLEL_COPY_BYTES = 16 * 1024 * 1024  # below this, one thread copies faster
 class Stager:
     """Copies tensors into reused arenas; one Stager serves a sequence of saves."""
 
-    def __init__(self, options: StagerOptions | None = None, **overrides: object) -> None:
-        self.options = options or StagerOptions.from_env(**overrides)
+    def __init__(
+        self, options: StagerOptions | None = None, **overrides: Unpack[StagerOverrides]
+    ) -> None:
+        """``Stager(max_staging_bytes="1GiB", num_buffers=2)``, or ``Stager(StagerOptions(...))``.
+
+        Keyword options not given come from ``ASYNC_CKPT_<NAME>`` environment
+        variables, then the defaults; with ``options``, keywords replace its
+        fields (and the environment is not read). Bad values raise
+        :class:`~async_ckpt.staging.options.InvalidOptionError` here.
+        """
+        if options is None:
+            options = StagerOptions.from_env(**overrides)
+        elif not isinstance(options, StagerOptions):
+            raise InvalidOptionError(
+                f"Stager(options=...) takes a StagerOptions, not {type(options).__name__}; "
+                "or pass the options as keywords: Stager(max_staging_bytes='1GiB', num_buffers=2)"
+            )
+        elif overrides:  # the given options with these fields replaced (each one checked)
+            options = copy.copy(options)
+            for name, value in overrides.items():
+                setattr(options, name, value)
+        self.options = options
         if self.options.num_buffers < 1:
             raise CheckpointError("StagerOptions.num_buffers must be at least 1")
+        budget, buffers = self.options.max_staging_bytes, self.options.num_buffers
+        if budget and budget < ALIGNMENT * buffers:  # buffer_capacity would refuse it at save
+            raise InvalidOptionError(
+                f"StagerOptions.max_staging_bytes={budget} is too small for {buffers} staging "
+                f"buffer(s): use at least {ALIGNMENT * buffers} bytes, or 0 for no cap"
+            )
         self._layout: Layout | None = None
-        self._staging: Future | None = None  # the latest snapshot's staged future
-        self._stage_queue: queue.SimpleQueue = queue.SimpleQueue()  # async staging's work
+        self._staging: Future[None] | None = None  # the latest snapshot's staged future
+        # async staging's work: (snapshot, its pending copy), None to stop
+        self._stage_queue: queue.SimpleQueue[tuple[Snapshot, PendingCopy] | None] = (
+            queue.SimpleQueue()
+        )
         self._stage_thread: threading.Thread | None = None
-        self._last_layout: tuple | None = None  # (items, data pointers, layout) of the last stage
+        # (items, data pointers, layout) of the last stage
+        self._last_layout: tuple[list[TensorItem], list[tuple[int, Any]], Layout] | None = None
         self._arenas: list[Arena] = []
         self._leases: list[threading.Event] = []
-        self._seen: list[dict[int, tuple]] = []  # per buffer: item index -> last copy's mark
+        # per buffer: item index -> last copy's mark
+        self._seen: list[dict[int, tuple[object, weakref.ref[torch.UntypedStorage]]]] = []
         # per buffer: item index -> its typed, shaped arena view; valid for the layout's
         # lifetime (the signature fixes every item's dtype, shape and offset)
         self._views: list[dict[int, torch.Tensor]] = []
@@ -76,7 +114,7 @@ class Stager:
         threads = self.options.copy_threads or min(4, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="async_ckpt-stage")
         self._threads = threads
-        self._stream = None
+        self._stream: torch.cuda.Stream | None = None
         self.arenas_allocated = 0  # tests assert that steady-state saves allocate nothing
         self.generation = 0  # bumps whenever the arenas are re-planned
 
@@ -307,7 +345,9 @@ class Stager:
             jobs.append((dst, src))
         return jobs
 
-    def _run_copies(self, jobs: list[tuple[torch.Tensor, torch.Tensor]], compute: object) -> None:
+    def _run_copies(
+        self, jobs: list[tuple[torch.Tensor, torch.Tensor]], compute: torch.cuda.Stream | None
+    ) -> None:
         cuda_jobs = [(d, s) for d, s in jobs if s.device.type == "cuda"]
         cpu_jobs = [(d, s) for d, s in jobs if s.device.type != "cuda"]
         event = self._copy_cuda(cuda_jobs, compute) if cuda_jobs else None
@@ -315,7 +355,9 @@ class Stager:
         if event is not None:
             event.synchronize()  # "staged" only after the D2H copies completed
 
-    def _copy_cuda(self, jobs: list[tuple[torch.Tensor, torch.Tensor]], compute: object):
+    def _copy_cuda(
+        self, jobs: list[tuple[torch.Tensor, torch.Tensor]], compute: torch.cuda.Stream | None
+    ) -> torch.cuda.Event:
         device = jobs[0][1].device
         if self._stream is None or self._stream.device != device:
             self._stream = torch.cuda.Stream(device=device)
