@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m async_ckpt.demo
 
+# A PyTorch Lightning run saving asynchronously through AsyncCkptIO, then resuming.
+lightning-demo: $(STAMP)
+	$(PY) -m async_ckpt.integrations.lightning_demo
+
 lint: $(STAMP) typecheck
 	$(VENV)/bin/ruff format --check async_ckpt tests benchmarks
 	$(VENV)/bin/ruff check async_ckpt tests benchmarks
@@ -40,6 +44,12 @@ test-busy: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --size 1GiB --repeats 5
+
+lightning-bench: $(STAMP)
+	$(PY) -m benchmarks.lightning_bench
+
+accelerate-bench: $(STAMP)
+	$(PY) -m benchmarks.accelerate_bench
 
 bench-full: $(STAMP)
 	$(PY) -m benchmarks.run --size 1GiB --size 4GiB --repeats 5 --ranks 2 --ranks 4
