@@ -140,6 +140,35 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _apply_storage_options(args: argparse.Namespace) -> None:
+    """Hand ``--storage-option`` to fsspec as defaults for the protocols of the ids given.
+
+    fsspec merges ``fsspec.config.conf[protocol]`` into every filesystem it
+    opens for that protocol, so every command and tool sees them.
+    """
+    if not args.storage_option:
+        return
+    import fsspec.config
+
+    options: dict[str, object] = {}
+    for item in args.storage_option:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise CheckpointError(f"--storage-option {item!r}: expected KEY=VALUE")
+        try:
+            options[key] = json.loads(raw)
+        except ValueError:
+            options[key] = raw
+    ids = [getattr(args, name, None) for name in ("checkpoint_id", "root", "source", "dest")]
+    protocols = {str(i).split("://", 1)[0] for i in ids if i and "://" in str(i)}
+    if not protocols:
+        raise CheckpointError(
+            "--storage-option applies to fsspec URLs (s3://...), and none was given"
+        )
+    for protocol in protocols:
+        fsspec.config.conf.setdefault(protocol, {}).update(options)
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -160,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--traceback", action="store_true", help="show the traceback of unexpected errors"
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument(
+        "--storage-option",
+        "-o",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an fsspec storage option for object-store ids (endpoint_url=..., anon=true); "
+        "repeatable; VALUE is read as JSON where it parses (true, 3), else as text",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("inspect", help="show a checkpoint's keys: shape, dtype, bytes, chunks")
@@ -205,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or a usage error argparse already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
+        _apply_storage_options(args)
         return args.func(args)
     except (
         CheckpointNotFoundError,

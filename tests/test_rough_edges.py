@@ -237,3 +237,43 @@ def test_delete_refuses_a_recent_uncommitted_checkpoint_unless_forced(tmp_path):
 def test_delete_wants_a_checkpoint_not_a_root():
     with pytest.raises(ValueError, match="name a checkpoint"):
         ac.delete("/")
+
+
+# ----------------------------------------------------------------------- storage options
+
+
+def test_manager_storage_options_reach_every_fsspec_call(memory_url, monkeypatch):
+    from async_ckpt.storage import fsspec_backend
+
+    seen = []
+    real = fsspec_backend.open_filesystem
+
+    def recording(checkpoint_id, storage_options):
+        seen.append(dict(storage_options or {}))
+        return real(checkpoint_id, storage_options)
+
+    monkeypatch.setattr(fsspec_backend, "open_filesystem", recording)
+    options = {"skip_instance_cache": True}
+    with ac.CheckpointManager(memory_url, executor="thread", storage_options=options) as m:
+        m.save(1, {"w": torch.ones(2)}).result()
+        target = {"w": torch.zeros(2)}
+        assert m.restore(target) == 1 and torch.equal(target["w"], torch.ones(2))
+    assert len(seen) >= 3 and all(s == options for s in seen)  # root, writer, reader
+
+
+def test_storage_options_for_a_local_root_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="apply to fsspec URLs"):
+        ac.CheckpointManager(tmp_path, storage_options={"anon": True})
+
+
+def test_cli_storage_option_becomes_fsspec_config(memory_url, monkeypatch, capsys):
+    import fsspec.config
+
+    from async_ckpt.cli import main
+
+    monkeypatch.setattr(fsspec.config, "conf", {})
+    ac.save({"w": torch.ones(2)}, checkpoint_id=memory_url)
+    assert main(["-o", "skip_instance_cache=true", "-o", "tag=x", "inspect", memory_url]) == 0
+    assert fsspec.config.conf["memory"] == {"skip_instance_cache": True, "tag": "x"}
+    assert main(["-o", "novalue", "inspect", memory_url]) == 1
+    assert "KEY=VALUE" in capsys.readouterr().err

@@ -28,6 +28,7 @@ from ..executor import AsyncCheckpointer, SaveFuture
 from ..pipeline.commit import check_extra
 from ..pipeline.load import KeyCheck
 from ..settings import env_seconds
+from ..storage.detect import detect_reader, detect_writer
 from .preemption import RankAgreement, SignalWatcher, preemption_signals, signal_name
 from .retention import (
     INCOMPLETE_GRACE_ENV,
@@ -129,6 +130,9 @@ class CheckpointManager:
     the final save comes up to 2N steps after the signal): for short steps on
     many ranks.
 
+    ``storage_options`` go to the fsspec backend of an object-store root
+    (credentials, endpoint, ...), for its listing, saves and loads.
+
     Saves run on an :class:`AsyncCheckpointer` built from ``executor``,
     ``process_group``, ``no_dist`` and ``checkpointer_kwargs`` (``on_saved``,
     ``stager``, ``timeout``...), or on ``checkpointer`` if given.
@@ -155,6 +159,7 @@ class CheckpointManager:
         mode: Literal["min", "max"] = "min",
         save_on_preemption: bool | int | tuple[int, ...] = False,
         preemption_check_every: int = 1,
+        storage_options: dict[str, Any] | None = None,
         **checkpointer_kwargs: Any,
     ) -> None:
         self.incomplete_grace_s = _grace(incomplete_grace_s)
@@ -172,7 +177,8 @@ class CheckpointManager:
         watcher = SignalWatcher(signals) if signals else None
         if watcher is not None:
             watcher.check_thread()  # before a worker is started
-        self.store = StepStore(root)
+        self.storage_options = storage_options
+        self.store = StepStore(root, storage_options)
         self.root = self.store.root
         if checkpointer is None:
             checkpointer = AsyncCheckpointer(
@@ -411,7 +417,11 @@ class CheckpointManager:
         cid = self.store.checkpoint_id(step)
         in_flight(self.store.identity(step), True)
         try:
-            future = self.checkpointer.save(state, checkpoint_id=cid, extra=extra)
+            future = self.checkpointer.save(
+                state,
+                storage_writer=detect_writer(cid, storage_options=self.storage_options),
+                extra=extra,
+            )
         except BaseException:
             self._finished(step, None)
             raise
@@ -589,7 +599,7 @@ class CheckpointManager:
         cid = self.store.checkpoint_id(_check_step(step))
         load(
             state,
-            checkpoint_id=cid,
+            storage_reader=detect_reader(cid, self.storage_options),
             strict=strict,
             allow_lossy_cast=allow_lossy_cast,
             process_group=self.checkpointer.process_group,

@@ -52,9 +52,12 @@ class StepStore:
     (the manager's rank 0), listing works on all.
     """
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(
+        self, root: str | os.PathLike, storage_options: dict[str, Any] | None = None
+    ) -> None:
         self.root = os.fspath(root).rstrip("/") or "/"
-        self.storage = detect_root(self.root)
+        self.storage_options = storage_options
+        self.storage = detect_root(self.root, storage_options)
 
     def checkpoint_id(self, step: int) -> str:
         """The checkpoint id of ``step`` (what save/load are given)."""
@@ -96,7 +99,7 @@ class StepStore:
         Raises :class:`~async_ckpt.errors.CheckpointError` when the metadata is
         missing or damaged.
         """
-        reader = detect_reader(self.checkpoint_id(step))
+        reader = detect_reader(self.checkpoint_id(step), self.storage_options)
         try:
             translated = reader.translated_metadata()
             meta = translated if translated is not None else decode_metadata(reader.read_metadata())

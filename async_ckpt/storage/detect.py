@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import Any
 
 from ..errors import StorageDetectionError
 from .base import StorageReader, StorageRoot, StorageWriter
@@ -51,17 +52,34 @@ def _accepts(backend: StorageBackend, cls: type, text: str) -> bool:
         return False
 
 
-def detect_writer(checkpoint_id: object, **options: object) -> StorageWriter:
+def _options_for(backend: StorageBackend, text: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` without a ``storage_options`` of None; refused where they mean nothing."""
+    options = dict(options)
+    if options.get("storage_options", ...) is None:
+        del options["storage_options"]
+    if "storage_options" in options and backend is LOCAL:
+        raise ValueError(
+            f"storage_options apply to fsspec URLs (s3://, gs://, ...), not to the local "
+            f"path {text!r}"
+        )
+    return options
+
+
+def detect_writer(checkpoint_id: object, **options: Any) -> StorageWriter:
     """A writer for ``checkpoint_id``, or StorageDetectionError ("Cannot detect ...")."""
     text = _require_id(checkpoint_id, "writer")
     for backend in backends():
         if _accepts(backend, backend.writer, text):
-            return backend.writer(text, **options)
+            return backend.writer(text, **_options_for(backend, text, options))
     raise _cannot_detect(text, "writer")
 
 
-def detect_reader(checkpoint_id: object) -> StorageReader:
+def detect_reader(
+    checkpoint_id: object, storage_options: dict[str, Any] | None = None
+) -> StorageReader:
     """A reader for ``checkpoint_id``, or StorageDetectionError ("Cannot detect ...").
+
+    ``storage_options`` go to an fsspec backend (credentials, endpoint, ...).
 
     A local torch.distributed.checkpoint directory (``.metadata``, no
     ``metadata.json``) gets a :class:`DcpReader`, which reads it without running its code.
@@ -71,11 +89,15 @@ def detect_reader(checkpoint_id: object) -> StorageReader:
         return DcpReader(text)
     for backend in backends():
         if _accepts(backend, backend.reader, text):
-            return backend.reader(text)
+            return backend.reader(
+                text, **_options_for(backend, text, {"storage_options": storage_options})
+            )
     raise _cannot_detect(text, "reader")
 
 
-def detect_root(root: str | os.PathLike) -> StorageRoot:
+def detect_root(
+    root: str | os.PathLike, storage_options: dict[str, Any] | None = None
+) -> StorageRoot:
     """The checkpoints under ``root``, through the backend whose writer handles it.
 
     Raises StorageDetectionError ("Cannot detect ...") when no backend does, or
@@ -89,7 +111,9 @@ def detect_root(root: str | os.PathLike) -> StorageRoot:
                     f"storage backend {backend.name!r} handles {text!r} but has no StorageRoot "
                     "to list and delete the checkpoints under it, which CheckpointManager needs"
                 )
-            return backend.root(text)
+            return backend.root(
+                text, **_options_for(backend, text, {"storage_options": storage_options})
+            )
     raise StorageDetectionError(
         f"Cannot detect which storage holds the checkpoint root {text!r}. "
         f"Supported: {_supported()}."
