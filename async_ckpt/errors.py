@@ -86,9 +86,9 @@ class RanksMissingError(CheckpointError, TimeoutError):
     ``missing`` lists the ranks that never arrived (see ASYNC_CKPT_ARRIVAL_TIMEOUT_S).
     """
 
-    def __init__(self, message: str, *, missing: list[int]) -> None:
-        super().__init__(message)
-        self.missing = missing
+    def __init__(self, message: str, *, missing: list[int] | None = None) -> None:
+        super().__init__(message)  # the default lets it unpickle (from the worker)
+        self.missing = missing or []
 
 
 class LoadFailedError(CheckpointError):

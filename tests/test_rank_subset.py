@@ -85,3 +85,26 @@ def test_a_bad_arrival_timeout_is_refused(monkeypatch):
     monkeypatch.setenv("ASYNC_CKPT_ARRIVAL_TIMEOUT_S", "soon")
     with pytest.raises(ValueError, match="positive number of seconds"):
         arrival_timeout()
+
+
+def _second_save_on_rank0_only(rank, world_size, root, executor):
+    os.environ["ASYNC_CKPT_ARRIVAL_TIMEOUT_S"] = ARRIVAL_S
+    with ac.AsyncCheckpointer(executor=executor) as ckpt:
+        ckpt.save({"w": torch.ones(3)}, checkpoint_id=f"{root}/a").result()
+        if rank != 0:
+            return None
+        future = ckpt.save({"w": torch.ones(3)}, checkpoint_id=f"{root}/b")
+        try:
+            future.result(timeout=120)
+        except ac.RanksMissingError as exc:
+            return exc.missing, str(exc)
+        except Exception as exc:  # the wrong error, reported to the test
+            return type(exc).__name__, str(exc)
+    return "committed"
+
+
+def test_a_later_save_on_rank_0_alone_fails_its_future_naming_the_rank(tmp_path):
+    result, _ = run_ranks(_second_save_on_rank0_only, 2, str(tmp_path), "process")
+    assert result[0] == [1], result
+    assert "rank(s) [1] of 2 did not call it" in result[1]
+    assert not (tmp_path / "b" / "metadata.json").exists()

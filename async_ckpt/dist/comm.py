@@ -94,6 +94,7 @@ class GroupComm:
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         self.group = group
+        self.store: Any = None  # the group's store, where known (the workers' own group)
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.collective_count = 0

@@ -104,4 +104,6 @@ def connect_group(spec: dict[str, Any]) -> Comm:
             f"all meet within {spec['timeout_s']} s ({type(exc).__name__}: {exc}); a rank "
             "probably died or never called save. Nothing was committed."
         ) from exc
-    return GroupComm(None)
+    comm = GroupComm(None)
+    comm.store = prefixed  # for the arrival check before each save (worker.py)
+    return comm

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
+from ..dist.arrival import wait_for_ranks
 from ..dist.comm import Comm, LocalComm
 from ..dist.group import connect_group
 from ..errors import SaveFailedError
@@ -142,6 +143,14 @@ class _Worker:
             writer = _load_writer(save.writer)
             if self.comm is None:
                 self.comm = connect_group(save.group) if save.group else LocalComm()
+            if getattr(self.comm, "store", None) is not None:  # bounded: ranks that never save
+                wait_for_ranks(
+                    self.comm.store,
+                    "saves",
+                    self.comm.rank,
+                    self.comm.world_size,
+                    f"save {save.save_no} (AsyncCheckpointer.save / async_save)",
+                )
             state = self.structure.state(save)
             places = _received_places(self.sock, save, self.closing)
             written = partial(self.report_written, save.save_no)
