@@ -103,8 +103,9 @@ def _second_save_on_rank0_only(rank, world_size, root, executor):
     return "committed"
 
 
-def test_a_later_save_on_rank_0_alone_fails_its_future_naming_the_rank(tmp_path):
-    result, _ = run_ranks(_second_save_on_rank0_only, 2, str(tmp_path), "process")
+@pytest.mark.parametrize("executor", ["process", "thread"])
+def test_a_later_save_on_rank_0_alone_fails_its_future_naming_the_rank(tmp_path, executor):
+    result, _ = run_ranks(_second_save_on_rank0_only, 2, str(tmp_path), executor)
     assert result[0] == [1], result
     assert "rank(s) [1] of 2 did not call it" in result[1]
     assert not (tmp_path / "b" / "metadata.json").exists()

@@ -91,3 +91,9 @@ def group_store(process_group: Any) -> tuple[Any, str] | None:
     ranks = dist.get_process_group_ranks(process_group or dist.group.WORLD)
     scope = "world" if process_group is None else "g" + "-".join(map(str, ranks))
     return store, scope
+
+
+def check_in(comm: Any, what: str) -> None:
+    """:func:`wait_for_ranks` on a comm that knows its store (a GroupComm); else nothing."""
+    if getattr(comm, "store", None) is not None and comm.world_size > 1:
+        wait_for_ranks(comm.store, comm.arrival_scope, comm.rank, comm.world_size, what)

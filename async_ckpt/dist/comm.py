@@ -94,7 +94,10 @@ class GroupComm:
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         self.group = group
-        self.store: Any = None  # the group's store, where known (the workers' own group)
+        # The group's store and a name for its saves, where known: each save checks in
+        # there first (arrival.check_in), so ranks that never save are named, bounded.
+        self.store: Any = None
+        self.arrival_scope = ""
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.collective_count = 0

@@ -10,6 +10,7 @@ thread executor gets a fresh gloo group from ``new_group``.
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import secrets
 import socket
@@ -19,7 +20,12 @@ import torch.distributed as dist
 
 from ..errors import SaveFailedError
 from .comm import Comm, GroupComm, LocalComm
+from .arrival import group_store
 from .ranks import arrive
+
+# Numbers the thread executors' groups; equal across ranks, which create them in
+# the same order (new_group is a collective).
+_THREAD_GROUPS = itertools.count()
 
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -82,7 +88,12 @@ def thread_comm(process_group: Any, distributed: bool, timeout_s: float) -> Comm
     group = dist.new_group(
         ranks=ranks, backend="gloo", timeout=datetime.timedelta(seconds=timeout_s)
     )
-    return GroupComm(group)
+    comm = GroupComm(group)
+    found = group_store(process_group)
+    if found is not None:  # each checkpointer its own scope: their saves interleave freely
+        comm.store = found[0]
+        comm.arrival_scope = f"thread-saves/{next(_THREAD_GROUPS)}/{found[1]}"
+    return comm
 
 
 def connect_group(spec: dict[str, Any]) -> Comm:
@@ -105,5 +116,5 @@ def connect_group(spec: dict[str, Any]) -> Comm:
             "probably died or never called save. Nothing was committed."
         ) from exc
     comm = GroupComm(None)
-    comm.store = prefixed  # for the arrival check before each save (worker.py)
+    comm.store, comm.arrival_scope = prefixed, "saves"  # checked in before each save
     return comm

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 
+from ..dist.arrival import check_in
 from ..dist.comm import Comm
 from ..dist.group import thread_comm
 from ..pipeline.save import SaveTimings, run_save
@@ -55,6 +56,7 @@ class ThreadExecutor(Executor):
             job.snapshot.waves[0].staged.result()
             if job.aborted.is_set():
                 raise CancelledError("aborted before it started writing")
+            check_in(self._comm, f"save {job.save_no} (AsyncCheckpointer.save / async_save)")
             meta = run_save(
                 job.snapshot.state,
                 snapshot_waves(job.snapshot, job.aborted.is_set),

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
-from ..dist.arrival import wait_for_ranks
+from ..dist.arrival import check_in
 from ..dist.comm import Comm, LocalComm
 from ..dist.group import connect_group
 from ..errors import SaveFailedError
@@ -143,14 +143,8 @@ class _Worker:
             writer = _load_writer(save.writer)
             if self.comm is None:
                 self.comm = connect_group(save.group) if save.group else LocalComm()
-            if getattr(self.comm, "store", None) is not None:  # bounded: ranks that never save
-                wait_for_ranks(
-                    self.comm.store,
-                    "saves",
-                    self.comm.rank,
-                    self.comm.world_size,
-                    f"save {save.save_no} (AsyncCheckpointer.save / async_save)",
-                )
+            # bounded: a save that some ranks never make fails, naming them
+            check_in(self.comm, f"save {save.save_no} (AsyncCheckpointer.save / async_save)")
             state = self.structure.state(save)
             places = _received_places(self.sock, save, self.closing)
             written = partial(self.report_written, save.save_no)
