@@ -22,9 +22,9 @@ from .errors import (
     StorageDetectionError,
 )
 from .format.dcp_translate import is_translated_dcp
-from .format.decode import decode_metadata
 from .format.metadata import Metadata
 from .manager import StepStore
+from .storage.base import checkpoint_metadata
 from .storage.detect import detect_reader
 
 PROG = "async-ckpt"
@@ -46,8 +46,7 @@ def _read_metadata(checkpoint_id: str) -> Metadata:
     """
     reader = detect_reader(checkpoint_id)
     try:
-        translated = reader.translated_metadata()  # a DCP directory: no metadata.json
-        return translated if translated is not None else decode_metadata(reader.read_metadata())
+        return checkpoint_metadata(reader)
     except (IncompleteCheckpointError, CheckpointNotFoundError) as exc:
         if os.path.isdir(checkpoint_id) and StepStore(checkpoint_id).scan():
             raise CheckpointNotFoundError(

@@ -65,8 +65,7 @@ class AsyncCheckpointerType(enum.Enum):
 
 
 def _is_dcp(obj: Any, *names: str) -> bool:
-    cls = type(obj)
-    return cls.__module__.startswith(_DCP) and cls.__name__ in names
+    return _from_dcp(obj) and type(obj).__name__ in names
 
 
 def partial_load(planner: Any) -> bool:
@@ -148,31 +147,34 @@ def stager_for(async_stager: Any) -> Stager | None:
 
 def check_writer(writer: Any) -> None:
     """A DCP StorageWriter passed by mistake gets a TypeError that says what to pass."""
-    _check_storage(
-        writer, "storage_writer", "FileSystemWriter", ("prepare", "write_file", "commit")
-    )
+    _check_storage(writer, StorageWriter, "storage_writer", ("prepare", "write_file", "commit"))
 
 
 def check_reader(reader: Any) -> None:
     """A DCP StorageReader passed by mistake gets a TypeError that says what to pass."""
-    _check_storage(reader, "storage_reader", "FileSystemReader", ("read_metadata", "read_into"))
+    _check_storage(reader, StorageReader, "storage_reader", ("read_metadata", "read_into"))
 
 
-def _check_storage(obj: Any, role: str, example: str, methods: tuple[str, ...]) -> None:
-    # Duck-typed wrappers of ours (tests, instrumentation) pass; DCP's classes, which
-    # have none of our methods or other meanings for them, do not.
-    if obj is None or isinstance(obj, (StorageWriter, StorageReader)):
-        if obj is None or isinstance(obj, StorageWriter if "writer" in role else StorageReader):
-            return
-    elif not type(obj).__module__.startswith(_DCP) and all(hasattr(obj, m) for m in methods):
+def _check_storage(obj: Any, expected: type, role: str, methods: tuple[str, ...]) -> None:
+    # Ours, or a duck-typed wrapper of ours (tests, instrumentation), passes; DCP's
+    # classes (and a writer given as a reader) do not.
+    if obj is None or isinstance(obj, expected):
         return
+    ours = isinstance(obj, (StorageWriter, StorageReader))
+    if not ours and not _from_dcp(obj) and all(hasattr(obj, m) for m in methods):
+        return
+    example = "FileSystemWriter" if expected is StorageWriter else "FileSystemReader"
     raise TypeError(_wrong_storage(obj, role, example))
+
+
+def _from_dcp(obj: Any) -> bool:
+    return type(obj).__module__.startswith(_DCP)
 
 
 def _wrong_storage(obj: Any, role: str, example: str) -> str:
     cls = type(obj)
     where = f"{cls.__module__}.{cls.__qualname__}"
-    if cls.__module__.startswith(_DCP):
+    if _from_dcp(obj):
         return (
             f"{role}={where} is torch.distributed.checkpoint's; async_ckpt writes its own format "
             f"through its own storage classes: use async_ckpt.{example}(path) (same arguments), "

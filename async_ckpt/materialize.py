@@ -17,12 +17,11 @@ from typing import Any
 import torch
 
 from .errors import KeyMismatchError
-from .format.decode import decode_metadata
 from .format.dtypes import dtype_from_name
 from .format.metadata import Metadata, TensorEntry
 from .pipeline.load import run_load
 from .state.flatten import KeyPath, key_of
-from .storage.base import StorageReader
+from .storage.base import StorageReader, checkpoint_metadata
 from .storage.detect import detect_reader
 
 
@@ -149,9 +148,7 @@ def materialize(
     """
     reader = storage_reader or detect_reader(checkpoint_id)
     try:
-        if metadata is None:  # a foreign format (a DCP directory) comes translated
-            metadata = reader.translated_metadata()
-        meta = metadata if metadata is not None else decode_metadata(reader.read_metadata())
+        meta = metadata if metadata is not None else checkpoint_metadata(reader)
         if keys is not None:
             meta = select(meta, [keys] if isinstance(keys, str) else keys)
     except BaseException:
@@ -176,17 +173,33 @@ def read_entry(
         raise ValueError("read_entry needs the key of an entry (see `async-ckpt inspect ID`)")
     reader = storage_reader or detect_reader(checkpoint_id)
     try:
-        meta = reader.translated_metadata() or decode_metadata(reader.read_metadata())
-        meta = select(meta, [key])
+        meta = checkpoint_metadata(reader)
     except BaseException:
         reader.close()
         raise
     state = materialize(storage_reader=reader, metadata=meta, keys=[key], verify=verify)
     path = meta.entries[key].path if key in meta.entries else _container_path(meta, key)
-    node: Any = state
+    return leaf_at(state, path)
+
+
+def leaf_at(state: Any, path: KeyPath) -> Any:
+    """What sits at ``path`` in a nested state."""
     for part in path:
-        node = node[part]
-    return node
+        state = state[part]
+    return state
+
+
+def entry_metadata(meta: Metadata, key: str) -> Metadata:
+    """``meta`` cut to the one entry ``key`` and the containers above it.
+
+    What :func:`select` gives for a single entry key, in time independent of
+    the checkpoint's size: a caller reading entry after entry (a streaming
+    conversion) would otherwise pay a pass over every entry per entry.
+    """
+    entry = meta.entries[key]
+    above = (key_of(entry.path[:n]) for n in range(1, len(entry.path)))
+    containers = {k: meta.containers[k] for k in above if k in meta.containers}
+    return dataclasses.replace(meta, entries={key: entry}, containers=containers)
 
 
 def _container_path(meta: Metadata, key: str) -> KeyPath:

@@ -337,10 +337,10 @@ def test_unknown_scheme(capsys: pytest.CaptureFixture) -> None:
 def test_unexpected_error_has_no_traceback(
     ckpt: tuple[Path, Any], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def boom(data: bytes) -> None:
+    def boom(reader: Any) -> None:
         raise RuntimeError("storage library exploded")
 
-    monkeypatch.setattr("async_ckpt.cli.decode_metadata", boom)
+    monkeypatch.setattr("async_ckpt.cli.checkpoint_metadata", boom)
     code, _, err = run(capsys, "inspect", ckpt[0])
     assert code == 1 and "RuntimeError: storage library exploded" in err and "--traceback" in err
     with pytest.raises(RuntimeError):

@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from ..format.decode import decode_metadata
 from ..format.metadata import Metadata, ValueEntry
 from ..format.objects import decode_plain
 from ..materialize import materialize
+from ..storage.base import checkpoint_metadata
 from ..storage.detect import detect_reader
 from .lightning_hparams import allow_hparams_classes, allow_recorded
 
@@ -100,8 +100,7 @@ def state_to_save(checkpoint: Mapping[str, Any], allow_classes: bool) -> dict[st
 def _read_metadata(path: Any) -> Metadata:
     reader = detect_reader(path)
     try:
-        translated = reader.translated_metadata()  # a DCP directory comes translated
-        return translated if translated is not None else decode_metadata(reader.read_metadata())
+        return checkpoint_metadata(reader)
     finally:
         reader.close()
 

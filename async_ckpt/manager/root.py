@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..format.decode import decode_metadata
+from ..storage.base import checkpoint_metadata
 from ..storage.detect import detect_reader, detect_root
 
 STEP_DIR = re.compile(r"^step-(?P<step>\d{8,})$")
@@ -101,8 +101,7 @@ class StepStore:
         """
         reader = detect_reader(self.checkpoint_id(step), self.storage_options)
         try:
-            translated = reader.translated_metadata()
-            meta = translated if translated is not None else decode_metadata(reader.read_metadata())
+            meta = checkpoint_metadata(reader)
         finally:
             reader.close()
         return meta.extra

@@ -9,14 +9,12 @@ read, and of those only the rows needed, rounded out to checksum blocks.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from tqdm import tqdm
 
 from ..dist.comm import Comm, LocalComm
 from ..errors import (
@@ -43,7 +41,8 @@ from ..planning.read_plan import (
     read_groups,
 )
 from ..state.flatten import flatten, set_leaf
-from ..storage.base import StorageReader
+from ..storage.base import StorageReader, checkpoint_metadata
+from .progress import byte_bar
 
 DEFAULT_READ_THREADS = 4
 
@@ -186,15 +185,8 @@ def _read_all(
 
     groups = read_groups(targets, reader.coalesce_reads)
 
-    bar = tqdm(
-        total=sum(c.nbytes for g in groups for _, c in g),
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc=f"load {reader.checkpoint_id}",
-        file=sys.stderr,
-        disable=not progress,
-        leave=False,
+    bar = byte_bar(
+        sum(c.nbytes for g in groups for _, c in g), f"load {reader.checkpoint_id}", progress
     )
 
     def run(group: list[tuple[Target, Chunk]]) -> None:
@@ -364,13 +356,6 @@ def _agree(comm: Comm, error: Exception | None, what: str, checkpoint_id: str) -
         raise error
 
 
-def _read_metadata(reader: StorageReader) -> Metadata:
-    """The checkpoint's metadata: decoded, or translated by a reader of a foreign format."""
-    translate = getattr(reader, "translated_metadata", None)  # duck-typed wrappers lack it
-    translated = translate() if translate is not None else None
-    return translated if translated is not None else decode_metadata(reader.read_metadata())
-
-
 def run_load(
     state_dict: Mapping[str, Any],
     reader: StorageReader,
@@ -394,7 +379,7 @@ def run_load(
     try:
         error: Exception | None = None
         try:  # planning: every rank learns of a key or shape error on any rank
-            meta = metadata or _read_metadata(reader)
+            meta = metadata or checkpoint_metadata(reader)
             flat = flatten(state_dict)
             keys = match_keys(flat, meta)
             _check_keys(keys, strict, cid)

@@ -31,10 +31,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from ..format.metadata import Metadata
+from ..format.decode import decode_metadata
+from ..format.metadata import Metadata
 
 
 class StorageWriter(ABC):
@@ -204,3 +204,15 @@ class StorageRoot(ABC):
     @abstractmethod
     def identity(self, name: str) -> str:
         """A name of child ``name`` that is equal however the root was spelled."""
+
+
+def checkpoint_metadata(reader: Any) -> Metadata:
+    """The checkpoint's metadata through ``reader``: decoded from ``read_metadata()``,
+    or as a reader of a foreign format (a DCP directory) translates it.
+
+    The one way every loader, tool and the manager gets a checkpoint's metadata;
+    duck-typed readers without ``translated_metadata`` are read as our format.
+    """
+    translate = getattr(reader, "translated_metadata", None)
+    translated = translate() if translate is not None else None
+    return translated if translated is not None else decode_metadata(reader.read_metadata())

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from ..api import save
 from ..errors import (
@@ -19,13 +17,14 @@ from ..errors import (
     CorruptCheckpointError,
     UnsafeObjectError,
 )
-from ..format.decode import decode_metadata
 from ..format.dtypes import dtype_from_name, itemsize
 from ..format.metadata import Metadata, TensorEntry
-from ..materialize import materialize, select
+from ..materialize import entry_metadata, leaf_at, materialize
+from ..pipeline.progress import byte_bar
 from ..state.describe import tensor_bytes
 from ..state.flatten import flatten
 from ..state.leaves import leaf_kind, ndarray_for_saving
+from ..storage.base import checkpoint_metadata
 from ..storage.dcp import DcpReader
 from ..storage.detect import detect_reader, detect_writer
 
@@ -133,14 +132,14 @@ def to_safetensors(
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
     temp = f"{os.fspath(out)}.tmp-{os.getpid()}"
     try:
-        with open(temp, "wb") as f, _bar(offset, "convert", progress) as bar:
+        with open(temp, "wb") as f, byte_bar(offset, "convert", progress) as bar:
             f.write(len(encoded).to_bytes(8, "little") + encoded)
             for key in tensors:
-                part = select(meta, [key])
+                part = entry_metadata(meta, key)
                 state = materialize(
                     storage_reader=detect_reader(checkpoint_id), metadata=part, keys=[key]
                 )
-                value = state_leaf(state, part.entries[key].path)
+                value = leaf_at(state, part.entries[key].path)
                 tensor = value if isinstance(value, torch.Tensor) else ndarray_for_saving(value)
                 view = tensor_bytes(tensor.contiguous())
                 f.write(view)
@@ -158,28 +157,9 @@ def to_safetensors(
 def _metadata(checkpoint_id: str | os.PathLike) -> Metadata:
     reader = detect_reader(checkpoint_id)
     try:
-        return reader.translated_metadata() or decode_metadata(reader.read_metadata())
+        return checkpoint_metadata(reader)
     finally:
         reader.close()
-
-
-def state_leaf(state: Any, path: tuple) -> Any:
-    for part in path:
-        state = state[part]
-    return state
-
-
-def _bar(total: int, desc: str, progress: bool) -> tqdm:
-    return tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc=desc,
-        file=sys.stderr,
-        disable=not progress,
-        leave=False,
-    )
 
 
 def _exists(checkpoint_id: str | os.PathLike) -> bool:

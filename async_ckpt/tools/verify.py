@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
 from ..errors import CorruptCheckpointError
-from ..format.decode import decode_metadata
 from ..format.metadata import Chunk, Metadata, ObjectEntry, TensorEntry
 from ..pipeline.load import verify_blocks
-from ..storage.base import StorageReader
+from ..pipeline.progress import byte_bar
+from ..storage.base import StorageReader, checkpoint_metadata
 from ..storage.detect import detect_reader
 
 READ_PIECE = 64 * 1024 * 1024  # bytes read per call: bounded memory whatever the chunk size
@@ -116,9 +115,7 @@ def verify_checkpoint(
     """
     reader = storage_reader or detect_reader(checkpoint_id)
     try:
-        if metadata is None:  # a foreign format (a DCP directory) comes translated
-            metadata = reader.translated_metadata()
-        meta = metadata if metadata is not None else decode_metadata(reader.read_metadata())
+        meta = metadata if metadata is not None else checkpoint_metadata(reader)
         report = VerifyReport(reader.checkpoint_id, entries=len(meta.entries))
         pieces = _pieces(meta)
         unreadable = _check_files(meta, reader, pieces, report)
@@ -126,16 +123,7 @@ def verify_checkpoint(
         largest = max((c.nbytes for _, c in pieces), default=0)
         buf = bytearray(max(1, min(largest, max(block, READ_PIECE // block * block))))
         total = sum(c.nbytes for _, c in pieces)
-        with tqdm(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc="verify",
-            file=sys.stderr,
-            disable=not progress,
-            leave=False,
-        ) as bar:
+        with byte_bar(total, "verify", progress) as bar:
             for key, chunk in pieces:
                 report.chunks += 1
                 if chunk.file in unreadable:
