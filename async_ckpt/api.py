@@ -21,9 +21,10 @@ from .dist.ranks import caller_comm
 from .errors import SaveInProgressError
 from .executor import AsyncCheckpointer, SaveFuture, inflight
 from .format.metadata import Metadata
-from .pipeline.load import KeyCheck, LoadResult, run_load
+from .pipeline.load import LoadResult, run_load
 from .pipeline.save import run_save
 from .pipeline.waves import memory_waves
+from .planning.keys import KeyCheck
 from .planning.plan import Planner, check_same_keys
 from .staging import Stager
 from .state.describe import describe

@@ -42,7 +42,8 @@ from ..errors import CheckpointError, CheckpointNotFoundError, KeyMismatchError
 from ..executor import AsyncCheckpointer, SaveFuture
 from ..format.decode import decode_metadata
 from ..format.metadata import Metadata
-from ..pipeline.load import KeyCheck, LoadResult, run_load
+from ..pipeline.load import LoadResult, run_load
+from ..planning.keys import KeyCheck
 from ..storage.detect import detect_reader, detect_root
 from ..storage.local import FileSystemWriter
 from . import accelerate_rng

@@ -26,7 +26,7 @@ from ..api import load
 from ..errors import CheckpointError, CheckpointNotFoundError
 from ..executor import AsyncCheckpointer, SaveFuture
 from ..pipeline.commit import check_extra
-from ..pipeline.load import KeyCheck
+from ..planning.keys import KeyCheck
 from ..settings import env_seconds
 from ..storage.detect import detect_reader, detect_writer
 from .preemption import RankAgreement, SignalWatcher, preemption_signals, signal_name

@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -21,7 +21,6 @@ from ..errors import (
     CheckpointReplacedError,
     ChecksumMismatchError,
     CorruptCheckpointError,
-    KeyMismatchError,
     LoadFailedError,
     SaveFailedError,
     StateDictError,
@@ -31,8 +30,8 @@ from ..format.decode import decode_metadata
 from ..format.dtypes import dtype_from_name, itemsize
 from ..format.metadata import Chunk, Metadata, TensorEntry
 from ..format.objects import loads_object
+from ..planning.keys import KeyCheck, check_keys
 from ..planning.read_plan import (
-    KeyMatch,
     ReadPlan,
     Target,
     match_keys,
@@ -245,91 +244,6 @@ def _raise_if_replaced(reader: StorageReader, meta: Metadata, exc: Exception) ->
         ) from exc
 
 
-KeyCheck = bool | Literal["exact"]
-"""How a load checks keys: True (the state dict's keys must all be stored, as in
-DCP), "exact" (and nothing else may be stored), False (load what matches)."""
-
-
-def _check_keys(keys: KeyMatch, strict: KeyCheck, checkpoint_id: str) -> None:
-    if strict not in (True, False, "exact"):
-        raise ValueError(f"strict must be True, False or 'exact', not {strict!r}")
-    missing, unexpected = keys.missing, keys.unexpected
-    if strict is False:
-        # a renamed module (DDP's module., torch.compile's _orig_mod.) cannot load even
-        # partially: its load_state_dict would get the other names; say so before reading
-        if wrapper_segment(missing, keys.adopt) is None:
-            return
-    elif not (missing or (strict == "exact" and unexpected)):
-        return
-    parts = []
-    if missing:  # DCP's phrase, which existing code matches
-        parts.append(f"Missing key in checkpoint state_dict: {_some(missing)}")
-    # keys under a Stateful object (adopted) are the likely other half of a renaming
-    others = sorted(unexpected + keys.adopt) if missing else unexpected
-    if others and (missing or strict == "exact"):
-        parts.append(f"in the checkpoint but not in the state dict: {_some(others)}")
-    wrapper = wrapper_segment(missing, others)
-    if wrapper is not None:
-        name, where = wrapper
-        parts.append(
-            f"the keys differ by a {name!r} path component, which the {where} side has: "
-            f"{_WRAPPERS.get(name, 'a wrapper module')} adds it. Save and load the same "
-            "wrapping (e.g. the unwrapped model: model.module for DDP, model._orig_mod for "
-            "torch.compile), or get the state dict with "
-            "torch.distributed.checkpoint.state_dict.get_model_state_dict, which drops it"
-        )
-    if wrapper is not None:
-        hint = "strict=False cannot help: the names differ, not the set of tensors"
-    elif strict is True:
-        hint = "strict=False loads the keys present"
-    else:
-        hint = (
-            "strict=True allows extra keys in the checkpoint, strict=False loads the keys present"
-        )
-    raise KeyMismatchError(
-        f"state dict and checkpoint {checkpoint_id!r} disagree. {'; '.join(parts)}. {hint}.",
-        missing=missing,
-        unexpected=unexpected,
-    )
-
-
-_WRAPPERS = {
-    "module": "DistributedDataParallel (or DataParallel)",
-    "_orig_mod": "torch.compile",
-    "_fsdp_wrapped_module": "FSDP1",
-    "_checkpoint_wrapped_module": "activation checkpointing",
-}
-
-
-def wrapper_segment(missing: list[str], unexpected: list[str]) -> tuple[str, str] | None:
-    """A path component that, removed from one side's keys, makes them the other's.
-
-    Returns (component, "state dict" or "checkpoint"): the side whose keys have it.
-    Decided on most of the missing keys, so one stray key does not hide it.
-    """
-    if not missing or not unexpected:
-        return None
-    found: dict[tuple[str, str], int] = {}
-    for longer, shorter, side in (
-        (missing, set(unexpected), "state dict"),
-        (unexpected, set(missing), "checkpoint"),
-    ):
-        for key in longer[:200]:
-            parts = key.split(".")
-            for i, part in enumerate(parts):
-                if ".".join(parts[:i] + parts[i + 1 :]) in shorter:
-                    found[(part, side)] = found.get((part, side), 0) + 1
-                    break
-    if not found:
-        return None
-    (part, side), count = max(found.items(), key=lambda kv: kv[1])
-    return (part, side) if count * 2 >= min(len(missing), 200) else None
-
-
-def _some(keys: list[str]) -> str:
-    return f"{keys[:20]}{' ...' if len(keys) > 20 else ''}"
-
-
 def _agree(comm: Comm, error: Exception | None, what: str, checkpoint_id: str) -> None:
     """Every rank learns whether all ranks got through ``what``; a rank's own error wins.
 
@@ -382,7 +296,7 @@ def run_load(
             meta = metadata or checkpoint_metadata(reader)
             flat = flatten(state_dict)
             keys = match_keys(flat, meta)
-            _check_keys(keys, strict, cid)
+            check_keys(keys, strict, cid)
             plan = plan_reads(flat, meta, keys.adopt, allow_lossy_cast=allow_lossy_cast)
         except Exception as exc:
             error = exc
@@ -430,4 +344,4 @@ def run_load(
     return LoadResult(missing_keys=keys.missing, unexpected_keys=keys.unexpected)
 
 
-__all__ = ["KeyCheck", "LoadResult", "run_load", "verify_blocks"]
+__all__ = ["LoadResult", "run_load", "verify_blocks"]
