@@ -16,11 +16,23 @@ import tempfile
 import torch
 
 ALIGNMENT = 64  # every tensor starts on a cache line
+# Tensors this big start on a page instead, so a storage writer can hand their
+# bytes to the disk straight from the arena (O_DIRECT needs page-aligned memory);
+# the padding costs at most 1/64 of such a tensor.
+PAGE = 4096
+PAGE_ALIGNED_FROM = 256 * 1024
 
 
 def align(n: int) -> int:
     """``n`` rounded up to the arena alignment."""
     return -(-n // ALIGNMENT) * ALIGNMENT
+
+
+def slot_start(end: int, nbytes: int) -> int:
+    """Where a tensor of ``nbytes`` goes in an arena filled up to ``end``."""
+    if nbytes >= PAGE_ALIGNED_FROM:
+        return -(-end // PAGE) * PAGE
+    return end
 
 
 def _anonymous_file() -> int:

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..state.model import LocalState, TensorItem
-from .arena import ALIGNMENT, align
+from .arena import ALIGNMENT, align, slot_start
 
 
 @dataclass
@@ -60,13 +60,14 @@ def plan_layout(
             offsets.append(slot_of[key])
             continue
         size = align(item.nbytes)
-        if capacity is not None and end + size > capacity and indices:
+        start = slot_start(end, item.nbytes)
+        if capacity is not None and start + size > capacity and indices:
             waves.append((indices, offsets))
-            indices, offsets, slot_of, end = [], [], {}, 0
-        slot_of[key] = end
+            indices, offsets, slot_of, start = [], [], {}, 0
+        slot_of[key] = start
         indices.append(n)
-        offsets.append(end)
-        end += size
+        offsets.append(start)
+        end = start + size
         largest = max(largest, end)
     waves.append((indices, offsets))
     signature = tuple((it.dtype, it.sizes) for it in items) + tuple(
