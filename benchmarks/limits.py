@@ -2,7 +2,9 @@
 
 * memcpy_shm: copy_ into warm, preallocated shared-memory buffers (staging floor).
 * raw_write_fsync: the tensor bytes written sequentially to one file + fsync
-  (durable-write floor); its load is a cold read of that file (read floor).
+  (the 1-stream durable-write floor); its load is a cold read of that file
+  (the 1-stream read floor). floors.py adds N streams and O_DIRECT; the best
+  floor of a run is the fastest of them all.
 
 Also the page-cache helpers the runner uses to make every load cold: a
 per-file posix_fadvise(DONTNEED) after fsync (needs no root, unlike
@@ -212,3 +214,6 @@ class RawWriteFsync(Method):
     def expected(self, state: dict[str, Any]) -> Any:
         # Raw bytes carry no structure or Python values: compare tensors only.
         return list(iter_tensors(state))
+
+    def info(self) -> dict[str, Any]:
+        return {"streams": 1, "direct": False}

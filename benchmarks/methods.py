@@ -16,6 +16,7 @@ from collections.abc import Callable
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
 from benchmarks.base import Method
+from benchmarks.floors import StreamWriteFloor
 from benchmarks.limits import MemcpyShm, RawWriteFsync
 from benchmarks.ours import AsyncCkptAsync, AsyncCkptBudget, AsyncCkptFrozen, AsyncCkptSave
 from benchmarks.peers import DcpAsync, DcpSave, TorchSave, best_staging
@@ -23,13 +24,32 @@ from benchmarks.peers import DcpAsync, DcpSave, TorchSave, best_staging
 Factory = Callable[[], Method]
 
 # Names of the limits the runner divides by; keep them registered.
-WRITE_FLOOR = "raw_write_fsync"
+WRITE_FLOOR = "raw_write_fsync"  # the 1-stream floor: "commit / 1-stream floor"
 COPY_FLOOR = "memcpy_shm"
+
+
+def _stream_floors() -> dict[str, Factory]:
+    """raw_write_fsync_{2,4,8}streams, raw_write_fsync_direct_{1stream,2,4,8streams}."""
+    out: dict[str, Factory] = {}
+    for direct in (False, True):
+        for n in (1, 2, 4, 8):
+            if n == 1 and not direct:
+                continue  # that is raw_write_fsync itself
+            name = f"raw_write_fsync_{'direct_' if direct else ''}{n}stream{'s' if n > 1 else ''}"
+            out[name] = lambda n=n, direct=direct: StreamWriteFloor(n, direct=direct)
+    return out
+
+
+STREAM_FLOORS = _stream_floors()
+DIRECT_FLOORS = [n for n in STREAM_FLOORS if n.startswith("raw_write_fsync_direct_")]
+# The variants whose lowest median is the best write (commit) / read (load) floor.
+FLOOR_VARIANTS: list[str] = [WRITE_FLOOR, *STREAM_FLOORS]
 
 REGISTRY: dict[str, Factory] = {
     # physical limits
     COPY_FLOOR: lambda: MemcpyShm(threads=2),
     WRITE_FLOOR: lambda: RawWriteFsync(),
+    **STREAM_FLOORS,  # N streams, buffered and O_DIRECT: the best floors (floors.py)
     # peers
     "torch_save": lambda: TorchSave(),
     "dcp_save": lambda: DcpSave(),
@@ -50,11 +70,13 @@ REGISTRY: dict[str, Factory] = {
 
 
 def select(spec: str) -> list[str]:
-    """'all' or a comma list of registered names (order kept) -> names."""
+    """'all', 'none', 'floors' or a comma list of registered names (order kept) -> names."""
     if spec.strip() == "all":
         return list(REGISTRY)
     if spec.strip() == "none":  # e.g. only the multi-rank runs
         return []
+    if spec.strip() == "floors":  # every write/read floor variant, nothing else
+        return list(FLOOR_VARIANTS)
     names = [n.strip() for n in spec.split(",") if n.strip()]
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:

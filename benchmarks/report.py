@@ -139,19 +139,19 @@ def markdown(result: dict[str, Any]) -> str:
             f"## {size['label']} ({fmt_bytes(size['nbytes'])} in {size['n_tensors']} tensors, "
             f"{result['repeats']} runs, median of runs 2..N)",
             "",
-            "| method | return s | staged s | commit s | commit GB/s | commit / write floor "
-            "| staged / copy floor | load s | load / read floor | main RSS Δ | children RSS Δ "
-            "| step slowdown |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| method | return s | staged s | commit s | commit GB/s | commit / 1-stream floor "
+            "| commit / best floor | staged / copy floor | load s | load / 1-stream read "
+            "| load / best read | main RSS Δ | children RSS Δ | step slowdown |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, m in size["methods"].items():
             if m.get("error"):
                 # The exception line is the last line of the traceback.
                 why = m["error"].strip().splitlines()[-1][:100].replace("|", "/")
-                lines.append(f"| {name} | failed: {why} |" + " |" * 10)
+                lines.append(f"| {name} | failed: {why} |" + " |" * 12)
                 continue
             if m.get("skipped"):
-                lines.append(f"| {name} | {m['skipped']} |" + " |" * 10)
+                lines.append(f"| {name} | {m['skipped']} |" + " |" * 12)
                 continue
             s, r = m["summary"], m["ratios"]
             gbps = (size["nbytes"] / s["commit_s"]["median"] / 1e9) if s.get("commit_s") else None
@@ -166,9 +166,11 @@ def markdown(result: dict[str, Any]) -> str:
                         _cell(s.get("commit_s")),
                         "—" if gbps is None else f"{gbps:.2f}",
                         _ratio(r.get("commit_vs_write")),
+                        _ratio(r.get("commit_vs_best_write")),
                         _ratio(r.get("staged_vs_copy")),
                         _cell(s.get("load_s")),
                         _ratio(r.get("load_vs_read")),
+                        _ratio(r.get("load_vs_best_read")),
                         fmt_bytes(rss_d["median"]) if rss_d else "—",
                         fmt_bytes(rss_c["median"]) if rss_c and rss_c["median"] else "—",
                         _ratio(m.get("probe", {}).get("slowdown")),
@@ -177,6 +179,7 @@ def markdown(result: dict[str, Any]) -> str:
                 + " |"
             )
         lines.append("")
+        lines += floors_section(size)
         lines += ours_details(size)
         if size.get("isolated"):
             lines += isolated_section(size["isolated"])
@@ -185,14 +188,62 @@ def markdown(result: dict[str, Any]) -> str:
     lines += targets_section(result)
     lines += [
         "return = async call returned; staged = state may be mutated again (the training "
-        "stall); commit = durable on disk (for memcpy_shm: copy done). Floors are the "
-        "memcpy_shm / raw_write_fsync medians of the same run. Loads are cold (page cache "
+        "stall); commit = durable on disk (for memcpy_shm: copy done). Floors are medians "
+        "of the same run: copy = memcpy_shm; 1-stream = raw_write_fsync (its commit, its cold "
+        "read); best = the fastest floor variant (see Floors). Loads are cold (page cache "
         "dropped per file). RSS Δ = peak during the save minus RSS at its start (children: "
         "all descendant processes; shared pages count in each). Step slowdown = probe step "
         "time while the write is in flight / alone.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _best_line(best: dict[str, Any] | None, what: str) -> str:
+    if not best:
+        return f"no {what}: no floor variant ran"
+    return f"{what}: `{best['method']}` ({best['seconds']:.3f} s, {best['gb_per_s']:.2f} GB/s)"
+
+
+def floors_section(size: dict[str, Any]) -> list[str]:
+    """Every write/read floor variant of the size, and which one is the best floor."""
+    floors = size.get("floors")
+    if not floors:
+        return []
+    best_w = (floors.get("write") or {}).get("method")
+    best_r = (floors.get("read") or {}).get("method")
+    rows = []
+    for name, m in size["methods"].items():
+        if name not in floors.get("variants", []):
+            continue
+        info, s = m.get("info", {}), m.get("summary", {})
+        io = "O_DIRECT" if info.get("direct") else "buffered"
+        if m.get("error") or m.get("skipped"):
+            why = (m.get("skipped") or m["error"].strip().splitlines()[-1])[:100]
+            rows.append(f"| {name} | {info.get('streams', '?')} | {io} | {why} | | | |")
+            continue
+        cells = []
+        for key, best in (("commit_s", best_w), ("load_s", best_r)):
+            summ = s.get(key)
+            gbps = f"{size['nbytes'] / summ['median'] / 1e9:.2f}" if summ else "—"
+            mark = "**" if name == best else ""
+            cells += [f"{mark}{_cell(summ)}{mark}", gbps]
+        rows.append(f"| {name} | {info.get('streams', '?')} | {io} | " + " | ".join(cells) + " |")
+    skipped = floors.get("skipped") or {}
+    return [
+        f"### Floors ({size['label']})",
+        "",
+        "| floor | streams | I/O | write + fsync s | write GB/s | cold read s | read GB/s |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        f"{_best_line(floors.get('write'), 'Best write floor')}. "
+        f"{_best_line(floors.get('read'), 'Best read floor')}. "
+        "Each is the lowest median of the variants above in this run; `commit / best floor` "
+        "and `load / best read` divide by them, the 1-stream ratios by `raw_write_fsync`."
+        + (f" Skipped: {', '.join(skipped)} ({next(iter(skipped.values()))})." if skipped else ""),
+        "",
+    ]
 
 
 def _med(s: dict[str, Any] | None, scale: float = 1.0, digits: int = 3) -> str:

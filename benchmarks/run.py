@@ -22,6 +22,7 @@ from typing import Any
 
 from benchmarks import methods as registry
 from benchmarks import multirank, plots, report, targets
+from benchmarks.floors import best_floors, direct_io_unsupported
 from benchmarks.harness import bench_size, log
 from benchmarks.limits import check_fadvise
 from benchmarks.metrics import fmt_bytes
@@ -46,7 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--methods",
         default="all",
-        help=f"'all', 'none' or comma list of: {', '.join(registry.REGISTRY)}",
+        help=f"'all', 'none', 'floors' (the write/read floor variants) or comma list of: "
+        f"{', '.join(registry.REGISTRY)}",
     )
     p.add_argument(
         "--ranks",
@@ -109,6 +111,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def bench_with_floors(
+    size: int,
+    label: str,
+    names: list[str],
+    unsupported: dict[str, str],
+    args: argparse.Namespace,
+    scratch: Path,
+) -> dict[str, Any]:
+    """bench_size on `names` less `unsupported` (marked skipped, with why), plus the
+    size's best write and read floors."""
+    runnable = [n for n in names if n not in unsupported]
+    res = bench_size(size, label, runnable, args, scratch)
+    res["methods"] = {
+        n: res["methods"].get(n)
+        or {"runs": [], "skipped": f"skipped: {unsupported[n]}", "info": registry.create(n).info()}
+        for n in names
+    }
+    variants = [n for n in registry.FLOOR_VARIANTS if n in names]
+    res["floors"] = best_floors(res, [n for n in variants if n in runnable])
+    res["floors"]["variants"] = variants
+    res["floors"]["skipped"] = {n: unsupported[n] for n in variants if n in unsupported}
+    for kind in ("write", "read"):
+        best = res["floors"][kind]
+        if best:
+            log(
+                f"[{label}] best {kind} floor: {best['method']} {best['seconds']:.3f}s "
+                f"({best['gb_per_s']:.2f} GB/s)"
+            )
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     names = registry.select(args.methods)
@@ -130,9 +163,16 @@ def main(argv: list[str] | None = None) -> int:
         log(
             f"warning: page cache drop did not work here, loads are warm: {result['fadvise_check']}"
         )
+    # O_DIRECT floors where the filesystem refuses O_DIRECT (some tmpfs): skipped, with why.
+    no_direct = direct_io_unsupported(scratch)
+    unsupported = {n: no_direct for n in names if no_direct and n in registry.DIRECT_FLOORS}
+    if unsupported:
+        log(f"warning: {no_direct}; skipping {', '.join(unsupported)}")
     try:
         for size, label in args.sizes if names else []:
-            result["sizes"].append(bench_size(size, label, names, args, scratch))
+            result["sizes"].append(
+                bench_with_floors(size, label, names, unsupported, args, scratch)
+            )
         if args.ranks:
             shutdown_dcp()  # the 1-rank group and DCP's daemon are not needed any more
         modes = {"busy": [True], "idle": [False], "both": [True, False]}[args.ranks_mode]
