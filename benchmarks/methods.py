@@ -20,6 +20,7 @@ from benchmarks.floors import StreamWriteFloor
 from benchmarks.limits import MemcpyShm, RawWriteFsync
 from benchmarks.ours import AsyncCkptAsync, AsyncCkptBudget, AsyncCkptFrozen, AsyncCkptSave
 from benchmarks.peers import DcpAsync, DcpSave, TorchSave, best_staging
+from benchmarks.peers_ext import available_peers
 
 Factory = Callable[[], Method]
 
@@ -56,6 +57,9 @@ REGISTRY: dict[str, Factory] = {
     "dcp_async_thread": lambda: DcpAsync(AsyncCheckpointerType.THREAD),
     "dcp_async_process": lambda: DcpAsync(AsyncCheckpointerType.PROCESS),
     "dcp_async_process_best": lambda: DcpAsync(AsyncCheckpointerType.PROCESS, best_staging()),
+    # third-party peers (benchmarks/peers_ext.py, extra `peers`), only where they run:
+    # nvrx_async, torchsnapshot_async, torchsnapshot_async_fsync
+    **available_peers(),
     # async_ckpt (benchmarks/ours.py)
     "async_ckpt_save": lambda: AsyncCkptSave(),
     "async_ckpt_async_process": lambda: AsyncCkptAsync("process"),
