@@ -21,6 +21,7 @@ from .dist.ranks import caller_comm
 from .errors import SaveInProgressError
 from .executor import AsyncCheckpointer, SaveFuture, inflight
 from .format.metadata import Metadata
+from .gc_pause import gc_paused
 from .pipeline.load import LoadResult, run_load
 from .pipeline.save import run_save
 from .pipeline.waves import memory_waves
@@ -59,7 +60,8 @@ def save(
     dcp_compat.check_writer(storage_writer)
     _check_use_collectives(use_collectives)
     writer = storage_writer or detect_writer(checkpoint_id)
-    state, tensors = describe(flatten(state_dict))
+    with gc_paused():
+        state, tensors = describe(flatten(state_dict))
     waves = memory_waves(state, tensors)
     comm = caller_comm(process_group, no_dist, "async_ckpt.save")
     return run_save(state, waves, writer, comm, Planner())
@@ -228,16 +230,18 @@ def load(
     partial = dcp_compat.partial_load(planner)
     dcp_compat.check_reader(storage_reader)
     reader = storage_reader or detect_reader(checkpoint_id)
-    return run_load(
-        state_dict,
-        reader,
-        strict=False if partial else strict,
-        verify=verify,
-        allow_lossy_cast=allow_lossy_cast,
-        verify_first=verify_first,
-        comm=caller_comm(process_group, no_dist, "async_ckpt.load"),
-        progress=progress,
-    )
+    comm = caller_comm(process_group, no_dist, "async_ckpt.load")
+    with gc_paused():  # decoding and placing many entries: see gc_pause
+        return run_load(
+            state_dict,
+            reader,
+            strict=False if partial else strict,
+            verify=verify,
+            allow_lossy_cast=allow_lossy_cast,
+            verify_first=verify_first,
+            comm=comm,
+            progress=progress,
+        )
 
 
 def save_state_dict(

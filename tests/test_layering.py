@@ -10,10 +10,11 @@ import async_ckpt
 PACKAGE = Path(async_ckpt.__file__).parent
 
 # What each top-level part of the package may import from the package (besides itself).
-BASE = {"errors", "settings"}
+BASE = {"errors", "settings", "gc_pause"}
 ALLOWED = {
     "errors": set(),
     "settings": {"errors"},
+    "gc_pause": set(),
     "format": BASE,
     "state": BASE | {"format"},
     "dist": BASE,

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from ..dist.group import DEFAULT_TIMEOUT_S
 from ..dist.ranks import use_distributed
 from ..errors import CheckpointError, SaveInProgressError, SaveTimeoutError
+from ..gc_pause import gc_paused
 from ..pipeline.commit import check_extra
 from ..staging.snapshot import Snapshot
 from ..staging.stager import Stager
@@ -155,7 +156,8 @@ class AsyncCheckpointer:
                     f"a save to {previous.stats.checkpoint_id!r} is still running; await it "
                     "first, or use if_busy='wait'"
                 )
-        state, tensors = describe(flatten(state_dict), self._describe_cache)
+        with gc_paused():  # a big state's walk would trigger many full collections
+            state, tensors = describe(flatten(state_dict), self._describe_cache)
         with self._lock:
             self._save_no += 1
             save_no = self._save_no
@@ -186,7 +188,8 @@ class AsyncCheckpointer:
         self._last = future
         # Last, so that with async staging nothing of ours runs here after the
         # staging thread starts (it would compete with this thread for the GIL).
-        self.stager.fill(snapshot)
+        with gc_paused():
+            self.stager.fill(snapshot)
         stats.stall_s = time.perf_counter() - t0
         return future
 

@@ -25,6 +25,7 @@ from ..dist.arrival import check_in
 from ..dist.comm import Comm, LocalComm
 from ..dist.group import connect_group
 from ..errors import SaveFailedError
+from ..gc_pause import gc_paused
 from ..pipeline.save import SaveTimings, run_save
 from ..pipeline.waves import staged_waves
 from ..planning.plan import Planner
@@ -149,9 +150,10 @@ class _Worker:
             places = _received_places(self.sock, save, self.closing)
             written = partial(self.report_written, save.save_no)
             waves = staged_waves(state, self.arenas, places, written)
-            meta = run_save(
-                state, waves, writer, self.comm, self.planner, timings=timings, extra=save.extra
-            )
+            with gc_paused():  # the worker makes no cycles; a big state's saves make many objects
+                meta = run_save(
+                    state, waves, writer, self.comm, self.planner, timings=timings, extra=save.extra
+                )
             return Done(save.save_no, meta, timings)
         except Exception as exc:
             return Failed(save.save_no, _portable_error(exc), timings)

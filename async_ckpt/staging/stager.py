@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import CheckpointError, SaveFailedError
+from ..gc_pause import gc_paused
 from ..state.model import LocalState, TensorItem
 from .arena import ALIGNMENT, Arena
 from .layout import (
@@ -290,6 +291,10 @@ class Stager:
             del work  # do not hold the caller's tensors until the next save
 
     def _stage_waves(self, snap: Snapshot, pending: PendingCopy) -> None:
+        with gc_paused(), torch.no_grad():
+            self._stage_waves_paused(snap, pending)
+
+    def _stage_waves_paused(self, snap: Snapshot, pending: PendingCopy) -> None:
         wave = snap.waves[0]
         done_slots: set[int] = set()  # arena slots filled since this buffer was taken
         try:
