@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-busy lint typecheck format bench bench-full clean
+.PHONY: venv demo test test-busy lint typecheck format bench bench-full clean gpu-check
 
 venv: $(STAMP)
 
@@ -53,6 +53,12 @@ accelerate-bench: $(STAMP)
 
 bench-full: $(STAMP)
 	$(PY) -m benchmarks.run --size 1GiB --size 4GiB --repeats 5 --ranks 2 --ranks 4
+
+# Issue 17: the gpu-marked tests and the GPU benchmark in at most 5 minutes; one table,
+# JSON in benchmarks/results/gpu-<stamp>.json. Without CUDA: one line, exit 0.
+# With the CPU build of torch on a GPU machine: GPU_CHECK_ARGS=--install-cuda-torch
+gpu-check: $(STAMP)
+	$(PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .bench-tmp
