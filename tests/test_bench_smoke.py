@@ -79,7 +79,12 @@ def _check_methods(result: dict[str, Any]) -> None:
         if "load_s" in m["runs"][0]:
             assert _number(m["summary"]["load_s"]["median"]), name
         if "probe" in m:
-            assert _number(m["probe"]["slowdown"]), name
+            # A write shorter than one probe step (torchsnapshot without fsync, at
+            # the smoke size) leaves no step to compare: no figure, not a wrong one.
+            if m["probe"]["steps_during"] == 0:
+                assert m["probe"]["slowdown"] is None, name
+            else:
+                assert _number(m["probe"]["slowdown"]), name
     ours = {n: m for n, m in size["methods"].items() if n.startswith("async_ckpt")}
     assert ours, "no async_ckpt method registered"
     for name, m in ours.items():

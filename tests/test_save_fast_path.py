@@ -137,3 +137,42 @@ def test_the_worker_gets_the_structure_once_and_values_every_save(tmp_path, monk
     out = {"w": torch.zeros(8), "x": torch.zeros(2), "step": -1}
     async_ckpt.load(out, checkpoint_id=tmp_path / "3")
     assert out["step"] == 3 and torch.equal(out["x"], torch.ones(2))
+
+
+@pytest.mark.parametrize("async_staging", [False, True])
+def test_steady_saves_reuse_the_copy_plan_and_stage_the_current_values(tmp_path, async_staging):
+    """The second save of one structure reuses the cached copy plan (views and indices);
+    values changed in place, parameters that require grad and a tensor replaced by a new
+    object of the same shape all reach the checkpoint."""
+    params = [torch.nn.Parameter(torch.randn(3, 5)) for _ in range(40)]
+    buffers = {f"b{i}": torch.randn(7) for i in range(40)}
+
+    def state():
+        return {"p": {str(i): p for i, p in enumerate(params)}, "b": dict(buffers)}
+
+    stager = Stager(async_staging=async_staging)
+    with AsyncCheckpointer(executor="thread", no_dist=True, stager=stager) as ckpt:
+        for name in ("a", "b"):  # one save per staging buffer
+            ckpt.save(state(), checkpoint_id=tmp_path / name).result(timeout=60)
+        plans = [dict(p) for p in stager._plans]
+        with torch.no_grad():
+            for p in params:
+                p.mul_(2.0)
+        ckpt.save(state(), checkpoint_id=tmp_path / "c").result(timeout=60)
+        reused = [
+            plan is plans[n].get(index)
+            for n, buffer_plans in enumerate(stager._plans)
+            for index, plan in buffer_plans.items()
+        ]
+        assert reused and all(reused)
+        buffers["b3"] = torch.full((7,), 5.0)  # a new object under an old key
+        ckpt.save(state(), checkpoint_id=tmp_path / "d").result(timeout=60)
+    target = {
+        "p": {str(i): torch.zeros(3, 5) for i in range(40)},
+        "b": {f"b{i}": torch.zeros(7) for i in range(40)},
+    }
+    async_ckpt.load(target, checkpoint_id=tmp_path / "d")
+    for i, p in enumerate(params):
+        assert torch.equal(target["p"][str(i)], p.detach())
+    for key, value in buffers.items():
+        assert torch.equal(target["b"][key], value)

@@ -29,11 +29,14 @@ from the copy time to roughly the time to write all but the last
 from __future__ import annotations
 
 import copy
+import itertools
+import operator
 import os
 import queue
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -59,6 +62,42 @@ if TYPE_CHECKING:
     from .options import StagerOverrides
 
 _PARALLEL_COPY_BYTES = 16 * 1024 * 1024  # below this, one thread copies faster
+
+
+_data_ptr = torch.Tensor.data_ptr
+_stride = torch.Tensor.stride
+_is_cuda = operator.attrgetter("is_cuda")
+
+
+def _first_cuda(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The first CUDA tensor, without a Python-level loop over the (many) CPU ones."""
+    return next(itertools.compress(tensors, map(_is_cuda, tensors)), None)
+
+
+# One call copies a whole list (torch >= 2.1); a Python loop of copy_ costs
+# about 3 us per tensor, which dominates a state of 100k small tensors.
+_foreach_copy = getattr(torch, "_foreach_copy_", None)
+
+
+def _copy_all(jobs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    if _foreach_copy is not None and len(jobs) > 1:
+        dsts, srcs = zip(*jobs, strict=True)
+        _foreach_copy(list(dsts), list(srcs))
+        return
+    for dst, src in jobs:
+        dst.copy_(src)
+
+
+@dataclass(eq=False)
+class _CopyPlan:
+    """A wave's copies: the item indices to copy, their arena views, their bytes, and
+    the arena slots they fill. ``items`` is the layout's list it was made for."""
+
+    items: list[int]
+    indices: list[int] = field(default_factory=list)
+    dsts: list[torch.Tensor] = field(default_factory=list)
+    slots: set[int] = field(default_factory=set)
+    nbytes: int = 0
 
 
 class Stager:
@@ -102,7 +141,9 @@ class Stager:
         )
         self._stage_thread: threading.Thread | None = None
         # (items, data pointers, layout) of the last stage
-        self._last_layout: tuple[list[TensorItem], list[tuple[int, Any]], Layout] | None = None
+        self._last_layout: tuple[list[TensorItem], tuple[list[int], list[Any]], Layout] | None = (
+            None
+        )
         self._arenas: list[Arena] = []
         self._leases: list[threading.Event] = []
         # per buffer: item index -> last copy's mark
@@ -110,6 +151,8 @@ class Stager:
         # per buffer: item index -> its typed, shaped arena view; valid for the layout's
         # lifetime (the signature fixes every item's dtype, shape and offset)
         self._views: list[dict[int, torch.Tensor]] = []
+        # per buffer: wave index -> its copy plan (views and sources), for that wave's layout
+        self._plans: list[dict[int, _CopyPlan]] = []
         self._next = 0
         self._lock = threading.Lock()
         threads = self.options.copy_threads or min(4, os.cpu_count() or 1)
@@ -127,7 +170,7 @@ class Stager:
             return
         for lease in self._leases:
             lease.wait()  # old arenas may still be written from
-        self._views = []  # they pin the mapping: drop them before closing
+        self._views, self._plans = [], []  # they pin the mapping: drop them before closing
         for arena in self._arenas:
             arena.close()
         self._arenas, self._layout = [], None  # a failed allocation below re-plans next time
@@ -142,6 +185,7 @@ class Stager:
             lease.set()
         self._seen = [{} for _ in self._arenas]
         self._views = [{} for _ in self._arenas]
+        self._plans = [{} for _ in self._arenas]
         self._layout = layout
         self._next = 0
         self.generation += 1
@@ -175,7 +219,8 @@ class Stager:
 
     def _cached_layout(self, state: LocalState, tensors: list[torch.Tensor]) -> Layout:
         """The previous layout while the items (same objects) and their memory are unchanged."""
-        pointers = [(t.data_ptr(), t.stride()) for t in tensors]  # what tying depends on
+        # what tying depends on; map() keeps the per-tensor cost in C (100k tensors)
+        pointers = (list(map(_data_ptr, tensors)), list(map(_stride, tensors)))
         last = self._last_layout
         if (
             last is not None
@@ -193,7 +238,7 @@ class Stager:
         """Allocate (and pre-fault) the arenas for this structure now, copying nothing."""
         with self._lock:
             state, tensors, layout = self._fit(state, tensors)
-            self._ensure_arenas(layout, any(t.device.type == "cuda" for t in tensors))
+            self._ensure_arenas(layout, _first_cuda(tensors) is not None)
 
     def stage(self, state: LocalState, tensors: list[torch.Tensor]) -> Snapshot:
         """Copy ``tensors`` (aligned with ``state.items``) into free arenas: ``begin`` + ``fill``.
@@ -230,7 +275,8 @@ class Stager:
                 except BaseException:
                     pass
             state, tensors, layout = self._fit(state, tensors)
-            cuda = [t.device for t in tensors if t.device.type == "cuda"][:1]
+            first_cuda = _first_cuda(tensors)
+            cuda = [first_cuda.device] if first_cuda is not None else []
             self._ensure_arenas(layout, bool(cuda))
             count = len(self._arenas)
             first = self._next
@@ -305,9 +351,9 @@ class Stager:
                     raise SaveFailedError("staging stopped: a write of this save failed")
                 if wave.fresh:
                     done_slots = set()
-                jobs = self._copy_jobs(snap, wave, pending.tensors, done_slots)
-                snap.copied_bytes += sum(dst.nbytes for dst, _ in jobs)
-                self._run_copies(jobs, pending.stream)
+                jobs, nbytes = self._copy_jobs(snap, wave, pending.tensors, done_slots)
+                snap.copied_bytes += nbytes
+                self._run_copies(jobs, nbytes, pending.stream)
                 wave.staged.set_result(None)
         except BaseException as exc:  # the save fails
             self._seen[wave.buffer].clear()  # the buffer's contents are unknown now
@@ -321,11 +367,49 @@ class Stager:
 
     def _copy_jobs(
         self, snap: Snapshot, wave: Wave, tensors: list[torch.Tensor], done_slots: set[int]
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Copies for the wave's items, skipping slots already filled in this buffer."""
-        seen, views = self._seen[wave.buffer], self._views[wave.buffer]
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+        """Copies for the wave's items, skipping slots already filled in this buffer; and
+        their bytes."""
         # Only while the buffers stay with their items: not when waves take turns in them.
-        skip_unchanged = self.options.skip_unchanged and not any(w.fresh for w in snap.waves[1:])
+        if self.options.skip_unchanged and not any(w.fresh for w in snap.waves[1:]):
+            jobs = self._changed_jobs(snap, wave, tensors, done_slots)
+            return jobs, sum(dst.nbytes for dst, _ in jobs)
+        plan = self._copy_plan(snap, wave, tensors, done_slots)
+        sources = map(tensors.__getitem__, plan.indices)
+        return list(zip(plan.dsts, sources, strict=True)), plan.nbytes
+
+    def _copy_plan(
+        self, snap: Snapshot, wave: Wave, tensors: list[torch.Tensor], done_slots: set[int]
+    ) -> _CopyPlan:
+        """Which items a wave copies, into which views: fixed while its layout is the same
+        object, so a steady loop of 100k tensors reuses it instead of rebuilding it."""
+        plans = self._plans[wave.buffer]
+        plan = plans.get(wave.index)
+        if plan is not None and plan.items is wave.items:
+            done_slots |= plan.slots
+            return plan
+        views, arena, items = self._views[wave.buffer], snap.arenas[wave.buffer], snap.state.items
+        plan = _CopyPlan(wave.items)
+        for n, off in zip(wave.items, wave.offsets, strict=True):
+            item, src = items[n], tensors[n]
+            if off in done_slots or item.nbytes == 0:
+                continue
+            done_slots.add(off)
+            plan.slots.add(off)
+            dst = views.get(n)
+            if dst is None:
+                dst = views[n] = arena.view(off, item.nbytes).view(src.dtype).view(src.shape)
+            plan.indices.append(n)
+            plan.dsts.append(dst)
+            plan.nbytes += dst.nbytes
+        plans[wave.index] = plan
+        return plan
+
+    def _changed_jobs(
+        self, snap: Snapshot, wave: Wave, tensors: list[torch.Tensor], done_slots: set[int]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies for the wave's items whose tensors changed since this buffer's last copy."""
+        seen, views = self._seen[wave.buffer], self._views[wave.buffer]
         arena = snap.arenas[wave.buffer]
         items = snap.state.items
         jobs = []
@@ -334,16 +418,15 @@ class Stager:
             if off in done_slots or item.nbytes == 0:
                 continue
             done_slots.add(off)
-            if skip_unchanged:
-                # The storage itself (weakly) is part of the mark: a freed tensor's
-                # address is soon reused by a new one with the same _version (0), e.g.
-                # torch.get_rng_state() or a numpy leaf re-wrapped at every save.
-                storage = src.untyped_storage()
-                mark = (storage_key(src), src._version)
-                last = seen.get(n)
-                if last is not None and last[0] == mark and last[1]() is storage:
-                    continue
-                seen[n] = (mark, weakref.ref(storage))
+            # The storage itself (weakly) is part of the mark: a freed tensor's
+            # address is soon reused by a new one with the same _version (0), e.g.
+            # torch.get_rng_state() or a numpy leaf re-wrapped at every save.
+            storage = src.untyped_storage()
+            mark = (storage_key(src), src._version)
+            last = seen.get(n)
+            if last is not None and last[0] == mark and last[1]() is storage:
+                continue
+            seen[n] = (mark, weakref.ref(storage))
             dst = views.get(n)
             if dst is None:  # first stage of this layout; later stages reuse the view
                 dst = views[n] = arena.view(off, item.nbytes).view(src.dtype).view(src.shape)
@@ -351,12 +434,18 @@ class Stager:
         return jobs
 
     def _run_copies(
-        self, jobs: list[tuple[torch.Tensor, torch.Tensor]], compute: torch.cuda.Stream | None
+        self,
+        jobs: list[tuple[torch.Tensor, torch.Tensor]],
+        nbytes: int,
+        compute: torch.cuda.Stream | None,
     ) -> None:
+        if compute is None:  # no CUDA tensor in this state (begin read the stream only then)
+            self._copy_cpu(jobs, nbytes)
+            return
         cuda_jobs = [(d, s) for d, s in jobs if s.device.type == "cuda"]
         cpu_jobs = [(d, s) for d, s in jobs if s.device.type != "cuda"]
         event = self._copy_cuda(cuda_jobs, compute) if cuda_jobs else None
-        self._copy_cpu(cpu_jobs)
+        self._copy_cpu(cpu_jobs, sum(d.nbytes for d, _ in cpu_jobs))
         if event is not None:
             event.synchronize()  # "staged" only after the D2H copies completed
 
@@ -374,11 +463,9 @@ class Stager:
             event.record(self._stream)
         return event
 
-    def _copy_cpu(self, jobs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        total = sum(d.nbytes for d, _ in jobs)
+    def _copy_cpu(self, jobs: list[tuple[torch.Tensor, torch.Tensor]], total: int) -> None:
         if self._threads == 1 or total < _PARALLEL_COPY_BYTES:
-            for dst, src in jobs:
-                dst.copy_(src)
+            _copy_all(jobs)
             return
         # Balance bytes over threads; split the biggest tensors along dim 0 so
         # one huge matrix does not leave the other threads idle.
@@ -398,8 +485,8 @@ class Stager:
             load[j] += dst.nbytes
 
         def run(b: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-            for dst, src in b:
-                dst.copy_(src)
+            with torch.no_grad():
+                _copy_all(b)
 
         for f in [self._pool.submit(run, b) for b in bins if b]:
             f.result()
@@ -413,7 +500,7 @@ class Stager:
         with self._lock:
             for lease in self._leases:
                 lease.wait(timeout=60)
-            self._views = []
+            self._views, self._plans = [], []
             for arena in self._arenas:
                 arena.close()
             self._arenas, self._leases, self._layout = [], [], None

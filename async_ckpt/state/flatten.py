@@ -149,24 +149,51 @@ def _visit_value(obj: Any, path: KeyPath, flat: Flat, active: set[int], deferred
         active.add(id(obj))
         if isinstance(obj, Mapping):
             _add(flat, path, "dict")
-            items = list(obj.items())
-            for k, _ in items:
-                if isinstance(k, bool) or not isinstance(k, (str, int)):
-                    raise StateDictError(
-                        f"key {k!r} under {key_of(path)!r} is a {type(k).__qualname__}; "
-                        "state dict keys must be str or int"
-                    )
+            items: Any = obj.items()
         else:
             _add(flat, path, "tuple" if isinstance(obj, tuple) else "list")
-            items = list(enumerate(obj))
-        for k, v in items:
-            _visit(v, (*path, k), flat, active, deferred)
+            items = enumerate(obj)
+        _visit_children(list(items), path, flat, active, deferred, isinstance(obj, Mapping))
         active.discard(id(obj))
         return obj
     if not path:
         raise StateDictError("the top of a state dict must be a dict")
     _add(flat, path, None, obj)
     return obj
+
+
+def _visit_children(
+    items: list[tuple[Any, Any]],
+    path: KeyPath,
+    flat: Flat,
+    active: set[int],
+    deferred: _Deferred,
+    mapping: bool,
+) -> None:
+    """A container's children. Plain leaves (most of a big state) are added inline: the
+    per-leaf cost of 100k tensors is the caller's stall."""
+    if mapping:
+        for k, _ in items:
+            if isinstance(k, bool) or not isinstance(k, (str, int)):
+                raise StateDictError(
+                    f"key {k!r} under {key_of(path)!r} is a {type(k).__qualname__}; "
+                    "state dict keys must be str or int"
+                )
+    prefix = key_of(path) + "." if path else ""
+    leaves, paths, containers = flat.leaves, flat.paths, flat.containers
+    for k, v in items:
+        if type(v) not in _PLAIN_LEAVES:
+            _visit(v, (*path, k), flat, active, deferred)
+            continue
+        key = prefix + (k if type(k) is str else str(k))  # == key_of((*path, k))
+        if not key.isascii():
+            _check_encodable(key)
+        if key in paths or key in containers:
+            raise StateDictError(
+                f"two entries flatten to the same key {key!r}; rename one (keys are joined with '.')"
+            )
+        leaves[key] = v
+        paths[key] = (*path, k)
 
 
 def _empty(kind: str) -> Any:
