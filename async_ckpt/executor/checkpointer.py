@@ -19,7 +19,7 @@ from ..pipeline.commit import check_extra
 from ..staging.snapshot import Snapshot
 from ..staging.stager import Stager
 from ..state.describe import DescribeCache, describe
-from ..state.flatten import flatten
+from ..state.flatten import flatten, take_states
 from ..storage.base import StorageWriter
 from ..storage.detect import detect_writer
 from . import inflight
@@ -89,6 +89,7 @@ class AsyncCheckpointer:
         self._lock = threading.Lock()
         self._closed = False
         self._describe_cache = DescribeCache()
+        self._walk_elsewhere = False  # see _save_elsewhere
         _LIVE.add(self)
 
     # ------------------------------------------------------------------ lifecycle
@@ -133,6 +134,10 @@ class AsyncCheckpointer:
 
         With synchronous staging (default) the state may be mutated as soon as
         this returns; with ``async_staging`` only after ``fut.staged`` is done.
+        With ``async_staging``, saves after the first walk the state on the
+        staging thread (only Stateful objects' ``state_dict()`` runs here), so
+        errors in the state then fail the future (docs/concepts.md, "Where the
+        walk of the state runs").
 
         ``extra`` is a small dict of application data (metrics, a run id) stored
         in the checkpoint's metadata (``Metadata.extra``; ``async-ckpt ls`` shows
@@ -156,6 +161,8 @@ class AsyncCheckpointer:
                     f"a save to {previous.stats.checkpoint_id!r} is still running; await it "
                     "first, or use if_busy='wait'"
                 )
+        if self.stager.options.async_staging and self._walk_elsewhere:
+            return self._save_elsewhere(state_dict, writer, executor, t0, timeout, extra)
         with gc_paused():  # a big state's walk would trigger many full collections
             state, tensors = describe(flatten(state_dict), self._describe_cache)
         with self._lock:
@@ -173,12 +180,24 @@ class AsyncCheckpointer:
             started=t0,
             extra=extra,
         )
+        self._register(future, save_no, timeout)
+        executor.submit(job)  # before the copy: later waves wait for earlier ones' writes
+        # Last, so that with async staging nothing of ours runs here after the
+        # staging thread starts (it would compete with this thread for the GIL).
+        with gc_paused():
+            self.stager.fill(snapshot)
+        # With async staging, later saves walk the state on the staging thread (below).
+        self._walk_elsewhere = self.stager.options.async_staging
+        stats.stall_s = time.perf_counter() - t0
+        return future
+
+    def _register(self, future: SaveFuture, save_no: int, timeout: float | None) -> None:
+        """Number the save, make it cancellable and time-limited, mark its id as in flight."""
         future.save_no = save_no
         future._cancel_hook = lambda: self._abort(future, None)
-        writing = inflight.started(writer.checkpoint_id)  # async_ckpt.delete refuses it
+        writing = inflight.started(future.stats.checkpoint_id)  # async_ckpt.delete refuses it
         future.add_done_callback(lambda _: inflight.finished(writing))
         future.add_done_callback(self._after_save)
-        executor.submit(job)  # before the copy: later waves wait for earlier ones' writes
         limit = timeout if timeout is not None else self.timeout
         if limit is not None:
             timer = threading.Timer(limit, self._abort, args=(future, limit))
@@ -186,11 +205,57 @@ class AsyncCheckpointer:
             timer.start()
             future.add_done_callback(lambda _: timer.cancel())
         self._last = future
-        # Last, so that with async staging nothing of ours runs here after the
-        # staging thread starts (it would compete with this thread for the GIL).
-        with gc_paused():
-            self.stager.fill(snapshot)
-        stats.stall_s = time.perf_counter() - t0
+
+    def _save_elsewhere(
+        self,
+        state_dict: Mapping[str, Any],
+        writer: StorageWriter,
+        executor: Executor,
+        t0: float,
+        timeout: float | None,
+        extra: dict[str, Any],
+    ) -> SaveFuture:
+        """An async-staging save after the first: only the Stateful objects' state_dict()
+        calls (they may run collectives) happen on this thread; the walk of the state,
+        its layout, the hand-off and the copy run on the staging thread, in order with
+        earlier saves. What that walk finds wrong fails the future instead of raising."""
+        states = take_states(state_dict)
+        with self._lock:
+            self._save_no += 1
+            save_no = self._save_no
+        future = SaveFuture(SaveStats(checkpoint_id=writer.checkpoint_id), staged=AwaitableFuture())
+        handover = _Handover()
+        future._handover = handover
+        self._register(future, save_no, timeout)
+
+        def stage() -> None:
+            try:
+                if handover.aborted:
+                    return
+                with gc_paused():
+                    state, tensors = describe(flatten(state_dict, states), self._describe_cache)
+                    snapshot = self.stager.begin(state, tensors)
+            except BaseException as exc:
+                self._walk_elsewhere = False  # the next save walks on the caller's thread again
+                future._set_exception(exc)
+                return
+            self._chain_staged(snapshot, future, t0)
+            job = SaveJob(save_no, snapshot, writer, future, t0, extra=extra)
+            with handover.lock:  # an abort either comes before the hand-off or stops the job
+                if handover.aborted:
+                    snapshot.release()
+                    return
+                try:
+                    executor.submit(job)
+                except BaseException as exc:
+                    snapshot.release()
+                    future._set_exception(exc)
+                    return
+                handover.submitted = True
+            self.stager.fill(snapshot, here=True)
+
+        self.stager.in_staging_thread(stage)
+        future.stats.stall_s = time.perf_counter() - t0
         return future
 
     @staticmethod
@@ -222,6 +287,13 @@ class AsyncCheckpointer:
                 f"save to {future.stats.checkpoint_id!r} did not commit within {limit} s; "
                 "it was stopped and nothing was committed"
             )
+        handover = future._handover
+        if isinstance(handover, _Handover):
+            with handover.lock:
+                if not handover.submitted:  # still waiting for the staging thread: stop it there
+                    handover.aborted = True
+                    future._set_exception(reason)
+                    return True
         self._executor.abort(reason, save_no=future.save_no)
         return True
 
@@ -282,3 +354,13 @@ def _close_all() -> None:
             ckpt.close()
         except Exception:
             pass
+
+
+class _Handover:
+    """Between a save call and its hand-off on the staging thread: whether it was
+    handed to the executor, or aborted (cancel, timeout) before."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.submitted = False
+        self.aborted = False

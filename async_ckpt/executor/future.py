@@ -67,6 +67,7 @@ class SaveFuture:
         self.stats = stats
         self._cancel_hook: Callable[[], bool] | None = None
         self.save_no: int | None = None  # set by the checkpointer; names the save to abort
+        self._handover: Any = None  # the checkpointer's, while the staging thread has it
 
     # concurrent.futures-style surface
     def result(self, timeout: float | None = None) -> Metadata:

@@ -35,6 +35,7 @@ import os
 import queue
 import threading
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -63,6 +64,9 @@ if TYPE_CHECKING:
 
 _PARALLEL_COPY_BYTES = 16 * 1024 * 1024  # below this, one thread copies faster
 
+
+# What the staging thread runs: a snapshot's copy, or work handed over whole.
+_StageWork = tuple[Snapshot, PendingCopy] | Callable[[], None]
 
 _data_ptr = torch.Tensor.data_ptr
 _stride = torch.Tensor.stride
@@ -136,9 +140,7 @@ class Stager:
         self._layout: Layout | None = None
         self._staging: Future[None] | None = None  # the latest snapshot's staged future
         # async staging's work: (snapshot, its pending copy), None to stop
-        self._stage_queue: queue.SimpleQueue[tuple[Snapshot, PendingCopy] | None] = (
-            queue.SimpleQueue()
-        )
+        self._stage_queue: queue.SimpleQueue[_StageWork | None] = queue.SimpleQueue()
         self._stage_thread: threading.Thread | None = None
         # (items, data pointers, layout) of the last stage
         self._last_layout: tuple[list[TensorItem], tuple[list[int], list[Any]], Layout] | None = (
@@ -306,34 +308,46 @@ class Stager:
         snap.to_copy = PendingCopy(tensors, compute)
         return snap
 
-    def fill(self, snap: Snapshot) -> Snapshot:
+    def fill(self, snap: Snapshot, *, here: bool = False) -> Snapshot:
         """Copy the snapshot's tensors in, wave by wave.
 
-        Returns when the copy is done, or at once with ``async_staging``;
-        either way ``snap.staged`` resolves when every byte is in an arena, or
-        with the copy's error (``fill`` itself does not raise it). Under a
-        memory budget each wave waits for a buffer that an earlier wave's
-        write frees, so the copy takes longer (back-pressure).
+        Returns when the copy is done, or at once with ``async_staging`` (unless
+        ``here``: the staging thread's own work copies in place); either way
+        ``snap.staged`` resolves when every byte is in an arena, or with the
+        copy's error (``fill`` itself does not raise it). Under a memory budget
+        each wave waits for a buffer that an earlier wave's write frees, so the
+        copy takes longer (back-pressure).
         """
         pending, snap.to_copy = snap.to_copy, None
         if pending is None:
             raise CheckpointError("this snapshot was filled already")
-        if self.options.async_staging:
-            # A standing thread: starting one per save made the caller wait for it
-            # to be scheduled, milliseconds on a busy machine.
-            if self._stage_thread is None:
-                self._stage_thread = threading.Thread(
-                    target=self._stage_loop, name="async_ckpt-stage", daemon=True
-                )
-                self._stage_thread.start()
-            self._stage_queue.put((snap, pending))
+        if self.options.async_staging and not here:
+            self._submit((snap, pending))
         else:
             self._stage_waves(snap, pending)  # errors land in snap.staged
         return snap
 
+    def in_staging_thread(self, work: Callable[[], None]) -> None:
+        """Run ``work`` on the staging thread, after the stages queued before it; it
+        must not raise (it reports its own errors)."""
+        self._submit(work)
+
+    def _submit(self, work: _StageWork) -> None:
+        # A standing thread: starting one per save made the caller wait for it
+        # to be scheduled, milliseconds on a busy machine.
+        if self._stage_thread is None:
+            self._stage_thread = threading.Thread(
+                target=self._stage_loop, name="async_ckpt-stage", daemon=True
+            )
+            self._stage_thread.start()
+        self._stage_queue.put(work)
+
     def _stage_loop(self) -> None:
         while (work := self._stage_queue.get()) is not None:
-            self._stage_waves(*work)
+            if callable(work):
+                work()
+            else:
+                self._stage_waves(*work)
             del work  # do not hold the caller's tensors until the next save
 
     def _stage_waves(self, snap: Snapshot, pending: PendingCopy) -> None:

@@ -51,12 +51,13 @@ class Flat:
     root: Any = None
 
 
-def flatten(state_dict: Mapping[str, Any]) -> Flat:
-    """Flatten ``state_dict``; colliding keys or unsupported keys raise StateDictError."""
-    if not isinstance(state_dict, Mapping):
-        raise StateDictError(
-            f"a state dict must be a dict (or Mapping), got {type(state_dict).__qualname__}"
-        )
+def flatten(state_dict: Mapping[str, Any], states: Mapping[str, Any] | None = None) -> Flat:
+    """Flatten ``state_dict``; colliding keys or unsupported keys raise StateDictError.
+
+    ``states``: the Stateful objects' states, taken earlier by :func:`take_states`
+    (on the caller's thread); without it their ``state_dict()`` is called here.
+    """
+    _check_top(state_dict)
     flat = Flat()
     deferred = _Deferred()
     flat.root = _visit(state_dict, (), flat, set(), deferred)
@@ -64,10 +65,60 @@ def flatten(state_dict: Mapping[str, Any]) -> Flat:
     # state_dict() calls that run collectives pair up across ranks.
     while deferred:
         key, path, obj, active = deferred.pop()
-        obj_state = obj.state_dict()
+        if states is None:
+            obj_state = obj.state_dict()
+        elif key in states:
+            obj_state = states[key]
+        else:
+            raise StateDictError(
+                f"{key!r} became a Stateful object after the save call; with async_staging "
+                "the state must not change until fut.staged is done"
+            )
         flat.stateful[key] = (obj, obj_state)
         _visit_value(obj_state, path, flat, set(active), deferred)
     return flat
+
+
+def take_states(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Call every Stateful object's ``state_dict()`` now, in :func:`flatten`'s order, and
+    walk nothing else: those calls may run collectives, so they stay on the caller's
+    thread, while the flatten itself (per-leaf work) may run on another."""
+    _check_top(state_dict)
+    deferred = _Deferred()
+    _find_stateful_in(state_dict, (), set(), deferred)
+    states: dict[str, Any] = {}
+    while deferred:
+        key, path, obj, active = deferred.pop()
+        states[key] = obj.state_dict()
+        _find_stateful_in(states[key], path, set(active), deferred)
+    return states
+
+
+def _check_top(state_dict: Any) -> None:
+    if not isinstance(state_dict, Mapping):
+        raise StateDictError(
+            f"a state dict must be a dict (or Mapping), got {type(state_dict).__qualname__}"
+        )
+
+
+def _find_stateful_in(obj: Any, path: KeyPath, active: set[int], deferred: _Deferred) -> None:
+    """The Stateful objects inside container ``obj``, added to ``deferred``."""
+    if not isinstance(obj, (Mapping, list, tuple)):
+        return
+    values = obj.values() if isinstance(obj, Mapping) else obj
+    if set(map(type, values)) <= _PLAIN_LEAVES:  # C-level: a dict of 100k tensors is done
+        return
+    if id(obj) in active:
+        raise StateDictError(f"the state dict contains itself at {key_of(path)!r}")
+    active.add(id(obj))
+    for k, v in obj.items() if isinstance(obj, Mapping) else enumerate(obj):
+        if type(v) in _PLAIN_LEAVES or isinstance(v, torch.Tensor):
+            continue
+        if is_stateful(v):
+            deferred.add((*path, k), v, active)
+        else:
+            _find_stateful_in(v, (*path, k), active, deferred)
+    active.discard(id(obj))
 
 
 class _Deferred:
