@@ -67,8 +67,9 @@ def _run(pythonpath: str | None, args: argparse.Namespace, root: Path) -> dict:
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     cmd = [sys.executable, "-c", _CHILD, str(args.tensors), str(args.numel), str(args.saves)]
-    with tempfile.TemporaryDirectory(dir=root) as d:
-        done = subprocess.run([*cmd, d], env=env, capture_output=True, text=True, check=True)
+    with tempfile.TemporaryDirectory(dir=root.resolve()) as d:
+        # cwd: with -c the working directory comes first on sys.path, ahead of PYTHONPATH
+        done = subprocess.run([*cmd, d], env=env, cwd=d, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
