@@ -147,7 +147,8 @@ def test_a_save_goes_direct_and_loads_bit_exact(tmp_path):
         "e": torch.randn(333, 777),  # big, not a page multiple
         "step": 7,
     }
-    writer = FileSystemWriter(tmp_path / "ckpt")
+    assert not FileSystemWriter(tmp_path / "other").direct.enabled  # opt-in
+    writer = FileSystemWriter(tmp_path / "ckpt", direct_io=True)
     # Staged into the arena (page-aligned slots), written in this process.
     with async_ckpt.AsyncCheckpointer(executor="thread", no_dist=True) as checkpointer:
         checkpointer.save(state, storage_writer=writer).result()
