@@ -150,3 +150,29 @@ def test_two_saves_in_flight_keep_their_order(tmp_path, walks):
         loaded = {"w": torch.zeros(6)}
         async_ckpt.load(loaded, checkpoint_id=tmp_path / name)
         assert torch.equal(loaded["w"], torch.full((6,), expected))
+
+
+def test_a_cancel_between_layout_and_hand_off_frees_the_buffer(tmp_path, walks):
+    """The staging thread laid the save out (holding a buffer) when the cancel came: the
+    save is dropped there, its buffer goes back and the next save is not stuck."""
+    state = {"w": torch.randn(8)}
+    entered, gate = threading.Event(), threading.Event()
+    with _checkpointer() as ckpt:
+        ckpt.save(state, checkpoint_id=tmp_path / "first").result(timeout=60)
+        real = ckpt._chain_staged
+
+        def held(*args):
+            entered.set()
+            gate.wait(60)
+            real(*args)
+
+        ckpt._chain_staged = held  # runs on the staging thread after begin(), before hand-off
+        fut = ckpt.save(state, checkpoint_id=tmp_path / "stopped")
+        assert entered.wait(60)
+        assert fut.cancel()
+        gate.set()
+        ckpt._chain_staged = real
+        ckpt.save(state, checkpoint_id=tmp_path / "after").result(timeout=60)
+    assert fut.cancelled()
+    assert not (tmp_path / "stopped").exists()
+    assert verify_checkpoint(tmp_path / "after").ok

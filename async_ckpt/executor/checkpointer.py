@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from ..dist.group import DEFAULT_TIMEOUT_S
 from ..dist.ranks import use_distributed
-from ..errors import CheckpointError, SaveInProgressError, SaveTimeoutError
+from ..errors import CheckpointError, SaveFailedError, SaveInProgressError, SaveTimeoutError
 from ..gc_pause import gc_paused
 from ..pipeline.commit import check_extra
 from ..staging.snapshot import Snapshot
@@ -243,12 +243,12 @@ class AsyncCheckpointer:
             job = SaveJob(save_no, snapshot, writer, future, t0, extra=extra)
             with handover.lock:  # an abort either comes before the hand-off or stops the job
                 if handover.aborted:
-                    snapshot.release()
+                    _drop(snapshot, SaveFailedError("the save was stopped before it was staged"))
                     return
                 try:
                     executor.submit(job)
                 except BaseException as exc:
-                    snapshot.release()
+                    _drop(snapshot, exc)
                     future._set_exception(exc)
                     return
                 handover.submitted = True
@@ -364,3 +364,11 @@ class _Handover:
         self.lock = threading.Lock()
         self.submitted = False
         self.aborted = False
+
+
+def _drop(snapshot: Snapshot, exc: BaseException) -> None:
+    """A snapshot that will never be filled: its buffer goes back, and the next stage
+    (which waits for this one's ``staged``) goes on."""
+    snapshot.release()
+    if not snapshot.staged.done():
+        snapshot.staged.set_exception(exc)
