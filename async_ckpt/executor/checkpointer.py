@@ -182,12 +182,14 @@ class AsyncCheckpointer:
         )
         self._register(future, save_no, timeout)
         executor.submit(job)  # before the copy: later waves wait for earlier ones' writes
+        cuda = snapshot.to_copy is not None and snapshot.to_copy.stream is not None
         # Last, so that with async staging nothing of ours runs here after the
         # staging thread starts (it would compete with this thread for the GIL).
         with gc_paused():
             self.stager.fill(snapshot)
-        # With async staging, later saves walk the state on the staging thread (below).
-        self._walk_elsewhere = self.stager.options.async_staging
+        # With async staging, later saves walk the state on the staging thread (below);
+        # not a CUDA state: its copies are queued here, in order with the caller's stream.
+        self._walk_elsewhere = self.stager.options.async_staging and not cuda
         stats.stall_s = time.perf_counter() - t0
         return future
 
@@ -239,6 +241,8 @@ class AsyncCheckpointer:
                 self._walk_elsewhere = False  # the next save walks on the caller's thread again
                 future._set_exception(exc)
                 return
+            if snapshot.to_copy is not None and snapshot.to_copy.stream is not None:
+                self._walk_elsewhere = False  # CUDA tensors now: see save()
             self._chain_staged(snapshot, future, t0)
             job = SaveJob(save_no, snapshot, writer, future, t0, extra=extra)
             with handover.lock:  # an abort either comes before the hand-off or stops the job

@@ -66,7 +66,7 @@ _PARALLEL_COPY_BYTES = 16 * 1024 * 1024  # below this, one thread copies faster
 
 
 # What the staging thread runs: a snapshot's copy, or work handed over whole.
-_StageWork = tuple[Snapshot, PendingCopy] | Callable[[], None]
+_StageWork = tuple[Snapshot, PendingCopy, Any] | Callable[[], None]
 
 _data_ptr = torch.Tensor.data_ptr
 _stride = torch.Tensor.stride
@@ -90,6 +90,17 @@ def _copy_all(jobs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         return
     for dst, src in jobs:
         dst.copy_(src)
+
+
+@dataclass
+class _Ahead:
+    """The first wave's copies, its CUDA part queued on the caller's thread (and the
+    event that marks it done); the CPU part is left to the staging thread."""
+
+    cpu_jobs: list[tuple[torch.Tensor, torch.Tensor]]
+    event: Any  # torch.cuda.Event, None when the wave had no CUDA tensor
+    nbytes: int
+    done_slots: set[int]
 
 
 @dataclass(eq=False)
@@ -322,7 +333,7 @@ class Stager:
         if pending is None:
             raise CheckpointError("this snapshot was filled already")
         if self.options.async_staging and not here:
-            self._submit((snap, pending))
+            self._submit((snap, pending, self._queue_first_cuda_copies(snap, pending)))
         else:
             self._stage_waves(snap, pending)  # errors land in snap.staged
         return snap
@@ -350,11 +361,37 @@ class Stager:
                 self._stage_waves(*work)
             del work  # do not hold the caller's tensors until the next save
 
-    def _stage_waves(self, snap: Snapshot, pending: PendingCopy) -> None:
-        with gc_paused(), torch.no_grad():
-            self._stage_waves_paused(snap, pending)
+    def _queue_first_cuda_copies(self, snap: Snapshot, pending: PendingCopy) -> _Ahead | None:
+        """With async staging, queue the first wave's device-to-host copies here, on the
+        caller's thread, and make the caller's stream wait for them on the GPU (no CPU
+        block): kernels the caller queues after ``save()`` returns (an optimizer step)
+        then run after the copy has read the tensors, ``staged`` awaited or not. Later
+        waves (a memory budget) need buffers that writes free: they are copied on the
+        staging thread, so for them ``staged`` must be awaited before a change."""
+        if pending.stream is None:  # no CUDA tensor: nothing to order
+            return None
+        done_slots: set[int] = set()
+        try:
+            with torch.no_grad():
+                jobs, nbytes = self._copy_jobs(snap, snap.waves[0], pending.tensors, done_slots)
+                cuda_jobs = [(d, s) for d, s in jobs if s.device.type == "cuda"]
+                event = self._copy_cuda(cuda_jobs, pending.stream) if cuda_jobs else None
+            if event is not None:
+                pending.stream.wait_event(event)
+        except Exception:  # the staging thread copies the wave instead, and reports errors
+            return None
+        cpu_jobs = [(d, s) for d, s in jobs if s.device.type != "cuda"]
+        return _Ahead(cpu_jobs, event, nbytes, done_slots)
 
-    def _stage_waves_paused(self, snap: Snapshot, pending: PendingCopy) -> None:
+    def _stage_waves(
+        self, snap: Snapshot, pending: PendingCopy, ahead: _Ahead | None = None
+    ) -> None:
+        with gc_paused(), torch.no_grad():
+            self._stage_waves_paused(snap, pending, ahead)
+
+    def _stage_waves_paused(
+        self, snap: Snapshot, pending: PendingCopy, ahead: _Ahead | None
+    ) -> None:
         wave = snap.waves[0]
         done_slots: set[int] = set()  # arena slots filled since this buffer was taken
         try:
@@ -365,9 +402,16 @@ class Stager:
                     raise SaveFailedError("staging stopped: a write of this save failed")
                 if wave.fresh:
                     done_slots = set()
-                jobs, nbytes = self._copy_jobs(snap, wave, pending.tensors, done_slots)
-                snap.copied_bytes += nbytes
-                self._run_copies(jobs, nbytes, pending.stream)
+                if wave.index == 0 and ahead is not None:  # its CUDA copies are queued already
+                    done_slots = ahead.done_slots
+                    snap.copied_bytes += ahead.nbytes
+                    self._copy_cpu(ahead.cpu_jobs, sum(d.nbytes for d, _ in ahead.cpu_jobs))
+                    if ahead.event is not None:
+                        ahead.event.synchronize()  # "staged" once the D2H copies completed
+                else:
+                    jobs, nbytes = self._copy_jobs(snap, wave, pending.tensors, done_slots)
+                    snap.copied_bytes += nbytes
+                    self._run_copies(jobs, nbytes, pending.stream)
                 wave.staged.set_result(None)
         except BaseException as exc:  # the save fails
             self._seen[wave.buffer].clear()  # the buffer's contents are unknown now

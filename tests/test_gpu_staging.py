@@ -1,0 +1,55 @@
+"""CUDA staging is ordered with the caller's stream (needs a GPU; skipped without one)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import async_ckpt
+from async_ckpt import AsyncCheckpointer, Stager
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+def test_an_update_queued_right_after_save_never_reaches_the_checkpoint(tmp_path, executor):
+    """With async staging the caller does not await ``staged``: its next in-place update,
+    queued on its stream at once, must still run after the device-to-host copy."""
+    device = torch.device("cuda")
+    compute = torch.cuda.Stream(device)
+    weights = {f"w{i}": torch.zeros(1024, 1024, device=device) for i in range(64)}  # 256 MiB
+    stager = Stager(async_staging=True)
+    with AsyncCheckpointer(executor=executor, no_dist=True, stager=stager) as ckpt:
+        with torch.cuda.stream(compute):
+            for step in range(3):
+                for w in weights.values():
+                    w.fill_(float(step))
+                fut = ckpt.save(dict(weights), checkpoint_id=tmp_path / f"s{step}")
+                for w in weights.values():  # an "optimizer step", staged not awaited
+                    w.add_(1000.0)
+                fut.result(timeout=120)
+    for step in range(3):
+        target = {k: torch.empty(1024, 1024) for k in weights}
+        async_ckpt.load(target, checkpoint_id=tmp_path / f"s{step}")
+        for key, value in target.items():
+            assert torch.equal(value, torch.full((1024, 1024), float(step))), (step, key)
+
+
+def test_a_tensor_dropped_right_after_save_is_still_copied_whole(tmp_path):
+    """The stager holds the tensors until their copy completed: memory the caller frees
+    after ``save()`` returns is not reused under the copy."""
+    device = torch.device("cuda")
+    stager = Stager(async_staging=True)
+    with AsyncCheckpointer(executor="thread", no_dist=True, stager=stager) as ckpt:
+        state = {"x": torch.full((64 << 20,), 7.0, device=device)}
+        fut = ckpt.save(state, checkpoint_id=tmp_path / "a")
+        del state
+        junk = torch.full((64 << 20,), -1.0, device=device)  # may take the freed block
+        fut.result(timeout=120)
+        del junk
+    target = {"x": torch.empty(64 << 20)}
+    async_ckpt.load(target, checkpoint_id=tmp_path / "a")
+    assert torch.equal(target["x"], torch.full((64 << 20,), 7.0))
