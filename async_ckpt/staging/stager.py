@@ -29,15 +29,12 @@ from the copy time to roughly the time to write all but the last
 from __future__ import annotations
 
 import copy
-import itertools
-import operator
 import os
 import queue
 import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -46,6 +43,7 @@ from ..errors import CheckpointError, SaveFailedError
 from ..gc_pause import gc_paused
 from ..state.model import LocalState, TensorItem
 from .arena import ALIGNMENT, Arena
+from .copies import Ahead, CopyPlan, copy_cpu, first_cuda
 from .layout import (
     Layout,
     buffer_capacity,
@@ -62,57 +60,9 @@ if TYPE_CHECKING:
 
     from .options import StagerOverrides
 
-_PARALLEL_COPY_BYTES = 16 * 1024 * 1024  # below this, one thread copies faster
-
 
 # What the staging thread runs: a snapshot's copy, or work handed over whole.
 _StageWork = tuple[Snapshot, PendingCopy, Any] | Callable[[], None]
-
-_data_ptr = torch.Tensor.data_ptr
-_stride = torch.Tensor.stride
-_is_cuda = operator.attrgetter("is_cuda")
-
-
-def _first_cuda(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """The first CUDA tensor, without a Python-level loop over the (many) CPU ones."""
-    return next(itertools.compress(tensors, map(_is_cuda, tensors)), None)
-
-
-# One call copies a whole list (torch >= 2.1); a Python loop of copy_ costs
-# about 3 us per tensor, which dominates a state of 100k small tensors.
-_foreach_copy = getattr(torch, "_foreach_copy_", None)
-
-
-def _copy_all(jobs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    if _foreach_copy is not None and len(jobs) > 1:
-        dsts, srcs = zip(*jobs, strict=True)
-        _foreach_copy(list(dsts), list(srcs))
-        return
-    for dst, src in jobs:
-        dst.copy_(src)
-
-
-@dataclass
-class _Ahead:
-    """The first wave's copies, its CUDA part queued on the caller's thread (and the
-    event that marks it done); the CPU part is left to the staging thread."""
-
-    cpu_jobs: list[tuple[torch.Tensor, torch.Tensor]]
-    event: Any  # torch.cuda.Event, None when the wave had no CUDA tensor
-    nbytes: int
-    done_slots: set[int]
-
-
-@dataclass(eq=False)
-class _CopyPlan:
-    """A wave's copies: the item indices to copy, their arena views, their bytes, and
-    the arena slots they fill. ``items`` is the layout's list it was made for."""
-
-    items: list[int]
-    indices: list[int] = field(default_factory=list)
-    dsts: list[torch.Tensor] = field(default_factory=list)
-    slots: set[int] = field(default_factory=set)
-    nbytes: int = 0
 
 
 class Stager:
@@ -165,7 +115,7 @@ class Stager:
         # lifetime (the signature fixes every item's dtype, shape and offset)
         self._views: list[dict[int, torch.Tensor]] = []
         # per buffer: wave index -> its copy plan (views and sources), for that wave's layout
-        self._plans: list[dict[int, _CopyPlan]] = []
+        self._plans: list[dict[int, CopyPlan]] = []
         self._next = 0
         self._lock = threading.Lock()
         threads = self.options.copy_threads or min(4, os.cpu_count() or 1)
@@ -233,7 +183,10 @@ class Stager:
     def _cached_layout(self, state: LocalState, tensors: list[torch.Tensor]) -> Layout:
         """The previous layout while the items (same objects) and their memory are unchanged."""
         # what tying depends on; map() keeps the per-tensor cost in C (100k tensors)
-        pointers = (list(map(_data_ptr, tensors)), list(map(_stride, tensors)))
+        pointers = (
+            list(map(torch.Tensor.data_ptr, tensors)),
+            list(map(torch.Tensor.stride, tensors)),
+        )
         last = self._last_layout
         if (
             last is not None
@@ -251,7 +204,7 @@ class Stager:
         """Allocate (and pre-fault) the arenas for this structure now, copying nothing."""
         with self._lock:
             state, tensors, layout = self._fit(state, tensors)
-            self._ensure_arenas(layout, _first_cuda(tensors) is not None)
+            self._ensure_arenas(layout, first_cuda(tensors) is not None)
 
     def stage(self, state: LocalState, tensors: list[torch.Tensor]) -> Snapshot:
         """Copy ``tensors`` (aligned with ``state.items``) into free arenas: ``begin`` + ``fill``.
@@ -288,8 +241,8 @@ class Stager:
                 except BaseException:
                     pass
             state, tensors, layout = self._fit(state, tensors)
-            first_cuda = _first_cuda(tensors)
-            cuda = [first_cuda.device] if first_cuda is not None else []
+            a_cuda_tensor = first_cuda(tensors)
+            cuda = [a_cuda_tensor.device] if a_cuda_tensor is not None else []
             self._ensure_arenas(layout, bool(cuda))
             count = len(self._arenas)
             first = self._next
@@ -361,7 +314,7 @@ class Stager:
                 self._stage_waves(*work)
             del work  # do not hold the caller's tensors until the next save
 
-    def _queue_first_cuda_copies(self, snap: Snapshot, pending: PendingCopy) -> _Ahead | None:
+    def _queue_first_cuda_copies(self, snap: Snapshot, pending: PendingCopy) -> Ahead | None:
         """With async staging, queue the first wave's device-to-host copies here, on the
         caller's thread, and make the caller's stream wait for them on the GPU (no CPU
         block): kernels the caller queues after ``save()`` returns (an optimizer step)
@@ -381,16 +334,16 @@ class Stager:
         except Exception:  # the staging thread copies the wave instead, and reports errors
             return None
         cpu_jobs = [(d, s) for d, s in jobs if s.device.type != "cuda"]
-        return _Ahead(cpu_jobs, event, nbytes, done_slots)
+        return Ahead(cpu_jobs, event, nbytes, done_slots)
 
     def _stage_waves(
-        self, snap: Snapshot, pending: PendingCopy, ahead: _Ahead | None = None
+        self, snap: Snapshot, pending: PendingCopy, ahead: Ahead | None = None
     ) -> None:
         with gc_paused(), torch.no_grad():
             self._stage_waves_paused(snap, pending, ahead)
 
     def _stage_waves_paused(
-        self, snap: Snapshot, pending: PendingCopy, ahead: _Ahead | None
+        self, snap: Snapshot, pending: PendingCopy, ahead: Ahead | None
     ) -> None:
         wave = snap.waves[0]
         done_slots: set[int] = set()  # arena slots filled since this buffer was taken
@@ -438,7 +391,7 @@ class Stager:
 
     def _copy_plan(
         self, snap: Snapshot, wave: Wave, tensors: list[torch.Tensor], done_slots: set[int]
-    ) -> _CopyPlan:
+    ) -> CopyPlan:
         """Which items a wave copies, into which views: fixed while its layout is the same
         object, so a steady loop of 100k tensors reuses it instead of rebuilding it."""
         plans = self._plans[wave.buffer]
@@ -447,7 +400,7 @@ class Stager:
             done_slots |= plan.slots
             return plan
         views, arena, items = self._views[wave.buffer], snap.arenas[wave.buffer], snap.state.items
-        plan = _CopyPlan(wave.items)
+        plan = CopyPlan(wave.items)
         for n, off in zip(wave.items, wave.offsets, strict=True):
             item, src = items[n], tensors[n]
             if off in done_slots or item.nbytes == 0:
@@ -522,32 +475,7 @@ class Stager:
         return event
 
     def _copy_cpu(self, jobs: list[tuple[torch.Tensor, torch.Tensor]], total: int) -> None:
-        if self._threads == 1 or total < _PARALLEL_COPY_BYTES:
-            _copy_all(jobs)
-            return
-        # Balance bytes over threads; split the biggest tensors along dim 0 so
-        # one huge matrix does not leave the other threads idle.
-        share = -(-total // self._threads)
-        pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for dst, src in jobs:
-            if dst.nbytes > share and src.dim() > 0 and src.shape[0] > 1:
-                for d, s in zip(dst.chunk(self._threads), src.chunk(self._threads), strict=True):
-                    pieces.append((d, s))
-            else:
-                pieces.append((dst, src))
-        bins: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(self._threads)]
-        load = [0] * self._threads
-        for dst, src in sorted(pieces, key=lambda p: -p[0].nbytes):
-            j = load.index(min(load))
-            bins[j].append((dst, src))
-            load[j] += dst.nbytes
-
-        def run(b: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-            with torch.no_grad():
-                _copy_all(b)
-
-        for f in [self._pool.submit(run, b) for b in bins if b]:
-            f.result()
+        copy_cpu(jobs, total, self._threads, self._pool)
 
     def close(self) -> None:
         """Free the arenas once no write uses them."""
