@@ -31,6 +31,7 @@ def test_an_update_queued_right_after_save_never_reaches_the_checkpoint(tmp_path
                 for w in weights.values():  # an "optimizer step", staged not awaited
                     w.add_(1000.0)
                 fut.result(timeout=120)
+                assert fut.stats.staging_memory == "pinned"
     for step in range(3):
         target = {k: torch.empty(1024, 1024) for k in weights}
         async_ckpt.load(target, checkpoint_id=tmp_path / f"s{step}")

@@ -294,3 +294,25 @@ def test_cuda_tensors_stage_into_pinned_memory(stager_factory):
     for i, want in enumerate(expected):
         assert torch.equal(staged_tensor(snap, i, want), want)
     snap.release()
+
+
+def test_staging_memory_is_reported_and_a_failed_pin_warned_once(tmp_path, caplog):
+    """SaveStats.staging_memory: None for a CPU state; for a CUDA state "pinned" or
+    "pageable" (a failed cudaHostRegister, said once in the log)."""
+    from types import SimpleNamespace
+
+    from async_ckpt import AsyncCheckpointer
+
+    with AsyncCheckpointer(executor="thread", no_dist=True) as ckpt:
+        fut = ckpt.save({"w": torch.randn(8)}, checkpoint_id=tmp_path / "a")
+        fut.result(timeout=60)
+    assert fut.stats.staging_memory is None
+    stager = Stager()
+    stager._arenas = [SimpleNamespace(pinned=True), SimpleNamespace(pinned=True)]
+    assert stager._staging_memory() == "pinned"
+    stager._arenas = [SimpleNamespace(pinned=True), SimpleNamespace(pinned=False)]
+    with caplog.at_level("WARNING", logger="async_ckpt"):
+        assert stager._staging_memory() == "pageable"
+        assert stager._staging_memory() == "pageable"
+    assert sum("could not be page-locked" in r.message for r in caplog.records) == 1
+    stager._arenas = []

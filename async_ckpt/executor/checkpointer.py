@@ -267,6 +267,7 @@ class AsyncCheckpointer:
         def forward(f: Any) -> None:
             future.stats.staged_s = time.perf_counter() - t0
             future.stats.copied_bytes = snapshot.copied_bytes
+            future.stats.staging_memory = snapshot.staging_memory
             if f.exception() is not None and snapshot.stopped.is_set():
                 # staging stopped because a write failed: that error ends the save
                 if not future.staged.done():

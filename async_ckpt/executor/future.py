@@ -32,6 +32,9 @@ class SaveStats:
     commit_s: float = 0.0
     total_s: float = 0.0  # from the call until committed
     plan_reused: bool = False
+    # CUDA states only: "pinned" (the arena is page-locked: D2H copies at full speed)
+    # or "pageable" (registration failed or pin_memory=False: slower copies); else None
+    staging_memory: str | None = None
 
     @property
     def gbps(self) -> float:

@@ -93,6 +93,7 @@ class Snapshot:
         self.waves = waves
         self.staged: Future = Future()
         self.copied_bytes = 0
+        self.staging_memory: str | None = None  # "pinned" / "pageable" for CUDA states
         self.to_copy: PendingCopy | None = None  # set by Stager.begin, taken by Stager.fill
         self._leases = leases
         self._held: set[int] = set()

@@ -29,6 +29,7 @@ from the copy time to roughly the time to write all but the last
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import queue
 import threading
@@ -62,6 +63,8 @@ if TYPE_CHECKING:
 
 
 # What the staging thread runs: a snapshot's copy, or work handed over whole.
+log = logging.getLogger("async_ckpt")
+
 _StageWork = tuple[Snapshot, PendingCopy, Any] | Callable[[], None]
 
 
@@ -122,6 +125,7 @@ class Stager:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="async_ckpt-stage")
         self._threads = threads
         self._stream: torch.cuda.Stream | None = None
+        self._warned_pageable = False
         self.arenas_allocated = 0  # tests assert that steady-state saves allocate nothing
         self.generation = 0  # bumps whenever the arenas are re-planned
 
@@ -152,6 +156,18 @@ class Stager:
         self._layout = layout
         self._next = 0
         self.generation += 1
+
+    def _staging_memory(self) -> str:
+        """What the arenas of a CUDA state are: page-locked or not (said once if not)."""
+        if all(a.pinned for a in self._arenas):
+            return "pinned"
+        if self.options.pin_memory and not self._warned_pageable:
+            self._warned_pageable = True
+            log.warning(
+                "the staging memory could not be page-locked (cudaHostRegister failed): "
+                "device-to-host copies of this state run at pageable speed"
+            )
+        return "pageable"
 
     @property
     def arenas(self) -> list[Arena]:
@@ -264,6 +280,8 @@ class Stager:
                 for seen in self._seen:
                     seen.clear()
             snap = Snapshot(state, list(self._arenas), self.generation, waves, self._leases)
+            if cuda:
+                snap.staging_memory = self._staging_memory()
             snap.acquire(waves[0].buffer)
             self._staging = snap.staged
         # The caller's stream, read on the caller's thread: the copy thread's own
