@@ -176,3 +176,25 @@ def test_a_cancel_between_layout_and_hand_off_frees_the_buffer(tmp_path, walks):
     assert fut.cancelled()
     assert not (tmp_path / "stopped").exists()
     assert verify_checkpoint(tmp_path / "after").ok
+
+
+def test_a_save_after_a_failed_walk_queues_behind_saves_still_waiting(tmp_path, walks):
+    """Save n fails on the staging thread while save n+1 still waits there: save n+2 must
+    queue behind n+1, not stage on the caller's thread ahead of it (n+1 would then wait
+    for n+2's buffer, and n+2's copy for n+1: a deadlock)."""
+    good = {"w": torch.randn(4)}
+    first_gate, second_gate = threading.Event(), threading.Event()
+    with _checkpointer() as ckpt:
+        ckpt.save(good, checkpoint_id=tmp_path / "first").result(timeout=60)
+        ckpt.stager.in_staging_thread(lambda: first_gate.wait(60))
+        bad = ckpt.save({"w": torch.randn(4), 1.5: torch.zeros(1)}, checkpoint_id=tmp_path / "n")
+        ckpt.stager.in_staging_thread(lambda: second_gate.wait(60))
+        queued = ckpt.save(good, checkpoint_id=tmp_path / "n1")
+        first_gate.set()
+        assert isinstance(bad.exception(timeout=60), StateDictError)
+        after = ckpt.save(good, checkpoint_id=tmp_path / "n2")  # n1 is still queued
+        second_gate.set()
+        queued.result(timeout=60)
+        after.result(timeout=60)
+    for name in ("n1", "n2"):
+        assert verify_checkpoint(tmp_path / name).ok

@@ -90,6 +90,7 @@ class AsyncCheckpointer:
         self._closed = False
         self._describe_cache = DescribeCache()
         self._walk_elsewhere = False  # see _save_elsewhere
+        self._handed_over = 0  # saves queued on the staging thread, not yet past it
         _LIVE.add(self)
 
     # ------------------------------------------------------------------ lifecycle
@@ -161,7 +162,9 @@ class AsyncCheckpointer:
                     f"a save to {previous.stats.checkpoint_id!r} is still running; await it "
                     "first, or use if_busy='wait'"
                 )
-        if self.stager.options.async_staging and self._walk_elsewhere:
+        # Also while saves handed to the staging thread are still queued there: a save
+        # staged here would take a buffer ahead of them, and they would wait for it.
+        if self.stager.options.async_staging and (self._walk_elsewhere or self._handed_over):
             return self._save_elsewhere(state_dict, writer, executor, t0, timeout, extra)
         with gc_paused():  # a big state's walk would trigger many full collections
             state, tensors = describe(flatten(state_dict), self._describe_cache)
@@ -226,41 +229,52 @@ class AsyncCheckpointer:
             self._save_no += 1
             save_no = self._save_no
         future = SaveFuture(SaveStats(checkpoint_id=writer.checkpoint_id), staged=AwaitableFuture())
-        handover = _Handover()
+        handover = _Handover(state_dict, states, writer, executor, t0, extra)
         future._handover = handover
         self._register(future, save_no, timeout)
-
-        def stage() -> None:
-            try:
-                if handover.aborted:
-                    return
-                with gc_paused():
-                    state, tensors = describe(flatten(state_dict, states), self._describe_cache)
-                    snapshot = self.stager.begin(state, tensors)
-            except BaseException as exc:
-                self._walk_elsewhere = False  # the next save walks on the caller's thread again
-                future._set_exception(exc)
-                return
-            if snapshot.to_copy is not None and snapshot.to_copy.stream is not None:
-                self._walk_elsewhere = False  # CUDA tensors now: see save()
-            self._chain_staged(snapshot, future, t0)
-            job = SaveJob(save_no, snapshot, writer, future, t0, extra=extra)
-            with handover.lock:  # an abort either comes before the hand-off or stops the job
-                if handover.aborted:
-                    _drop(snapshot, SaveFailedError("the save was stopped before it was staged"))
-                    return
-                try:
-                    executor.submit(job)
-                except BaseException as exc:
-                    _drop(snapshot, exc)
-                    future._set_exception(exc)
-                    return
-                handover.submitted = True
-            self.stager.fill(snapshot, here=True)
-
-        self.stager.in_staging_thread(stage)
+        with self._lock:
+            self._handed_over += 1
+        self.stager.in_staging_thread(lambda: self._stage_elsewhere(future, handover))
         future.stats.stall_s = time.perf_counter() - t0
         return future
+
+    def _stage_elsewhere(self, future: SaveFuture, handover: _Handover) -> None:
+        """The staging thread's part of :meth:`_save_elsewhere`."""
+        try:
+            self._walk_and_hand_over(future, handover)
+        finally:
+            handover.state_dict, handover.states = {}, {}  # the future must not keep them
+            with self._lock:
+                self._handed_over -= 1
+
+    def _walk_and_hand_over(self, future: SaveFuture, h: _Handover) -> None:
+        try:
+            if h.aborted:
+                return
+            with gc_paused():
+                state, tensors = describe(flatten(h.state_dict, h.states), self._describe_cache)
+                snapshot = self.stager.begin(state, tensors)
+        except BaseException as exc:
+            self._walk_elsewhere = False  # the next save walks on the caller's thread again
+            future._set_exception(exc)
+            return
+        if snapshot.to_copy is not None and snapshot.to_copy.stream is not None:
+            self._walk_elsewhere = False  # CUDA tensors now: see save()
+        self._chain_staged(snapshot, future, h.started)
+        assert future.save_no is not None
+        job = SaveJob(future.save_no, snapshot, h.writer, future, h.started, extra=h.extra)
+        with h.lock:  # an abort either comes before the hand-off or stops the job
+            if h.aborted:
+                _drop(snapshot, SaveFailedError("the save was stopped before it was staged"))
+                return
+            try:
+                h.executor.submit(job)
+            except BaseException as exc:
+                _drop(snapshot, exc)
+                future._set_exception(exc)
+                return
+            h.submitted = True
+        self.stager.fill(snapshot, here=True)
 
     @staticmethod
     def _chain_staged(snapshot: Snapshot, future: SaveFuture, t0: float) -> None:
@@ -362,10 +376,20 @@ def _close_all() -> None:
 
 
 class _Handover:
-    """Between a save call and its hand-off on the staging thread: whether it was
-    handed to the executor, or aborted (cancel, timeout) before."""
+    """A save between its call and its hand-off on the staging thread: what the thread
+    needs, and whether it was handed to the executor or aborted (cancel, timeout) first."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        state_dict: Mapping[str, Any],
+        states: dict[str, Any],
+        writer: StorageWriter,
+        executor: Executor,
+        started: float,
+        extra: dict[str, Any],
+    ) -> None:
+        self.state_dict, self.states, self.writer = state_dict, states, writer
+        self.executor, self.started, self.extra = executor, started, extra
         self.lock = threading.Lock()
         self.submitted = False
         self.aborted = False

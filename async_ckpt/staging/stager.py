@@ -62,9 +62,9 @@ if TYPE_CHECKING:
     from .options import StagerOverrides
 
 
-# What the staging thread runs: a snapshot's copy, or work handed over whole.
 log = logging.getLogger("async_ckpt")
 
+# What the staging thread runs: a snapshot's copy, or work handed over whole.
 _StageWork = tuple[Snapshot, PendingCopy, Any] | Callable[[], None]
 
 
