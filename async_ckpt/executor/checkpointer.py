@@ -25,6 +25,7 @@ from ..storage.detect import detect_writer
 from . import inflight
 from .base import Executor, ExecutorSetup, SaveJob
 from .future import AwaitableFuture, SaveFuture, SaveStats
+from .handover import Handover, drop
 from .registry import executor_class
 
 log = logging.getLogger("async_ckpt")
@@ -229,7 +230,7 @@ class AsyncCheckpointer:
             self._save_no += 1
             save_no = self._save_no
         future = SaveFuture(SaveStats(checkpoint_id=writer.checkpoint_id), staged=AwaitableFuture())
-        handover = _Handover(state_dict, states, writer, executor, t0, extra)
+        handover = Handover(state_dict, states, writer, executor, t0, extra)
         future._handover = handover
         self._register(future, save_no, timeout)
         with self._lock:
@@ -238,7 +239,7 @@ class AsyncCheckpointer:
         future.stats.stall_s = time.perf_counter() - t0
         return future
 
-    def _stage_elsewhere(self, future: SaveFuture, handover: _Handover) -> None:
+    def _stage_elsewhere(self, future: SaveFuture, handover: Handover) -> None:
         """The staging thread's part of :meth:`_save_elsewhere`."""
         try:
             self._walk_and_hand_over(future, handover)
@@ -247,7 +248,7 @@ class AsyncCheckpointer:
             with self._lock:
                 self._handed_over -= 1
 
-    def _walk_and_hand_over(self, future: SaveFuture, h: _Handover) -> None:
+    def _walk_and_hand_over(self, future: SaveFuture, h: Handover) -> None:
         try:
             if h.aborted:
                 return
@@ -265,12 +266,12 @@ class AsyncCheckpointer:
         job = SaveJob(future.save_no, snapshot, h.writer, future, h.started, extra=h.extra)
         with h.lock:  # an abort either comes before the hand-off or stops the job
             if h.aborted:
-                _drop(snapshot, SaveFailedError("the save was stopped before it was staged"))
+                drop(snapshot, SaveFailedError("the save was stopped before it was staged"))
                 return
             try:
                 h.executor.submit(job)
             except BaseException as exc:
-                _drop(snapshot, exc)
+                drop(snapshot, exc)
                 future._set_exception(exc)
                 return
             h.submitted = True
@@ -307,7 +308,7 @@ class AsyncCheckpointer:
                 "it was stopped and nothing was committed"
             )
         handover = future._handover
-        if isinstance(handover, _Handover):
+        if isinstance(handover, Handover):
             with handover.lock:
                 if not handover.submitted:  # still waiting for the staging thread: stop it there
                     handover.aborted = True
@@ -373,31 +374,3 @@ def _close_all() -> None:
             ckpt.close()
         except Exception:
             pass
-
-
-class _Handover:
-    """A save between its call and its hand-off on the staging thread: what the thread
-    needs, and whether it was handed to the executor or aborted (cancel, timeout) first."""
-
-    def __init__(
-        self,
-        state_dict: Mapping[str, Any],
-        states: dict[str, Any],
-        writer: StorageWriter,
-        executor: Executor,
-        started: float,
-        extra: dict[str, Any],
-    ) -> None:
-        self.state_dict, self.states, self.writer = state_dict, states, writer
-        self.executor, self.started, self.extra = executor, started, extra
-        self.lock = threading.Lock()
-        self.submitted = False
-        self.aborted = False
-
-
-def _drop(snapshot: Snapshot, exc: BaseException) -> None:
-    """A snapshot that will never be filled: its buffer goes back, and the next stage
-    (which waits for this one's ``staged``) goes on."""
-    snapshot.release()
-    if not snapshot.staged.done():
-        snapshot.staged.set_exception(exc)
