@@ -186,7 +186,7 @@ class AsyncCheckpointer:
         )
         self._register(future, save_no, timeout)
         executor.submit(job)  # before the copy: later waves wait for earlier ones' writes
-        cuda = snapshot.to_copy is not None and snapshot.to_copy.stream is not None
+        cuda = _copies_from_cuda(snapshot)
         # Last, so that with async staging nothing of ours runs here after the
         # staging thread starts (it would compete with this thread for the GIL).
         with gc_paused():
@@ -259,7 +259,7 @@ class AsyncCheckpointer:
             self._walk_elsewhere = False  # the next save walks on the caller's thread again
             future._set_exception(exc)
             return
-        if snapshot.to_copy is not None and snapshot.to_copy.stream is not None:
+        if _copies_from_cuda(snapshot):
             self._walk_elsewhere = False  # CUDA tensors now: see save()
         self._chain_staged(snapshot, future, h.started)
         assert future.save_no is not None
@@ -374,3 +374,8 @@ def _close_all() -> None:
             ckpt.close()
         except Exception:
             pass
+
+
+def _copies_from_cuda(snapshot: Snapshot) -> bool:
+    """Whether a snapshot not yet filled copies CUDA tensors (begin read their stream)."""
+    return snapshot.to_copy is not None and snapshot.to_copy.stream is not None

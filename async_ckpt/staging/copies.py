@@ -22,6 +22,12 @@ def first_cuda(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return next(itertools.compress(tensors, map(_is_cuda, tensors)), None)
 
 
+def split_by_device(jobs: list[Job]) -> tuple[list[Job], list[Job]]:
+    """The jobs whose source is on a CUDA device, and the others."""
+    cuda = [(d, s) for d, s in jobs if s.device.type == "cuda"]
+    return cuda, [(d, s) for d, s in jobs if s.device.type != "cuda"]
+
+
 # One call copies a whole list (torch >= 2.1); a Python loop of copy_ costs
 # about 3 us per tensor, which dominates a state of 100k small tensors.
 _foreach_copy = getattr(torch, "_foreach_copy_", None)

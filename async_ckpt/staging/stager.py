@@ -44,7 +44,7 @@ from ..errors import CheckpointError, SaveFailedError
 from ..gc_pause import gc_paused
 from ..state.model import LocalState, TensorItem
 from .arena import ALIGNMENT, Arena
-from .copies import Ahead, CopyPlan, copy_cpu, first_cuda
+from .copies import Ahead, CopyPlan, copy_cpu, first_cuda, split_by_device
 from .layout import (
     Layout,
     buffer_capacity,
@@ -345,13 +345,12 @@ class Stager:
         try:
             with torch.no_grad():
                 jobs, nbytes = self._copy_jobs(snap, snap.waves[0], pending.tensors, done_slots)
-                cuda_jobs = [(d, s) for d, s in jobs if s.device.type == "cuda"]
+                cuda_jobs, cpu_jobs = split_by_device(jobs)
                 event = self._copy_cuda(cuda_jobs, pending.stream) if cuda_jobs else None
             if event is not None:
                 pending.stream.wait_event(event)
         except Exception:  # the staging thread copies the wave instead, and reports errors
             return None
-        cpu_jobs = [(d, s) for d, s in jobs if s.device.type != "cuda"]
         return Ahead(cpu_jobs, event, nbytes, done_slots)
 
     def _stage_waves(
@@ -427,7 +426,7 @@ class Stager:
             plan.slots.add(off)
             dst = views.get(n)
             if dst is None:
-                dst = views[n] = arena.view(off, item.nbytes).view(src.dtype).view(src.shape)
+                dst = _typed_view(views, arena, n, off, item, src)
             plan.indices.append(n)
             plan.dsts.append(dst)
             plan.nbytes += dst.nbytes
@@ -457,8 +456,8 @@ class Stager:
                 continue
             seen[n] = (mark, weakref.ref(storage))
             dst = views.get(n)
-            if dst is None:  # first stage of this layout; later stages reuse the view
-                dst = views[n] = arena.view(off, item.nbytes).view(src.dtype).view(src.shape)
+            if dst is None:
+                dst = _typed_view(views, arena, n, off, item, src)
             jobs.append((dst, src))
         return jobs
 
@@ -471,8 +470,7 @@ class Stager:
         if compute is None:  # no CUDA tensor in this state (begin read the stream only then)
             self._copy_cpu(jobs, nbytes)
             return
-        cuda_jobs = [(d, s) for d, s in jobs if s.device.type == "cuda"]
-        cpu_jobs = [(d, s) for d, s in jobs if s.device.type != "cuda"]
+        cuda_jobs, cpu_jobs = split_by_device(jobs)
         event = self._copy_cuda(cuda_jobs, compute) if cuda_jobs else None
         self._copy_cpu(cpu_jobs, sum(d.nbytes for d, _ in cpu_jobs))
         if event is not None:
@@ -509,3 +507,12 @@ class Stager:
                 arena.close()
             self._arenas, self._leases, self._layout = [], [], None
             self._pool.shutdown(wait=True)
+
+
+def _typed_view(
+    views: dict[int, torch.Tensor], arena: Arena, n: int, off: int, item: TensorItem, src: Any
+) -> torch.Tensor:
+    """Item ``n``'s slot in ``arena``, typed and shaped as its tensor; made at the first
+    stage of a layout, reused by later ones."""
+    view = views[n] = arena.view(off, item.nbytes).view(src.dtype).view(src.shape)
+    return view

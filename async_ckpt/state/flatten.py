@@ -137,9 +137,7 @@ class _Deferred:
     def add(self, path: KeyPath, obj: Any, active: set[int]) -> None:
         key = key_of(path)
         if key in self._found:
-            raise StateDictError(
-                f"two entries flatten to the same key {key!r}; rename one (keys are joined with '.')"
-            )
+            raise _same_key(key)
         if id(obj) in active:
             raise StateDictError(f"the state dict contains itself at {key!r}")
         # the ancestors (and the object itself), for the cycle check inside its state
@@ -156,14 +154,18 @@ def _add(flat: Flat, path: KeyPath, kind: str | None, leaf: Any = None) -> None:
     if not key.isascii():
         _check_encodable(key)
     if key in flat.paths or key in flat.containers:
-        raise StateDictError(
-            f"two entries flatten to the same key {key!r}; rename one (keys are joined with '.')"
-        )
+        raise _same_key(key)
     if kind is None:
         flat.leaves[key] = leaf
         flat.paths[key] = path
     else:
         flat.containers[key] = kind
+
+
+def _same_key(key: str) -> StateDictError:
+    return StateDictError(
+        f"two entries flatten to the same key {key!r}; rename one (keys are joined with '.')"
+    )
 
 
 def _check_encodable(key: str) -> None:
@@ -240,9 +242,7 @@ def _visit_children(
         if not key.isascii():
             _check_encodable(key)
         if key in paths or key in containers:
-            raise StateDictError(
-                f"two entries flatten to the same key {key!r}; rename one (keys are joined with '.')"
-            )
+            raise _same_key(key)
         leaves[key] = v
         paths[key] = (*path, k)
 

@@ -28,7 +28,7 @@ import numpy as np
 
 DIRECT_ALIGNMENT = 4096  # a multiple of every common logical block size
 DIRECT_MIN_BYTES = 256 * 1024  # smaller pieces are not worth a second descriptor
-_PIECE = 64 * 1024 * 1024  # bounded syscalls: a write caps near 2 GiB
+PIECE = 64 * 1024 * 1024  # bounded syscalls: a read or write caps near 2 GiB
 _REFUSED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP)
 _OPEN_DIRECT = os.O_WRONLY | getattr(os, "O_DIRECT", 0) | getattr(os, "O_NOFOLLOW", 0)
 
@@ -45,7 +45,7 @@ def address(view: memoryview) -> int:
 def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     pos = 0
     while pos < len(view):
-        pos += os.pwrite(fd, view[pos : pos + _PIECE], offset + pos)
+        pos += os.pwrite(fd, view[pos : pos + PIECE], offset + pos)
 
 
 class DirectWrites:

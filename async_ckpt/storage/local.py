@@ -27,9 +27,8 @@ from ..format.decode import MAX_METADATA_BYTES
 from ..format.names import DATA_FILE, METADATA_FILE, METADATA_TEMP_PREFIX, is_safe_file_name
 from .base import StorageReader, StorageRoot, StorageWriter, Usage
 from .dcp_options import _NOT_SET, checkpoint_id_or_path, warn_ignored
-from .direct import DirectWrites
+from .direct import PIECE, DirectWrites, pwrite_all
 
-_WRITE_PIECE = 64 * 1024 * 1024  # bounded syscalls: os.write caps a call near 2 GiB
 # NOFOLLOW: a symlinked file could point outside the checkpoint. NONBLOCK: opening a FIFO
 # planted in place of a file must not hang (regular files ignore the flag).
 _OPEN_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
@@ -47,13 +46,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    view = data.cast("B") if data.format != "B" else data
-    pos = 0
-    while pos < len(view):
-        pos += os.write(fd, view[pos : pos + _WRITE_PIECE])
 
 
 class FileSystemWriter(StorageWriter):
@@ -147,7 +139,7 @@ class FileSystemWriter(StorageWriter):
         try:
             fd = os.open(tmp, _OPEN_WRITE | os.O_EXCL, 0o644)
             try:
-                _write_all(fd, memoryview(metadata))
+                pwrite_all(fd, memoryview(metadata), 0)
                 if self.sync_files:
                     os.fsync(fd)
             finally:
@@ -233,7 +225,7 @@ def _read_regular_file(path: Path, limit: int, fd: int | None = None) -> bytes:
         chunks = []
         remaining = limit + 1
         while remaining > 0:
-            piece = os.read(fd, min(remaining, _WRITE_PIECE))
+            piece = os.read(fd, min(remaining, PIECE))
             if not piece:
                 break
             chunks.append(piece)
@@ -336,7 +328,7 @@ class FileSystemReader(StorageReader):
         view = dest.cast("B") if dest.format != "B" else dest
         pos = 0
         while pos < len(view):
-            got = os.preadv(fd, [view[pos : pos + _WRITE_PIECE]], offset + pos)
+            got = os.preadv(fd, [view[pos : pos + PIECE]], offset + pos)
             if got == 0:
                 raise CorruptCheckpointError(
                     f"data file {name!r} of {self.checkpoint_id!r} is truncated: expected "
