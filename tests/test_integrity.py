@@ -221,16 +221,16 @@ def test_enospc_while_writing_the_metadata_leaves_no_temporary_file(ckpt_dir, mo
     async_ckpt.save(_state(1.0), checkpoint_id=ckpt_dir)
     from async_ckpt.storage import local
 
-    real_write_all = local._write_all
+    real_write_all = local.pwrite_all
 
-    def full_disk(fd, data):
+    def full_disk(fd, data, offset):
         view = data.cast("B") if data.format != "B" else data
         if bytes(view[:12]) == b'{"checksum":':  # the metadata: half of it, then ENOSPC
-            real_write_all(fd, view[: len(view) // 2])
+            real_write_all(fd, view[: len(view) // 2], offset)
             raise OSError(errno.ENOSPC, "No space left on device (simulated)")
-        real_write_all(fd, data)
+        real_write_all(fd, data, offset)
 
-    monkeypatch.setattr(local, "_write_all", full_disk)
+    monkeypatch.setattr(local, "pwrite_all", full_disk)
     with pytest.raises(OSError, match="No space left"):
         async_ckpt.save(_state(2.0), checkpoint_id=ckpt_dir)
     monkeypatch.undo()
