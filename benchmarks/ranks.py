@@ -14,8 +14,12 @@ processes with their own process group per call.
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import queue as queue_module
+import signal
 import tempfile
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,9 +40,23 @@ PRELOAD = (
 )
 
 
+# Signal the launcher sends to a rank that has not reported in time: the rank
+# writes every thread's stack to its file (faulthandler, so it works even when
+# the rank's Python is blocked inside a C call), and the launcher puts the
+# stacks in the error it raises.
+DUMP_SIGNAL = signal.SIGUSR1
+
+
+def _stack_file(directory: str, rank: int) -> str:
+    return os.path.join(directory, f"rank{rank}.stacks")
+
+
 def _entry(
     rank: int, world_size: int, init_file: str, fn: Callable, args: tuple, queue: Any
 ) -> None:
+    # the file stays open for the life of the process: faulthandler keeps its descriptor
+    stacks = open(_stack_file(os.path.dirname(init_file), rank), "w")  # noqa: SIM115
+    faulthandler.register(DUMP_SIGNAL, file=stacks, all_threads=True)
     os.environ["MASTER_ADDR"] = "127.0.0.1"  # async_ckpt's worker group binds to it
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
@@ -77,7 +95,10 @@ def run_ranks(
     ``preload`` names the modules the forkserver imports when it starts (the
     first call in this process; later calls share it).
 
-    Raises RuntimeError naming every rank that raised, with its traceback.
+    Raises RuntimeError naming every rank that raised, with its traceback;
+    RuntimeError as soon as a rank's process dies without reporting (when all
+    ranks are expected to report); TimeoutError when ``timeout`` passes with
+    ranks still silent, carrying the stack of every thread of those ranks.
     """
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(list(preload))  # no effect once the forkserver runs
@@ -91,14 +112,13 @@ def run_ranks(
         for p in procs:
             p.start()
         results: dict[int, Any] = {}
-        errors = []
+        errors: list[str] = []
         try:
-            for _ in range(world_size if reporting is None else reporting):
-                rank, status, value = queue.get(timeout=timeout)
-                if status == "ok":
-                    results[rank] = value
-                else:
-                    errors.append(f"rank {rank}: {value}")
+            _collect(procs, queue, results, errors, reporting, timeout, tmp)
+        except BaseException:
+            for p in procs:  # a lost or hung rank leaves its peers blocked on it
+                p.kill()
+            raise
         finally:
             for p in procs:
                 p.join(timeout=30)
@@ -107,3 +127,82 @@ def run_ranks(
     if errors:
         raise RuntimeError("\n".join(errors))
     return [results.get(r) for r in range(world_size)]
+
+
+def _collect(
+    procs: list[Any],
+    queue: Any,
+    results: dict[int, Any],
+    errors: list[str],
+    reporting: int | None,
+    timeout: float,
+    directory: str,
+) -> None:
+    """Wait for the ranks' reports into ``results``/``errors``; raise on a death or a hang."""
+    expected = len(procs) if reporting is None else reporting
+    reported: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while len(reported) < expected:
+        try:
+            rank, status, value = queue.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+        except queue_module.Empty:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(_hang_report(procs, reported, timeout, directory)) from None
+            if reporting is None:
+                _raise_on_silent_death(procs, reported, queue, results, errors)
+            continue
+        reported.add(rank)
+        if status == "ok":
+            results[rank] = value
+        else:
+            errors.append(f"rank {rank}: {value}")
+
+
+def _raise_on_silent_death(
+    procs: list[Any], reported: set[int], queue: Any, results: dict, errors: list[str]
+) -> None:
+    """A rank that exited without a report will never send one: fail now, not at the timeout.
+
+    Its report may still be in the pipe (a rank puts it, then exits), so the
+    queue is drained for a moment before the rank is declared lost.
+    """
+    dead = [r for r, p in enumerate(procs) if r not in reported and p.exitcode is not None]
+    if not dead:
+        return
+    drain_until = time.monotonic() + 5.0
+    while time.monotonic() < drain_until and any(r not in reported for r in dead):
+        try:
+            rank, status, value = queue.get(timeout=0.5)
+        except queue_module.Empty:
+            continue
+        reported.add(rank)
+        if status == "ok":
+            results[rank] = value
+        else:
+            errors.append(f"rank {rank}: {value}")
+    lost = [r for r in dead if r not in reported]
+    if lost:
+        codes = ", ".join(f"rank {r}: exit code {procs[r].exitcode}" for r in lost)
+        raise RuntimeError("\n".join([f"rank process died without reporting ({codes})", *errors]))
+
+
+def _hang_report(procs: list[Any], reported: set[int], timeout: float, directory: str) -> str:
+    """Every silent rank's thread stacks, asked for with :data:`DUMP_SIGNAL`."""
+    silent = [r for r in range(len(procs)) if r not in reported]
+    for r in silent:
+        if procs[r].is_alive():
+            os.kill(procs[r].pid, DUMP_SIGNAL)
+    lines = [f"ranks {silent} did not report within {timeout:.0f} s"]
+    for r in silent:
+        path = _stack_file(directory, r)
+        stacks = ""
+        for _ in range(20):  # the dump is written by the rank asynchronously
+            time.sleep(0.1)
+            if os.path.exists(path):
+                with open(path) as f:
+                    stacks = f.read()
+            if stacks.strip():
+                break
+        state = "alive" if procs[r].is_alive() else f"exit code {procs[r].exitcode}"
+        lines.append(f"--- rank {r} ({state}) ---\n{stacks.strip() or '(no stacks written)'}")
+    return "\n".join(lines)

@@ -427,11 +427,16 @@ def measure(
     steady: int = 3,
     methods: tuple[str, ...] = METHODS,
     directory: str | None = None,
+    timeout: float = 900,
 ) -> dict[str, Any]:
-    """One world size: per method, ``first``/``steady``, each a list of per-rank dicts."""
+    """One world size: per method, ``first``/``steady``, each a list of per-rank dicts.
+
+    ``timeout``: how long a rank may stay silent before the run fails with
+    the stacks of the silent ranks (see :func:`benchmarks.ranks.run_ranks`).
+    """
     root = tempfile.mkdtemp(prefix="scale-", dir=directory)
     try:
-        per_rank = run_ranks(_rank, world, items, steady, root, tuple(methods), timeout=900)
+        per_rank = run_ranks(_rank, world, items, steady, root, tuple(methods), timeout=timeout)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return {

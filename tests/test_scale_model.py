@@ -26,7 +26,8 @@ def _row(rows: list[dict], method: str, save: str) -> dict:
 def measured() -> dict[int, list[dict]]:
     out = {}
     for items, methods in ((4, ("ours", "dcp")), (24, ("ours", "dcp"))):
-        per_rank = scale_model.measure(WORLD, items, steady=1, methods=methods)
+        # under pytest-timeout's 300 s, so that a hang fails with the ranks' stacks
+        per_rank = scale_model.measure(WORLD, items, steady=1, methods=methods, timeout=200)
         out[items] = scale_model.rows(WORLD, items, per_rank)
     return out
 
