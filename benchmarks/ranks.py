@@ -57,6 +57,7 @@ def _entry(
     # the file stays open for the life of the process: faulthandler keeps its descriptor
     stacks = open(_stack_file(os.path.dirname(init_file), rank), "w")  # noqa: SIM115
     faulthandler.register(DUMP_SIGNAL, file=stacks, all_threads=True)
+    faulthandler.enable(file=stacks, all_threads=True)  # a crash leaves its stacks there too
     os.environ["MASTER_ADDR"] = "127.0.0.1"  # async_ckpt's worker group binds to it
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
@@ -149,7 +150,7 @@ def _collect(
             if time.monotonic() >= deadline:
                 raise TimeoutError(_hang_report(procs, reported, timeout, directory)) from None
             if reporting is None:
-                _raise_on_silent_death(procs, reported, queue, results, errors)
+                _raise_on_silent_death(procs, reported, queue, results, errors, directory)
             continue
         reported.add(rank)
         if status == "ok":
@@ -159,7 +160,12 @@ def _collect(
 
 
 def _raise_on_silent_death(
-    procs: list[Any], reported: set[int], queue: Any, results: dict, errors: list[str]
+    procs: list[Any],
+    reported: set[int],
+    queue: Any,
+    results: dict,
+    errors: list[str],
+    directory: str,
 ) -> None:
     """A rank that exited without a report will never send one: fail now, not at the timeout.
 
@@ -183,7 +189,10 @@ def _raise_on_silent_death(
     lost = [r for r in dead if r not in reported]
     if lost:
         codes = ", ".join(f"rank {r}: exit code {procs[r].exitcode}" for r in lost)
-        raise RuntimeError("\n".join([f"rank process died without reporting ({codes})", *errors]))
+        stacks = [f"--- rank {r} ---\n{_read_stacks(directory, r)}" for r in lost]
+        raise RuntimeError(
+            "\n".join([f"rank process died without reporting ({codes})", *stacks, *errors])
+        )
 
 
 def _hang_report(procs: list[Any], reported: set[int], timeout: float, directory: str) -> str:
@@ -194,15 +203,23 @@ def _hang_report(procs: list[Any], reported: set[int], timeout: float, directory
             os.kill(procs[r].pid, DUMP_SIGNAL)
     lines = [f"ranks {silent} did not report within {timeout:.0f} s"]
     for r in silent:
-        path = _stack_file(directory, r)
         stacks = ""
         for _ in range(20):  # the dump is written by the rank asynchronously
             time.sleep(0.1)
-            if os.path.exists(path):
-                with open(path) as f:
-                    stacks = f.read()
-            if stacks.strip():
+            stacks = _read_stacks(directory, r)
+            if stacks != NO_STACKS:
                 break
         state = "alive" if procs[r].is_alive() else f"exit code {procs[r].exitcode}"
-        lines.append(f"--- rank {r} ({state}) ---\n{stacks.strip() or '(no stacks written)'}")
+        lines.append(f"--- rank {r} ({state}) ---\n{stacks}")
     return "\n".join(lines)
+
+
+NO_STACKS = "(no stacks written)"
+
+
+def _read_stacks(directory: str, rank: int) -> str:
+    path = _stack_file(directory, rank)
+    if not os.path.exists(path):
+        return NO_STACKS
+    with open(path) as f:
+        return f.read().strip() or NO_STACKS

@@ -13,8 +13,9 @@ into its own directory under ``--dir``:
 - ``dcp``: ``torch.distributed.checkpoint.save`` with ``DefaultSavePlanner()``;
 - ``dcp_cached``: the same with ``DefaultSavePlanner(enable_plan_caching=True)``.
 
-Per method, two passes, each a first save (a fresh planner and, for DCP, its
-class-level plan cache cleared) followed by steady saves of the same state:
+Two passes, each its own launch of the ranks, and in each, per method, a
+first save (a fresh planner and, for DCP, its class-level plan cache
+cleared) followed by steady saves of the same state:
 
 1. timed (``1 + --steady`` saves): wall and CPU (``time.process_time``) time
    of the planning phase on every rank (ours: flatten + describe, then
@@ -30,7 +31,8 @@ class-level plan cache cleared) followed by steady saves of the same state:
    inside each commit collective, on every rank. (Not over the whole save:
    the local writer's commit reads the replaced metadata with a 64 MiB
    ``os.read`` buffer, which tracemalloc counts in full though it is barely
-   touched.)
+   touched.) tracemalloc runs for the whole counted launch, never in the
+   timed one.
 
 Writes ``benchmarks/results/scale-<stamp>.json`` (``--out``) and prints a table.
 Timings on a small shared machine are noisy and, past the core count,
@@ -373,52 +375,72 @@ def _method(name: str, directory: str) -> _Ours | _Dcp:
     return _Dcp(directory, caching=name == "dcp_cached")
 
 
+def _timed_pass(name: str, root: str, state_dict: dict, meter: Meter, steady: int) -> list[dict]:
+    """``1 + steady`` saves, only calls counted: the timings are not slowed by the counting."""
+    timed: list[dict[str, float]] = []
+    method = _method(name, os.path.join(root, f"{name}-timed"))
+    for _ in range(1 + steady):
+        meter.reset(sizes=False)
+        dist.barrier()
+        t = method.save(state_dict, meter)
+        t["collective_s"] = sum(r["s"] for r in meter.records)
+        timed.append(t)
+    return timed
+
+
+def _counted_pass(name: str, root: str, state_dict: dict, meter: Meter) -> list[dict]:
+    """A first and a steady save with every collective's bytes and the heap peaks counted."""
+    counted: list[dict[str, Any]] = []
+    method = _method(name, os.path.join(root, f"{name}-counted"))
+    for _ in range(2):
+        meter.reset(sizes=True)
+        dist.barrier()
+        t = method.save(state_dict, meter)
+        summary = meter.summary()
+        commit_peak = summary.get("commit", {}).get("peak", 0)
+        counted.append({"bytes": summary, "plan_peak": t["plan_peak"], "commit_peak": commit_peak})
+    return counted
+
+
 def _rank(
-    rank: int, world: int, items: int, steady: int, root: str, methods: tuple[str, ...]
-) -> dict[str, Any]:
+    rank: int,
+    world: int,
+    items: int,
+    steady: int,
+    root: str,
+    methods: tuple[str, ...],
+    counting: bool,
+) -> dict[str, list[dict]]:
+    """Per method, the timed pass's saves (``counting=False``) or the counted pass's."""
+    if counting:
+        # On for the whole life of the rank, started before any thread exists:
+        # tracemalloc.stop() while a finished thread frees its state (after
+        # join() returned) crashes CPython 3.11 at random (a segfault, seen
+        # here as a rank dying in about 1 run in 15 on a busy machine).
+        tracemalloc.start()
     torch.set_num_threads(1)
     # DCP warns on every save into an existing directory, even with overwrite=True
     warnings.filterwarnings("ignore", message="Detected an existing checkpoint")
     state_dict = _state_dict(rank, world, items)
     meter = Meter()
     meter.install()
-    results: dict[str, Any] = {}
     try:
-        for name in methods:
-            timed: list[dict[str, float]] = []
-            method = _method(name, os.path.join(root, f"{name}-timed"))
-            for _ in range(1 + steady):
-                meter.reset(sizes=False)
-                dist.barrier()
-                t = method.save(state_dict, meter)
-                t["collective_s"] = sum(r["s"] for r in meter.records)
-                timed.append(t)
-            counted: list[dict[str, Any]] = []
-            method = _method(name, os.path.join(root, f"{name}-counted"))
-            for _ in range(2):
-                meter.reset(sizes=True)
-                dist.barrier()
-                tracemalloc.start()
-                try:
-                    t = method.save(state_dict, meter)
-                finally:
-                    tracemalloc.stop()
-                summary = meter.summary()
-                commit_peak = summary.get("commit", {}).get("peak", 0)
-                counted.append(
-                    {"bytes": summary, "plan_peak": t["plan_peak"], "commit_peak": commit_peak}
-                )
-            results[name] = {
-                "first": {**timed[0], **counted[0]},
-                "steady": {
-                    **{k: statistics.median(t[k] for t in timed[1:]) for k in timed[1]},
-                    "plan_reused": min(t.get("plan_reused", 0.0) for t in timed[1:]),
-                    **counted[1],
-                },
-            }
+        if counting:
+            return {name: _counted_pass(name, root, state_dict, meter) for name in methods}
+        return {name: _timed_pass(name, root, state_dict, meter, steady) for name in methods}
     finally:
         meter.uninstall()
-    return results
+
+
+def _first_and_steady(timed: list[dict], counted: list[dict]) -> dict[str, dict]:
+    return {
+        "first": {**timed[0], **counted[0]},
+        "steady": {
+            **{k: statistics.median(t[k] for t in timed[1:]) for k in timed[1]},
+            "plan_reused": min(t.get("plan_reused", 0.0) for t in timed[1:]),
+            **counted[1],
+        },
+    }
 
 
 def measure(
@@ -431,14 +453,22 @@ def measure(
 ) -> dict[str, Any]:
     """One world size: per method, ``first``/``steady``, each a list of per-rank dicts.
 
+    Two launches of ``world`` ranks: the timed pass, then the counted pass
+    (tracemalloc on from the start of each rank, see :func:`_rank`).
     ``timeout``: how long a rank may stay silent before the run fails with
     the stacks of the silent ranks (see :func:`benchmarks.ranks.run_ranks`).
     """
     root = tempfile.mkdtemp(prefix="scale-", dir=directory)
     try:
-        per_rank = run_ranks(_rank, world, items, steady, root, tuple(methods), timeout=timeout)
+        args = (world, items, steady, root, tuple(methods))
+        timed = run_ranks(_rank, *args, False, timeout=timeout)
+        counted = run_ranks(_rank, *args, True, timeout=timeout)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    per_rank = [
+        {name: _first_and_steady(t[name], c[name]) for name in methods}
+        for t, c in zip(timed, counted, strict=True)
+    ]
     return {
         name: {save: [r[name][save] for r in per_rank] for save in ("first", "steady")}
         for name in methods

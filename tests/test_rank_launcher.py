@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import threading
 
@@ -17,6 +18,12 @@ def _rank_one_dies(rank: int, world: int) -> int:
     return rank
 
 
+def _rank_one_crashes(rank: int, world: int) -> int:
+    if rank == 1:
+        faulthandler._sigsegv()  # a real segmentation fault, as a bad native call gives
+    return rank
+
+
 def _rank_one_blocks_forever(rank: int, world: int) -> int:
     if rank == 1:
         threading.Event().wait()  # the frame the hang report must show
@@ -27,6 +34,14 @@ def test_a_rank_that_dies_silently_fails_the_run_long_before_the_timeout() -> No
     with pytest.raises(RuntimeError, match=r"died without reporting \(rank 1: exit code 7\)"):
         # rank 0 reports and exits; were the death not noticed, this would wait 200 s
         run_ranks(_rank_one_dies, 2, timeout=200)
+
+
+def test_a_rank_that_crashes_fails_the_run_with_the_stack_of_the_crash() -> None:
+    with pytest.raises(RuntimeError) as raised:
+        run_ranks(_rank_one_crashes, 2, timeout=200)
+    report = str(raised.value)
+    assert "rank 1: exit code -11" in report
+    assert "Segmentation fault" in report and "_rank_one_crashes" in report
 
 
 def test_a_hung_rank_fails_the_run_with_its_stacks() -> None:
