@@ -22,6 +22,7 @@ from .errors import SaveInProgressError
 from .executor import AsyncCheckpointer, SaveFuture, inflight
 from .format.metadata import Metadata
 from .gc_pause import gc_paused
+from .pipeline.incremental import incremental_save
 from .pipeline.load import LoadResult, run_load
 from .pipeline.save import run_save
 from .pipeline.waves import memory_waves
@@ -46,6 +47,8 @@ def save(
     process_group: Any = None,
     no_dist: bool = False,
     use_collectives: bool = True,
+    incremental: bool = False,
+    base: CheckpointId | None = None,
 ) -> Metadata:
     """Save ``state_dict`` synchronously and return the committed checkpoint's metadata.
 
@@ -55,16 +58,18 @@ def save(
     ``checkpoint_id``; ``no_dist=True`` saves this process's state alone.
     ``planner`` (None or a default planner) and ``use_collectives`` are
     torch.distributed.checkpoint's keywords (docs/migrating-from-dcp.md).
+    ``base`` / ``incremental``: as for :func:`async_save`.
     """
     dcp_compat.check_save_planner(planner)
     dcp_compat.check_writer(storage_writer)
     _check_use_collectives(use_collectives)
+    spec = incremental_save(incremental, base)
     writer = storage_writer or detect_writer(checkpoint_id)
     with gc_paused():
         state, tensors = describe(flatten(state_dict))
     waves = memory_waves(state, tensors)
     comm = caller_comm(process_group, no_dist, "async_ckpt.save")
-    return run_save(state, waves, writer, comm, Planner())
+    return run_save(state, waves, writer, comm, Planner(), incremental=spec)
 
 
 def _check_use_collectives(use_collectives: bool) -> None:
@@ -92,6 +97,8 @@ def async_save(
     use_collectives: bool = True,
     executor: Literal["process", "thread"] | None = None,
     stager: Stager | None = None,
+    incremental: bool = False,
+    base: CheckpointId | None = None,
 ) -> SaveFuture:
     """Save ``state_dict`` in the background; returns a :class:`SaveFuture` once it is staged.
 
@@ -127,6 +134,12 @@ def async_save(
             budget); a Stager with the options of the current one reuses it, other
             options replace it after its pending save. DCP's ``async_stager``
             (``DefaultStager(StagingOptions(...))``) maps onto one.
+        base: a checkpoint id; the save then writes only the chunks whose bytes
+            differ from ``base``'s and shares the rest with it (hard links on a
+            local disk, server-side copies on object stores), so every
+            checkpoint still stands alone (docs/incremental.md).
+        incremental: record the chunk digests that let a later save use this
+            checkpoint as its ``base`` (implied by ``base``).
         planner, use_collectives: DCP's keywords (docs/migrating-from-dcp.md).
 
     Raises at the call: :class:`StateDictError` / :class:`UnsafeObjectError`
@@ -142,7 +155,11 @@ def async_save(
         raise ValueError("pass stager= or async_stager=, not both")
     stager = stager or dcp_compat.stager_for(async_stager)
     return _shared_checkpointer(executor, process_group, no_dist, stager).save(
-        state_dict, checkpoint_id=checkpoint_id, storage_writer=storage_writer
+        state_dict,
+        checkpoint_id=checkpoint_id,
+        storage_writer=storage_writer,
+        incremental=incremental,
+        base=base,
     )
 
 

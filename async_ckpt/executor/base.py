@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..pipeline.incremental import Incremental
 from ..pipeline.save import SaveTimings
 from ..staging.snapshot import Snapshot
 from ..storage.base import StorageWriter
@@ -32,7 +33,8 @@ class ExecutorSetup:
 
 @dataclass
 class SaveJob:
-    """One save handed to an executor; ``extra`` (checked) goes into the metadata."""
+    """One save handed to an executor; ``extra`` (checked) goes into the metadata,
+    ``incremental`` says whether and against which base the save is incremental."""
 
     save_no: int
     snapshot: Snapshot
@@ -40,6 +42,7 @@ class SaveJob:
     future: SaveFuture
     started: float = field(default_factory=time.perf_counter)
     extra: dict[str, Any] = field(default_factory=dict)
+    incremental: Incremental | None = None
     aborted: threading.Event = field(default_factory=threading.Event)
 
     def finish(

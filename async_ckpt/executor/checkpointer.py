@@ -16,6 +16,7 @@ from ..dist.ranks import use_distributed
 from ..errors import CheckpointError, SaveFailedError, SaveInProgressError, SaveTimeoutError
 from ..gc_pause import gc_paused
 from ..pipeline.commit import check_extra
+from ..pipeline.incremental import Incremental, incremental_save
 from ..staging.snapshot import Snapshot
 from ..staging.stager import Stager
 from ..state.describe import DescribeCache, describe
@@ -131,6 +132,8 @@ class AsyncCheckpointer:
         storage_writer: StorageWriter | None = None,
         timeout: float | None = None,
         extra: Mapping[str, Any] | None = None,
+        incremental: bool = False,
+        base: Any = None,
     ) -> SaveFuture:
         """Stage ``state_dict`` and return a :class:`SaveFuture` while it is written.
 
@@ -146,10 +149,17 @@ class AsyncCheckpointer:
         its ``"metrics"``): string keys, finite numbers, strings and dicts of
         them; anything else raises :class:`CheckpointError` here, before anything
         is staged. With several ranks, rank 0's ``extra`` is the one committed.
+
+        ``base`` (a checkpoint id) makes the save incremental: chunks whose
+        bytes equal ``base``'s are shared with it instead of written, and the
+        new checkpoint still stands alone (docs/incremental.md).
+        ``incremental=True`` without a base records the digests that let a
+        later save use this one as its base.
         """
         self._check_open()
         t0 = time.perf_counter()
         extra = check_extra(extra)
+        spec = incremental_save(incremental, base)
         writer = storage_writer or detect_writer(checkpoint_id)
         self._executor_class.check_writer(writer)
         executor = self._ensure_executor()
@@ -166,7 +176,7 @@ class AsyncCheckpointer:
         # Also while saves handed to the staging thread are still queued there: a save
         # staged here would take a buffer ahead of them, and they would wait for it.
         if self.stager.options.async_staging and (self._walk_elsewhere or self._handed_over):
-            return self._save_elsewhere(state_dict, writer, executor, t0, timeout, extra)
+            return self._save_elsewhere(state_dict, writer, executor, t0, timeout, extra, spec)
         with gc_paused():  # a big state's walk would trigger many full collections
             state, tensors = describe(flatten(state_dict), self._describe_cache)
         with self._lock:
@@ -183,6 +193,7 @@ class AsyncCheckpointer:
             future=future,
             started=t0,
             extra=extra,
+            incremental=spec,
         )
         self._register(future, save_no, timeout)
         executor.submit(job)  # before the copy: later waves wait for earlier ones' writes
@@ -220,6 +231,7 @@ class AsyncCheckpointer:
         t0: float,
         timeout: float | None,
         extra: dict[str, Any],
+        spec: Incremental | None,
     ) -> SaveFuture:
         """An async-staging save after the first: only the Stateful objects' state_dict()
         calls (they may run collectives) happen on this thread; the walk of the state,
@@ -230,7 +242,7 @@ class AsyncCheckpointer:
             self._save_no += 1
             save_no = self._save_no
         future = SaveFuture(SaveStats(checkpoint_id=writer.checkpoint_id), staged=AwaitableFuture())
-        handover = Handover(state_dict, states, writer, executor, t0, extra)
+        handover = Handover(state_dict, states, writer, executor, t0, extra, spec)
         future._handover = handover
         self._register(future, save_no, timeout)
         with self._lock:
@@ -263,7 +275,15 @@ class AsyncCheckpointer:
             self._walk_elsewhere = False  # CUDA tensors now: see save()
         self._chain_staged(snapshot, future, h.started)
         assert future.save_no is not None
-        job = SaveJob(future.save_no, snapshot, h.writer, future, h.started, extra=h.extra)
+        job = SaveJob(
+            future.save_no,
+            snapshot,
+            h.writer,
+            future,
+            h.started,
+            extra=h.extra,
+            incremental=h.incremental,
+        )
         with h.lock:  # an abort either comes before the hand-off or stops the job
             if h.aborted:
                 drop(snapshot, SaveFailedError("the save was stopped before it was staged"))

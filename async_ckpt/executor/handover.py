@@ -7,6 +7,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+from ..pipeline.incremental import Incremental
 from ..staging.snapshot import Snapshot
 from ..storage.base import StorageWriter
 from .base import Executor
@@ -24,9 +25,11 @@ class Handover:
         executor: Executor,
         started: float,
         extra: dict[str, Any],
+        incremental: Incremental | None,
     ) -> None:
         self.state_dict, self.states, self.writer = state_dict, states, writer
         self.executor, self.started, self.extra = executor, started, extra
+        self.incremental = incremental
         self.lock = threading.Lock()
         self.submitted = False
         self.aborted = False

@@ -242,6 +242,7 @@ class ProcessExecutor(Executor):
                         waves=len(snap.waves),
                         first=snap.waves[0].place,
                         extra=job.extra,
+                        incremental=job.incremental,
                     ),
                 )
         except (OSError, ValueError) as exc:

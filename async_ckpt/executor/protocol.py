@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..format.metadata import Metadata
+from ..pipeline.incremental import Incremental
 from ..pipeline.save import SaveTimings
 from ..staging.snapshot import WavePlace
 from ..state.flatten import KeyPath
@@ -84,7 +85,8 @@ class Save:
     worker cannot import fails this save alone); ``group`` how the worker joins
     the ranks' group (None on one rank); ``waves`` how many waves follow the
     first as :class:`WaveStaged`; ``extra`` the application data for the
-    metadata's ``extra`` field (checked by the caller).
+    metadata's ``extra`` field (checked by the caller); ``incremental`` as in
+    :class:`~async_ckpt.pipeline.incremental.Incremental` (None: a full save).
     """
 
     save_no: int
@@ -97,6 +99,7 @@ class Save:
     waves: int
     first: WavePlace
     extra: dict[str, Any] = field(default_factory=dict)
+    incremental: Incremental | None = None
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ class ThreadExecutor(Executor):
                 timings=timings,
                 should_abort=job.aborted.is_set,
                 extra=job.extra,
+                incremental=job.incremental,
             )
             job.finish(meta=meta, timings=timings)
         except BaseException as exc:

@@ -152,7 +152,14 @@ class _Worker:
             waves = staged_waves(state, self.arenas, places, written)
             with gc_paused():  # the worker makes no cycles; a big state's saves make many objects
                 meta = run_save(
-                    state, waves, writer, self.comm, self.planner, timings=timings, extra=save.extra
+                    state,
+                    waves,
+                    writer,
+                    self.comm,
+                    self.planner,
+                    timings=timings,
+                    extra=save.extra,
+                    incremental=save.incremental,
                 )
             return Done(save.save_no, meta, timings)
         except Exception as exc:

@@ -15,6 +15,7 @@ from ..errors import MetadataChecksumError, MetadataError
 from .checksum import ALGORITHM, block_count
 from .dtypes import dtype_from_name, itemsize
 from .metadata import (
+    DIGEST_VERSION,
     FORMAT_NAME,
     READABLE_VERSIONS,
     Chunk,
@@ -111,9 +112,19 @@ def _path(value: Any, where: str) -> KeyPath:
 
 _TENSOR_FIELDS = frozenset({"kind", "path", "dtype", "shape", "chunks"})
 _CHUNK_FIELDS = frozenset({"offsets", "sizes", "file", "offset", "nbytes", "checksums"})
+_DIGESTED_CHUNK_FIELDS = _CHUNK_FIELDS | {"digest"}
+_HEX = frozenset("0123456789abcdef")
 
 
-def _decode_tensor(doc: dict, where: str, files: dict[str, int], block_size: int) -> TensorEntry:
+def _digest(value: Any, where: Where) -> str:
+    if not isinstance(value, str) or len(value) != 32 or not _HEX.issuperset(value):
+        raise _fail(f"{_loc(where)}.digest must be 32 lowercase hex digits (XXH3-128)")
+    return value
+
+
+def _decode_tensor(
+    doc: dict, where: str, files: dict[str, int], block_size: int, digests: bool
+) -> TensorEntry:
     doc = _obj(doc, where, _TENSOR_FIELDS)
     dtype = dtype_from_name(doc["dtype"])
     shape = _ints(doc["shape"], (where, ".shape"))
@@ -123,7 +134,9 @@ def _decode_tensor(doc: dict, where: str, files: dict[str, int], block_size: int
     chunks = []
     for i, raw in enumerate(doc["chunks"]):
         cw = (where, ".chunks[", i, "]")
-        raw = _obj(raw, cw, _CHUNK_FIELDS)
+        if not (digests and type(raw) is dict and raw.keys() == _DIGESTED_CHUNK_FIELDS):
+            # a digest only from version 3 on
+            raw = _obj(raw, cw, _CHUNK_FIELDS, {"digest"} if digests else set())
         offsets = _ints(raw["offsets"], (*cw, ".offsets"))
         sizes = _ints(raw["sizes"], (*cw, ".sizes"))
         if len(offsets) != len(shape) or len(sizes) != len(shape):
@@ -134,7 +147,8 @@ def _decode_tensor(doc: dict, where: str, files: dict[str, int], block_size: int
         if nbytes != math.prod(sizes) * size:
             raise _fail(f"{_loc(cw)}.nbytes {nbytes} does not match sizes {list(sizes)} of {dtype}")
         sums = _checksums(raw["checksums"], (*cw, ".checksums"), nbytes, block_size)
-        chunks.append(Chunk(offsets, sizes, name, offset, nbytes, sums))
+        digest = _digest(raw["digest"], cw) if "digest" in raw else None
+        chunks.append(Chunk(offsets, sizes, name, offset, nbytes, sums, digest))
     # Chunks lie inside the shape (checked above); equal volume and no overlap mean
     # every element is written exactly once.
     if sum(math.prod(c.sizes) for c in chunks) != math.prod(shape):
@@ -149,10 +163,12 @@ def _decode_tensor(doc: dict, where: str, files: dict[str, int], block_size: int
     )
 
 
-def _decode_entry(doc: Any, where: str, files: dict[str, int], block_size: int) -> Entry:
+def _decode_entry(
+    doc: Any, where: str, files: dict[str, int], block_size: int, digests: bool
+) -> Entry:
     kind = doc.get("kind") if isinstance(doc, dict) else None
     if kind in ("tensor", "ndarray"):
-        return _decode_tensor(doc, where, files, block_size)
+        return _decode_tensor(doc, where, files, block_size, digests)
     if kind == "value":
         doc = _obj(doc, where, {"kind", "path", "value"})
         from .objects import decode_plain  # validate now, decode at load
@@ -285,7 +301,7 @@ def decode_metadata(data: bytes) -> Metadata:
     if not isinstance(doc["entries"], dict):
         raise _fail("entries must be an object")
     entries = {
-        key: _decode_entry(raw, f"entries[{key!r}]", files, block_size)
+        key: _decode_entry(raw, f"entries[{key!r}]", files, block_size, version >= DIGEST_VERSION)
         for key, raw in doc["entries"].items()
     }
     for key, entry in entries.items():

@@ -16,8 +16,11 @@ from .seal import seal_metadata
 
 FORMAT_NAME = "async_ckpt"
 FORMAT_VERSION = 2
+DIGEST_VERSION = 3
 # Version 1 lacks the metadata's own checksum; it is still read (docs/FORMAT.md, section 7).
-READABLE_VERSIONS = (1, 2)
+# Version 3 adds content digests to chunks; only saves that record them write it, so
+# full saves stay readable by releases that read up to version 2.
+READABLE_VERSIONS = (1, 2, 3)
 PathComponent = str | int
 KeyPath = tuple[PathComponent, ...]
 
@@ -32,6 +35,7 @@ class Chunk:
     offset: int
     nbytes: int
     checksums: tuple[int, ...]
+    digest: str | None = None  # XXH3-128 of the bytes, hex; incremental saves only (version 3)
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,20 @@ class Metadata:
 # ---------------------------------------------------------------------------- encode
 
 
+def _encode_chunk(c: Chunk) -> dict[str, Any]:
+    out = {
+        "offsets": list(c.offsets),
+        "sizes": list(c.sizes),
+        "file": c.file,
+        "offset": c.offset,
+        "nbytes": c.nbytes,
+        "checksums": list(c.checksums),
+    }
+    if c.digest is not None:
+        out["digest"] = c.digest
+    return out
+
+
 def _encode_entry(entry: Entry) -> dict[str, Any]:
     if isinstance(entry, TensorEntry):
         out: dict[str, Any] = {
@@ -97,17 +115,7 @@ def _encode_entry(entry: Entry) -> dict[str, Any]:
             "path": list(entry.path),
             "dtype": entry.dtype,
             "shape": list(entry.shape),
-            "chunks": [
-                {
-                    "offsets": list(c.offsets),
-                    "sizes": list(c.sizes),
-                    "file": c.file,
-                    "offset": c.offset,
-                    "nbytes": c.nbytes,
-                    "checksums": list(c.checksums),
-                }
-                for c in entry.chunks
-            ],
+            "chunks": [_encode_chunk(c) for c in entry.chunks],
         }
         return out
     if isinstance(entry, ValueEntry):

@@ -16,11 +16,20 @@ from typing import Any, NamedTuple
 from ..dist.comm import Comm
 from ..errors import SaveFailedError, StateDictError
 from ..format.checksum import DEFAULT_BLOCK_SIZE
-from ..format.metadata import Chunk, Metadata, ObjectEntry, TensorEntry, ValueEntry
+from ..format.metadata import (
+    DIGEST_VERSION,
+    FORMAT_VERSION,
+    Chunk,
+    Metadata,
+    ObjectEntry,
+    TensorEntry,
+    ValueEntry,
+)
 from ..planning.plan import Planner
 from ..state.model import LocalState
 from ..storage.base import StorageWriter
 from .commit import check_extra, commit_checkpoint
+from .incremental import BaseChunks, Incremental, row_blocks
 from .waves import WaveData
 from .write import SegmentRecord, write_rank_files
 
@@ -40,6 +49,7 @@ class SaveTimings:
     write_s: float = 0.0
     commit_s: float = 0.0
     bytes_written: int = 0
+    bytes_shared: int = 0  # tensor bytes an incremental save took from its base unwritten
     plan_reused: bool = False
 
 
@@ -78,12 +88,14 @@ def _assemble(
     save_id: str,
     block: int,
     extra: dict[str, Any],
+    version: int,
 ) -> Metadata:
     chunks_by_key: dict[str, list[Chunk]] = {}
     for res in results:
         for c in res.chunks:
+            rec = c.record
             chunk = Chunk(
-                c.offsets, c.sizes, c.file, c.record.offset, c.record.nbytes, c.record.checksums
+                c.offsets, c.sizes, c.file, rec.offset, rec.nbytes, rec.checksums, rec.digest
             )
             chunks_by_key.setdefault(c.key, []).append(chunk)
     entries: dict = {}
@@ -118,6 +130,7 @@ def _assemble(
         containers=state.containers,
         entries=entries,
         extra=extra,
+        version=version,
     )
 
 
@@ -132,6 +145,7 @@ def run_save(
     timings: SaveTimings | None = None,
     should_abort: Callable[[], bool] | None = None,
     extra: Mapping[str, Any] | None = None,
+    incremental: Incremental | None = None,
 ) -> Metadata:
     """Plan, validate, write and commit one save; every rank calls it with its own state.
 
@@ -140,7 +154,9 @@ def run_save(
     asked for; rank 0 alone writes the objects wave. ``should_abort`` is
     asked once more just before the commit (cancellation). ``extra`` (see
     :func:`~async_ckpt.pipeline.commit.check_extra`) goes into the metadata's
-    ``extra`` field; rank 0's is the one committed. Returns the
+    ``extra`` field; rank 0's is the one committed. ``incremental`` (see
+    :mod:`.incremental`) records chunk digests and shares the chunks whose
+    bytes equal its base's instead of writing them. Returns the
     committed metadata on every rank, or raises: the original error on a
     single rank, :class:`SaveFailedError` naming each failing rank otherwise.
     """
@@ -158,23 +174,40 @@ def run_save(
     objects: list[_WrittenObject] = []
     local_error: BaseException | None = None
 
-    def write(segments: list[memoryview]) -> dict[int, tuple[str, SegmentRecord]]:
-        return write_rank_files(writer, segments, comm.rank, save_id, threads, block_size, written)
+    base: BaseChunks | None = None
+
+    def write(
+        segments: list[memoryview], places: list | None = None
+    ) -> dict[int, tuple[str, SegmentRecord]]:
+        return write_rank_files(
+            writer, segments, comm.rank, save_id, threads, block_size, written, places, base
+        )
 
     t1 = time.perf_counter()
     pending = iter(waves)
     wave: WaveData | None = None
     try:
         writer.prepare(coordinator=comm.rank == 0)
+        if incremental is not None and incremental.base is not None:
+            base = BaseChunks.load(writer, incremental.base)
         for wave in pending:
             if not wave.objects:
                 picked = [
                     (i, src) for i, src in zip(wave.items, wave.sources, strict=True) if i in mine
                 ]
-                placed = write([src for _, src in picked])
-                for n, (i, _) in enumerate(picked):
-                    it = state.items[i]
-                    chunks.append(_WrittenChunk(it.key, it.offsets, it.sizes, *placed[n]))
+                if incremental is None:
+                    pieces = [(state.items[i], i, src) for i, src in picked]
+                    pieces = [(it.key, it.offsets, it.sizes, src) for it, _, src in pieces]
+                else:  # big tensors in row blocks, each shared or written on its own
+                    pieces = [
+                        (state.items[i].key, *block)
+                        for i, src in picked
+                        for block in row_blocks(state.items[i].offsets, state.items[i].sizes, src)
+                    ]
+                places = [p[:3] for p in pieces] if incremental is not None else None
+                placed = write([p[3] for p in pieces], places)
+                for n, (key, offsets, sizes, _) in enumerate(pieces):
+                    chunks.append(_WrittenChunk(key, offsets, sizes, *placed[n]))
             elif comm.rank == 0:  # objects are written once, by the coordinator
                 placed = write(list(wave.sources))
                 objects += [
@@ -183,8 +216,10 @@ def run_save(
                 ]
             wave.written(True)
             wave = None
-        result = _RankResult(ok=True, chunks=chunks, objects=objects, files=written)
+        shared = base.referenced if base is not None else {}
+        result = _RankResult(ok=True, chunks=chunks, objects=objects, files={**written, **shared})
         timings.bytes_written = sum(written.values())
+        timings.bytes_shared = sum(c.record.nbytes for c in chunks if c.file in shared)
     except Exception as exc:  # reported to the coordinator, re-raised below
         local_error = exc
         result = _RankResult(ok=False, error=f"{type(exc).__name__}: {exc}")
@@ -205,7 +240,10 @@ def run_save(
         else:
             try:
                 # checked here too (callers check at the call), where a failure reaches every rank
-                metadata = _assemble(state, results, save_id, block_size, check_extra(extra))
+                version = FORMAT_VERSION if incremental is None else DIGEST_VERSION
+                metadata = _assemble(
+                    state, results, save_id, block_size, check_extra(extra), version
+                )
                 commit_checkpoint(writer, metadata)
                 outcome = metadata
             except Exception as exc:
@@ -218,7 +256,8 @@ def run_save(
     timings.commit_s = time.perf_counter() - t2
     if isinstance(outcome, Metadata):
         return outcome
-    writer.abort(written)
+    # this save's files and the links it made; never a file it found (its base's own)
+    writer.abort([*written, *(base.created if base is not None else ())])
     if comm.world_size == 1 and local_error is not None:
         raise local_error
     lines = "\n".join(f"  rank {r}: {msg}" for r, msg in sorted(outcome.items()))

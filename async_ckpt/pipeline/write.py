@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..format.checksum import block_checksums
-from ..format.names import data_file_name
+from ..format.names import DATA_FILE, data_file_name
 from ..storage.base import StorageWriter
 from ..storage.retry import write_with_retry
+from .incremental import BaseChunks, ChunkPlace, content_digest
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class SegmentRecord:
     offset: int
     nbytes: int
     checksums: tuple[int, ...]
+    digest: str | None = None  # content digest, incremental saves only
 
 
 def segment_records(segments: Sequence[memoryview], block_size: int) -> list[SegmentRecord]:
@@ -54,6 +56,11 @@ def split_files(sizes: Sequence[int], n_files: int) -> list[list[int]]:
     return [sorted(b, key=lambda i: (sizes[i] % _PAGE != 0, i)) for b in bins if b]
 
 
+def _file_index(name: str) -> int:
+    match = DATA_FILE.match(name)
+    return int(match["index"]) if match else -1
+
+
 def write_rank_files(
     writer: StorageWriter,
     segments: list[memoryview],
@@ -62,25 +69,51 @@ def write_rank_files(
     threads: int,
     block_size: int,
     files: dict[str, int],
+    places: Sequence[ChunkPlace] | None = None,
+    base: BaseChunks | None = None,
 ) -> dict[int, tuple[str, SegmentRecord]]:
     """Write this rank's segments into new data files in parallel; returns where each landed.
 
     ``files`` receives each file's name and size as it completes, so that after a
     failure the caller still knows which files to delete (and the next wave's
     files are numbered after them).
+
+    Incremental saves pass ``places`` (each segment's chunk identity): every
+    segment is digested, in the write threads, and one whose digest equals
+    ``base``'s chunk at the same place is not written; it lands where the
+    base's bytes are, in a file ``base`` shares into this checkpoint.
     """
     groups = split_files([s.nbytes for s in segments], threads) if segments else []
     placed: dict[int, tuple[str, SegmentRecord]] = {}
-    first = len(files)
+    # after the files of earlier waves (an incremental wave may leave numbers unused)
+    first = 1 + max((_file_index(name) for name in files), default=-1)
 
     def write_one(index: int, members: list[int]) -> None:
+        digests = {m: content_digest(segments[m]) for m in members} if places else {}
+        if base is not None and places:
+            members = [m for m in members if not _shared(m, digests[m])]
+        if not members:
+            return
         name = data_file_name(save_id, rank, first + index)
         content = [segments[m] for m in members]
         records = segment_records(content, block_size)
         write_with_retry(writer, name, content)
         for m, rec in zip(members, records, strict=True):
-            placed[m] = (name, rec)
+            placed[m] = (name, replace(rec, digest=digests[m]) if digests else rec)
         files[name] = sum(segments[m].nbytes for m in members)
+
+    def _shared(m: int, digest: str) -> bool:
+        assert base is not None and places is not None
+        chunk = base.match(places[m], digest, segments[m].nbytes)
+        if chunk is None:
+            return False
+        checksums = (
+            chunk.checksums
+            if base.block_size == block_size
+            else tuple(block_checksums(segments[m], block_size))
+        )
+        placed[m] = (chunk.file, SegmentRecord(chunk.offset, chunk.nbytes, checksums, digest))
+        return True
 
     if len(groups) <= 1:
         for index, members in enumerate(groups):

@@ -82,6 +82,27 @@ class StorageWriter(ABC):
     def abort(self, names: Iterable[str]) -> None:
         """Delete data files this rank wrote for a save that will not commit."""
 
+    def base_metadata(self, base: str) -> bytes | None:
+        """The committed metadata of checkpoint ``base`` in this writer's storage.
+
+        Read by an incremental save (``pipeline/incremental.py``). None: no
+        committed checkpoint there; the default (a backend that cannot share
+        files) reads nothing, so its incremental saves write every byte.
+        """
+        return None
+
+    def share_file(self, base: str, name: str) -> bool | None:
+        """Give this checkpoint its own copy of, or reference to, ``base``'s data file ``name``.
+
+        Own means that deleting ``base`` afterwards leaves it intact: a hard
+        link, a reflink or a server-side copy, never a pointer into ``base``.
+        Returns True when it was made here (an abort deletes it), False when
+        this checkpoint already holds that very file (``base`` is this
+        checkpoint; an abort must leave it), None when it cannot be shared
+        (gone, another file system): the caller then writes the bytes.
+        """
+        return None
+
     def committed_metadata(self) -> bytes | None:
         """The metadata now committed at this id (None: none, or the backend cannot tell).
 

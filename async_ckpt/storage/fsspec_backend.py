@@ -131,6 +131,28 @@ class FsspecWriter(StorageWriter):
         except (FileNotFoundError, IsADirectoryError):
             return None
 
+    def _base_path(self, base: str) -> str:
+        return self.fs._strip_protocol(os.fspath(base)).rstrip("/")
+
+    def base_metadata(self, base: str) -> bytes | None:
+        try:
+            path = f"{self._base_path(base)}/{METADATA_FILE}"
+            return self.fs.cat_file(path, start=0, end=MAX_METADATA_BYTES + 1)
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+
+    def share_file(self, base: str, name: str) -> bool | None:
+        # A server-side copy (S3 CopyObject, GCS rewrite): no bytes through this
+        # host, and the copy is this checkpoint's own object.
+        source, target = f"{self._base_path(base)}/{name}", self._join(name)
+        try:
+            if source == target:
+                return False if self.fs.exists(target) else None
+            self.fs.copy(source, target)
+            return True
+        except (OSError, ValueError):
+            return None
+
     def _listing(self) -> list[dict[str, Any]]:
         self.fs.invalidate_cache(self.path)
         try:

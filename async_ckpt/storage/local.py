@@ -154,6 +154,30 @@ class FileSystemWriter(StorageWriter):
             _fsync_dir(self.path)
         return previous
 
+    def base_metadata(self, base: str) -> bytes | None:
+        try:
+            return _read_regular_file(_local_path(base) / METADATA_FILE, MAX_METADATA_BYTES)
+        except FileNotFoundError:
+            return None
+
+    def share_file(self, base: str, name: str) -> bool | None:
+        # A hard link: the bytes stay until the last checkpoint listing them is
+        # deleted (rm -r included). The link is a new name; nothing ever opens a
+        # shared file for writing (this save's own files carry its own save id).
+        if not is_safe_file_name(name):
+            return None
+        source, target = _local_path(base) / name, self.path / name
+        try:
+            os.link(source, target, follow_symlinks=False)
+            return True
+        except FileExistsError:
+            try:
+                return False if os.path.samefile(source, target) else None
+            except OSError:
+                return None
+        except OSError:  # the base is gone, another file system, no hard links here
+            return None
+
     def committed_metadata(self) -> bytes | None:
         try:
             return _read_regular_file(self.path / METADATA_FILE, MAX_METADATA_BYTES)
