@@ -57,7 +57,7 @@ def test_tiny_metadata_bytes_match_the_golden_file(ckpt_dir, monkeypatch):
     assert (ckpt_dir / f"{SAVE_ID}-r0-0.data").read_bytes() == raw
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_golden_checkpoints_of_every_version_load_with_exact_values(version):
     target = {
         "model": {
@@ -92,11 +92,22 @@ def test_golden_checkpoints_of_every_version_load_with_exact_values(version):
     assert target["day"] == datetime.date(2024, 2, 29)
 
 
+def test_golden_v3_is_an_incremental_save_sharing_its_base_files():
+    meta = decode_metadata((GOLDEN / "v3_checkpoint" / "metadata.json").read_bytes())
+    assert meta.version == 3
+    assert sorted(meta.shared_files) == [f"00000000ba5e0000-r0-{i}.data" for i in (1, 2, 3)]
+    tensors = [e for e in meta.entries.values() if hasattr(e, "chunks")]
+    assert all(len(c.digest) == 32 for e in tensors for c in e.chunks)
+    [weight] = meta.entries["model.weight"].chunks  # the one tensor the base differed in
+    assert weight.file not in meta.shared_files
+
+
 def test_golden_metadata_reencodes_to_the_same_bytes():
     for path in (
         GOLDEN / "tiny_metadata.json",
         GOLDEN / "v1_checkpoint" / "metadata.json",
         GOLDEN / "v2_checkpoint" / "metadata.json",
+        GOLDEN / "v3_checkpoint" / "metadata.json",
     ):
         raw = path.read_bytes()
         assert encode_metadata(decode_metadata(raw)) == raw, path
@@ -262,7 +273,7 @@ def _mutations():
         ("unknown-top-field", top("compression", "zstd"), "unknown fields"),
         ("missing-entries", drop("entries"), "lacks fields"),
         ("wrong-format-name", top("format", "torch"), "not an async_ckpt"),
-        ("version-3", top("version", 3), "version"),
+        ("version-4", top("version", 4), "version"),
         ("version-string", top("version", "1"), "version"),
         ("version-missing", drop("version"), "version"),
         ("bad-save-id", top("save_id", "../x"), "save_id"),

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checksum import ALGORITHM
+from .names import DATA_FILE
 from .seal import PLACEHOLDER as SEAL_PLACEHOLDER
 from .seal import seal_metadata
 
@@ -89,6 +90,15 @@ class Metadata:
     def total_bytes(self) -> int:
         """Bytes of all data files together."""
         return sum(self.files.values())
+
+    @property
+    def shared_files(self) -> dict[str, int]:
+        """The data files an incremental save shares with its base: named by another save."""
+        return {
+            name: size
+            for name, size in self.files.items()
+            if (match := DATA_FILE.match(name)) and match["save_id"] != self.save_id
+        }
 
 
 # ---------------------------------------------------------------------------- encode

@@ -130,6 +130,12 @@ class CheckpointManager:
     the final save comes up to 2N steps after the signal): for short steps on
     many ranks.
 
+    **Incremental.** With ``incremental=True`` each save shares the chunks whose
+    bytes equal the newest committed step's (frozen layers, optimizer state
+    of frozen parameters, untouched embedding rows) instead of writing them
+    again; every step directory still stands alone, so retention and
+    ``rm -r`` of any step never break another (docs/incremental.md).
+
     ``storage_options`` go to the fsspec backend of an object-store root
     (credentials, endpoint, ...), for its listing, saves and loads.
 
@@ -160,8 +166,10 @@ class CheckpointManager:
         save_on_preemption: bool | int | tuple[int, ...] = False,
         preemption_check_every: int = 1,
         storage_options: dict[str, Any] | None = None,
+        incremental: bool = False,
         **checkpointer_kwargs: Any,
     ) -> None:
+        self.incremental = bool(incremental)
         self.incomplete_grace_s = _grace(incomplete_grace_s)
         self.keep_last = _positive("keep_last", keep_last)
         self.keep_every = _positive("keep_every", keep_every)
@@ -415,12 +423,15 @@ class CheckpointManager:
         self._retain_logged()
         self._warn_if_rewound(step)
         cid = self.store.checkpoint_id(step)
+        base = self._incremental_base()
         in_flight(self.store.identity(step), True)
         try:
             future = self.checkpointer.save(
                 state,
                 storage_writer=detect_writer(cid, storage_options=self.storage_options),
                 extra=extra,
+                incremental=self.incremental,
+                base=base,
             )
         except BaseException:
             self._finished(step, None)
@@ -430,6 +441,13 @@ class CheckpointManager:
             self._last_step = step
         future.add_done_callback(lambda fut: self._finished(step, fut))
         return future
+
+    def _incremental_base(self) -> str | None:
+        """The newest committed step's id: what an incremental save shares bytes with."""
+        if not self.incremental:
+            return None
+        committed = self.store.committed()
+        return self.store.checkpoint_id(committed[-1]) if committed else None
 
     def _metrics_extra(self, step: int, metrics: Mapping[str, Any] | None) -> dict[str, Any] | None:
         """The ``extra`` that stores ``metrics``; CheckpointError if they cannot be stored."""

@@ -108,6 +108,12 @@ def tree_lines(meta: Metadata, checkpoint_id: str) -> list[str]:
         f"{_plural(t['objects'], 'object')} ({human_bytes(t['object_bytes'])}); "
         f"{_plural(len(meta.files), 'data file')}, {human_bytes(meta.total_bytes)}",
     ]
+    if t["shared_file_bytes"]:
+        lines.append(
+            f"incremental: {human_bytes(t['file_bytes'] - t['shared_file_bytes'])} new, "
+            f"{human_bytes(t['shared_file_bytes'])} in {_plural(t['shared_files'], 'file')} "
+            "shared with an earlier checkpoint"
+        )
     return lines
 
 
@@ -124,6 +130,8 @@ def totals(meta: Metadata) -> dict[str, int]:
         "object_bytes": sum(e.nbytes for e in objects),
         "files": len(meta.files),
         "file_bytes": meta.total_bytes,
+        "shared_files": len(meta.shared_files),
+        "shared_file_bytes": sum(meta.shared_files.values()),
     }
 
 

@@ -25,6 +25,8 @@ SAVE_ID = "00000000c0ffee00"
 TINY_METADATA = HERE / "tiny_metadata.json"
 V1_CHECKPOINT = HERE / "v1_checkpoint"
 V2_CHECKPOINT = HERE / "v2_checkpoint"
+V3_CHECKPOINT = HERE / "v3_checkpoint"
+V3_BASE_ID = "00000000ba5e0000"
 
 
 def tiny_state() -> dict:
@@ -59,10 +61,21 @@ def v1_state() -> dict:
     }
 
 
-def save_golden(state: dict, path: Path) -> None:
-    """Save ``state`` to ``path`` with the fixed save id."""
-    with mock.patch("async_ckpt.pipeline.save.new_save_id", return_value=SAVE_ID):
-        async_ckpt.save(state, checkpoint_id=path)
+def save_golden(state: dict, path: Path, save_id: str = SAVE_ID, **kwargs: object) -> None:
+    """Save ``state`` to ``path`` with a fixed save id."""
+    with mock.patch("async_ckpt.pipeline.save.new_save_id", return_value=save_id):
+        async_ckpt.save(state, checkpoint_id=path, **kwargs)
+
+
+def save_incremental_golden(path: Path) -> None:
+    """Version 3: an incremental save of ``v1_state`` whose base differed in model.weight
+    alone, so that it holds a data file named by the base's save id (shared; in git a
+    copy, where the writer made a hard link)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        base_state = v1_state()
+        base_state["model"]["weight"] = torch.zeros(3, 4)
+        save_golden(base_state, Path(tmp) / "base", V3_BASE_ID, incremental=True)
+        save_golden(v1_state(), path, base=Path(tmp) / "base")
 
 
 def main() -> int:
@@ -71,11 +84,14 @@ def main() -> int:
         shutil.copyfile(Path(tmp) / "tiny" / "metadata.json", TINY_METADATA)
     # One checkpoint per format version, written once by the version that made it; the
     # current version's is written when missing. Old ones are never regenerated.
-    for path in (V1_CHECKPOINT, V2_CHECKPOINT):
+    for path in (V1_CHECKPOINT, V2_CHECKPOINT, V3_CHECKPOINT):
         if path.exists():
             print(f"kept {path} (golden checkpoints are never regenerated)")
         elif path == V2_CHECKPOINT:
             save_golden(v1_state(), path)
+            print(f"wrote {path}")
+        elif path == V3_CHECKPOINT:
+            save_incremental_golden(path)
             print(f"wrote {path}")
     print(f"wrote {TINY_METADATA}")
     return 0

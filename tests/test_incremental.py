@@ -1,0 +1,241 @@
+"""Incremental saves (docs/incremental.md): unchanged chunks are shared with the base,
+never written again, and every checkpoint still loads on its own."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import async_ckpt
+from async_ckpt.cli import main as cli_main
+from async_ckpt.errors import MetadataError
+from async_ckpt.format.decode import decode_metadata
+from async_ckpt.format.metadata import DIGEST_VERSION, FORMAT_VERSION
+from async_ckpt.manager import CheckpointManager
+from async_ckpt.pipeline.incremental import SLICE_BYTES, content_digest
+from async_ckpt.storage.local import FileSystemWriter
+from async_ckpt.tools.verify import verify_checkpoint
+
+MiB = 1024 * 1024
+
+
+def _state(seed: int = 0) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "frozen": torch.randn(512, 1024, generator=g),  # 2 MiB
+        "trained": torch.randn(256, 1024, generator=g),  # 1 MiB
+        "step": 1,
+    }
+
+
+def _empty_like(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: torch.zeros_like(v) if torch.is_tensor(v) else 0 for k, v in state.items()}
+
+
+def _save(state: dict, path: Path, **kwargs: Any) -> Any:
+    return async_ckpt.save(state, checkpoint_id=str(path), no_dist=True, **kwargs)
+
+
+def _load(path: Path, like: dict[str, Any]) -> dict[str, Any]:
+    out = _empty_like(like)
+    async_ckpt.load(out, checkpoint_id=str(path), no_dist=True)
+    return out
+
+
+def _assert_equal(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k], k
+
+
+def _new_bytes(meta: Any) -> int:
+    return meta.total_bytes - sum(meta.shared_files.values())
+
+
+def test_unchanged_chunks_are_linked_not_written_and_survive_the_base(tmp_path: Path) -> None:
+    state = _state()
+    first = _save(state, tmp_path / "a", incremental=True)
+    assert first.version == DIGEST_VERSION and not first.shared_files
+    state["trained"].add_(1.0)
+    state["step"] = 2
+    second = _save(state, tmp_path / "b", base=tmp_path / "a")
+    # the frozen tensor's file is the base's own, by a second name; the trained one is new
+    [(shared, size)] = second.shared_files.items()
+    assert (tmp_path / "a" / shared).stat().st_ino == (tmp_path / "b" / shared).stat().st_ino
+    assert _new_bytes(second) == 1 * MiB
+    frozen = decode_metadata((tmp_path / "b" / "metadata.json").read_bytes()).entries["frozen"]
+    assert {c.file for c in frozen.chunks} == {shared}
+    shutil.rmtree(tmp_path / "a")  # rm -r of the base breaks nothing
+    _assert_equal(_load(tmp_path / "b", state), state)
+    assert verify_checkpoint(str(tmp_path / "b")).ok
+
+
+def test_equality_is_by_content_not_by_version_counter(tmp_path: Path) -> None:
+    state = _state()
+    _save(state, tmp_path / "a", incremental=True)
+    state["frozen"].copy_(state["frozen"].clone())  # written to (version bumped), same bytes
+    state["trained"][0, 0] = 123.0  # one element differs: the whole 1 MiB tensor is new
+    second = _save(state, tmp_path / "b", base=tmp_path / "a")
+    assert _new_bytes(second) == 1 * MiB
+    _assert_equal(_load(tmp_path / "b", state), state)
+
+
+def test_a_big_tensor_rewrites_only_the_row_blocks_that_changed(tmp_path: Path) -> None:
+    rows, cols = 4 * SLICE_BYTES // (4 * 2048), 2048  # four row blocks of float32
+    table = torch.randn(rows, cols)
+    state = {"embedding": table}
+    first = _save(state, tmp_path / "a", incremental=True)
+    assert len(first.entries["embedding"].chunks) == 4
+    table[rows - 1, 7] += 1.0  # one row of the last block
+    second = _save(state, tmp_path / "b", base=tmp_path / "a")
+    assert _new_bytes(second) == SLICE_BYTES
+    chunk = max(second.entries["embedding"].chunks, key=lambda c: c.offsets[0])  # the last
+    assert chunk.file not in second.shared_files
+    assert chunk.digest == content_digest(memoryview(table[chunk.offsets[0] :].numpy()).cast("B"))
+    shutil.rmtree(tmp_path / "a")
+    _assert_equal(_load(tmp_path / "b", state), state)
+
+
+def test_a_missing_base_writes_every_byte_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = _state()
+    with caplog.at_level(logging.WARNING):
+        meta = _save(state, tmp_path / "b", base=tmp_path / "never-saved")
+    assert "has no committed checkpoint" in caplog.text
+    assert not meta.shared_files and meta.version == DIGEST_VERSION
+    _assert_equal(_load(tmp_path / "b", state), state)
+
+
+def test_a_failed_save_removes_its_links_and_leaves_the_base_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = _state()
+    _save(state, tmp_path / "a", incremental=True)
+    state["trained"].add_(1.0)
+    original = FileSystemWriter.write_file
+
+    def failing(self: FileSystemWriter, name: str, segments: Any) -> None:
+        if self.path.name == "b":
+            raise OSError("injected: disk full")
+        original(self, name, segments)
+
+    monkeypatch.setattr(FileSystemWriter, "write_file", failing)
+    with pytest.raises(OSError, match="injected"):
+        _save(state, tmp_path / "b", base=tmp_path / "a")
+    assert [p.name for p in (tmp_path / "b").iterdir()] == []  # the link went with the save
+    assert verify_checkpoint(str(tmp_path / "a")).ok
+
+
+def test_a_save_over_its_own_base_never_deletes_the_files_it_shares(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = _state()
+    _save(before, tmp_path / "a", incremental=True)
+    changed = _state()
+    changed["frozen"].copy_(before["frozen"])
+    changed["trained"].add_(5.0)
+
+    def failing_commit(self: FileSystemWriter, metadata: bytes) -> bytes | None:
+        raise OSError("injected: commit failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(FileSystemWriter, "commit", failing_commit)
+        with pytest.raises(OSError, match="commit failed"):
+            _save(changed, tmp_path / "a", base=tmp_path / "a")
+    _assert_equal(_load(tmp_path / "a", before), before)  # the old commit still loads
+    meta = _save(changed, tmp_path / "a", base=tmp_path / "a")
+    assert meta.shared_files  # the frozen tensor's file, kept, by its one name
+    _assert_equal(_load(tmp_path / "a", changed), changed)
+    listed = set(meta.files) | {"metadata.json"}
+    assert {p.name for p in (tmp_path / "a").iterdir()} == listed  # old trained file gone
+
+
+def test_metadata_version_3_carries_digests_and_version_2_may_not(tmp_path: Path) -> None:
+    state = _state()
+    full = _save(state, tmp_path / "full")
+    assert full.version == FORMAT_VERSION == 2
+    assert all(c.digest is None for c in full.entries["frozen"].chunks)
+    inc = _save(state, tmp_path / "inc", incremental=True)
+    raw = (tmp_path / "inc" / "metadata.json").read_bytes()
+    assert b'"digest":"' in raw and b'"version":3' in raw
+    assert decode_metadata(raw).entries == inc.entries
+    # the same document claiming version 2 is refused: a digest is a version-3 field
+    from async_ckpt.format.metadata import encode_metadata
+
+    downgraded = encode_metadata(type(inc)(**{**inc.__dict__, "version": 2}))
+    with pytest.raises(MetadataError, match="unknown fields \\['digest'\\]"):
+        decode_metadata(downgraded)
+
+
+def test_async_saves_share_with_their_base_through_the_worker(tmp_path: Path) -> None:
+    state = _state()
+    with async_ckpt.AsyncCheckpointer(no_dist=True) as ckpt:
+        ckpt.save(state, checkpoint_id=str(tmp_path / "a"), incremental=True).result()
+        state["trained"].mul_(2.0)
+        meta = ckpt.save(state, checkpoint_id=str(tmp_path / "b"), base=str(tmp_path / "a"))
+        meta = meta.result()
+    assert _new_bytes(meta) == 1 * MiB
+    shutil.rmtree(tmp_path / "a")
+    _assert_equal(_load(tmp_path / "b", state), state)
+
+
+def test_manager_keeps_every_step_whole_and_disk_use_near_one_checkpoint(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(3)
+    state = {"frozen": torch.randn(9 * 256, 1024, generator=g), "head": torch.randn(256, 1024)}
+    saved = {}
+    with CheckpointManager(tmp_path, keep_last=5, incremental=True, executor="thread") as mgr:
+        for step in range(1, 9):
+            state["head"].add_(1.0)
+            mgr.save(step, state).result()
+            saved[step] = {k: v.clone() for k, v in state.items()}
+        kept = mgr.steps()
+    assert kept == [4, 5, 6, 7, 8]
+    for step in kept:
+        _assert_equal(_load(tmp_path / f"step-{step:08d}", state), saved[step])
+    inodes = {}
+    for path in tmp_path.rglob("*.data"):
+        st = path.stat()
+        inodes[st.st_ino] = st.st_size
+    full = sum(t.numel() * 4 for t in state.values())
+    assert sum(inodes.values()) <= 1.5 * full  # 10 MiB: 9 frozen + 5 x 1 head
+
+
+def test_inspect_shows_the_new_and_the_shared_bytes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = _state()
+    _save(state, tmp_path / "a", incremental=True)
+    state["trained"].add_(1.0)
+    _save(state, tmp_path / "b", base=tmp_path / "a")
+    assert cli_main(["inspect", str(tmp_path / "b")]) == 0
+    assert "incremental: 1.0 MiB new, 2.0 MiB in 1 file shared" in capsys.readouterr().out
+
+
+def test_object_store_shares_by_server_side_copy(tmp_path: Path) -> None:
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    root = f"memory://inc-{os.getpid()}"
+    state = _state()
+    with async_ckpt.AsyncCheckpointer(no_dist=True, executor="thread") as ckpt:
+        ckpt.save(state, checkpoint_id=f"{root}/a", incremental=True).result()
+        state["trained"].add_(1.0)
+        meta = ckpt.save(state, checkpoint_id=f"{root}/b", base=f"{root}/a").result()
+    assert _new_bytes(meta) == 1 * MiB
+    fs.rm(f"{root}/a", recursive=True)
+    out = _empty_like(state)
+    async_ckpt.load(out, checkpoint_id=f"{root}/b", no_dist=True)
+    _assert_equal(out, state)
+    fs.rm(root, recursive=True)
+
+
+@pytest.mark.parametrize("bad", [3, "", b"bytes"])
+def test_a_bad_base_is_refused_at_the_call(tmp_path: Path, bad: Any) -> None:
+    with pytest.raises(async_ckpt.CheckpointError, match="base must be"):
+        _save(_state(), tmp_path / "b", base=bad)
