@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 
-import async_ckpt
 from async_ckpt import AsyncCheckpointer, CheckpointManager
 from benchmarks.harness import log
 from benchmarks.metrics import fmt_bytes
@@ -64,14 +63,10 @@ def train_step(state: dict[str, torch.Tensor], fraction: float) -> None:
         state[key].add_(1.0)
 
 
-def new_bytes(meta: async_ckpt.Metadata) -> int:
-    return meta.total_bytes - sum(meta.shared_files.values())
-
-
 def timed_save(ckpt: AsyncCheckpointer, state: dict, path: Path, **kwargs: Any) -> dict:
     t0 = time.perf_counter()
     meta = ckpt.save(state, checkpoint_id=str(path), **kwargs).result()
-    return {"commit_s": time.perf_counter() - t0, "new_bytes": new_bytes(meta)}
+    return {"commit_s": time.perf_counter() - t0, "new_bytes": meta.new_bytes}
 
 
 def rounds(state: dict, scratch: Path, repeats: int) -> dict[str, list[dict]]:

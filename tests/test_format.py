@@ -95,11 +95,14 @@ def test_golden_checkpoints_of_every_version_load_with_exact_values(version):
 def test_golden_v3_is_an_incremental_save_sharing_its_base_files():
     meta = decode_metadata((GOLDEN / "v3_checkpoint" / "metadata.json").read_bytes())
     assert meta.version == 3
-    assert sorted(meta.shared_files) == [f"00000000ba5e0000-r0-{i}.data" for i in (1, 2, 3)]
+    shared = [name for name in meta.files if name.startswith("00000000ba5e0000-")]
+    assert shared == [f"00000000ba5e0000-r0-{i}.data" for i in (1, 2, 3)]
+    assert meta.incremental is not None and meta.incremental["shared_files"] == 3
+    assert meta.new_bytes == meta.total_bytes - sum(meta.files[n] for n in shared)
     tensors = [e for e in meta.entries.values() if hasattr(e, "chunks")]
     assert all(len(c.digest) == 32 for e in tensors for c in e.chunks)
     [weight] = meta.entries["model.weight"].chunks  # the one tensor the base differed in
-    assert weight.file not in meta.shared_files
+    assert weight.file not in shared
 
 
 def test_golden_metadata_reencodes_to_the_same_bytes():

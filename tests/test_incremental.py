@@ -55,18 +55,33 @@ def _assert_equal(a: dict[str, Any], b: dict[str, Any]) -> None:
 
 
 def _new_bytes(meta: Any) -> int:
-    return meta.total_bytes - sum(meta.shared_files.values())
+    return meta.new_bytes
+
+
+def _shared(meta: Any, base: Any) -> set[str]:
+    return set(meta.files) & set(base.files)
 
 
 def test_unchanged_chunks_are_linked_not_written_and_survive_the_base(tmp_path: Path) -> None:
     state = _state()
     first = _save(state, tmp_path / "a", incremental=True)
-    assert first.version == DIGEST_VERSION and not first.shared_files
+    assert first.version == DIGEST_VERSION
+    assert first.incremental == {
+        "new_bytes": first.total_bytes,
+        "shared_bytes": 0,
+        "shared_files": 0,
+    }
     state["trained"].add_(1.0)
     state["step"] = 2
     second = _save(state, tmp_path / "b", base=tmp_path / "a")
     # the frozen tensor's file is the base's own, by a second name; the trained one is new
-    [(shared, size)] = second.shared_files.items()
+    [shared] = _shared(second, first)
+    assert second.incremental == {
+        "base": str(tmp_path / "a"),
+        "new_bytes": 1 * MiB,
+        "shared_bytes": 2 * MiB,
+        "shared_files": 1,
+    }
     assert (tmp_path / "a" / shared).stat().st_ino == (tmp_path / "b" / shared).stat().st_ino
     assert _new_bytes(second) == 1 * MiB
     frozen = decode_metadata((tmp_path / "b" / "metadata.json").read_bytes()).entries["frozen"]
@@ -96,7 +111,7 @@ def test_a_big_tensor_rewrites_only_the_row_blocks_that_changed(tmp_path: Path) 
     second = _save(state, tmp_path / "b", base=tmp_path / "a")
     assert _new_bytes(second) == SLICE_BYTES
     chunk = max(second.entries["embedding"].chunks, key=lambda c: c.offsets[0])  # the last
-    assert chunk.file not in second.shared_files
+    assert chunk.file not in _shared(second, first)
     assert chunk.digest == content_digest(memoryview(table[chunk.offsets[0] :].numpy()).cast("B"))
     shutil.rmtree(tmp_path / "a")
     _assert_equal(_load(tmp_path / "b", state), state)
@@ -109,7 +124,29 @@ def test_a_missing_base_writes_every_byte_with_a_warning(
     with caplog.at_level(logging.WARNING):
         meta = _save(state, tmp_path / "b", base=tmp_path / "never-saved")
     assert "has no committed checkpoint" in caplog.text
-    assert not meta.shared_files and meta.version == DIGEST_VERSION
+    assert meta.incremental["shared_files"] == 0 and meta.version == DIGEST_VERSION
+    assert meta.new_bytes == meta.total_bytes
+    _assert_equal(_load(tmp_path / "b", state), state)
+
+
+def test_a_base_deleted_after_it_was_read_means_its_chunks_are_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from async_ckpt.pipeline.incremental import BaseChunks
+
+    state = _state()
+    _save(state, tmp_path / "a", incremental=True)
+    state["trained"].add_(1.0)
+    load = BaseChunks.load
+
+    def load_then_delete(writer: Any, base: str) -> Any:
+        chunks = load(writer, base)  # the base's digests are known...
+        shutil.rmtree(base)  # ...and its files go (retention, another job) before any link
+        return chunks
+
+    monkeypatch.setattr(BaseChunks, "load", staticmethod(load_then_delete))
+    meta = _save(state, tmp_path / "b", base=tmp_path / "a")
+    assert meta.incremental["shared_files"] == 0 and meta.new_bytes == meta.total_bytes
     _assert_equal(_load(tmp_path / "b", state), state)
 
 
@@ -137,7 +174,7 @@ def test_a_save_over_its_own_base_never_deletes_the_files_it_shares(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     before = _state()
-    _save(before, tmp_path / "a", incremental=True)
+    first = _save(before, tmp_path / "a", incremental=True)
     changed = _state()
     changed["frozen"].copy_(before["frozen"])
     changed["trained"].add_(5.0)
@@ -151,7 +188,7 @@ def test_a_save_over_its_own_base_never_deletes_the_files_it_shares(
             _save(changed, tmp_path / "a", base=tmp_path / "a")
     _assert_equal(_load(tmp_path / "a", before), before)  # the old commit still loads
     meta = _save(changed, tmp_path / "a", base=tmp_path / "a")
-    assert meta.shared_files  # the frozen tensor's file, kept, by its one name
+    assert len(_shared(meta, first)) == 1  # the frozen tensor's file, kept, by its one name
     _assert_equal(_load(tmp_path / "a", changed), changed)
     listed = set(meta.files) | {"metadata.json"}
     assert {p.name for p in (tmp_path / "a").iterdir()} == listed  # old trained file gone
@@ -215,7 +252,8 @@ def test_inspect_shows_the_new_and_the_shared_bytes(
     state["trained"].add_(1.0)
     _save(state, tmp_path / "b", base=tmp_path / "a")
     assert cli_main(["inspect", str(tmp_path / "b")]) == 0
-    assert "incremental: 1.0 MiB new, 2.0 MiB in 1 file shared" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"incremental: 1.0 MiB new, 2.0 MiB in 1 file shared with {tmp_path / 'a'}" in out
 
 
 def test_object_store_shares_by_server_side_copy(tmp_path: Path) -> None:
@@ -239,3 +277,53 @@ def test_object_store_shares_by_server_side_copy(tmp_path: Path) -> None:
 def test_a_bad_base_is_refused_at_the_call(tmp_path: Path, bad: Any) -> None:
     with pytest.raises(async_ckpt.CheckpointError, match="base must be"):
         _save(_state(), tmp_path / "b", base=bad)
+
+
+# ----------------------------------------------------------------------------- two ranks
+
+ROWS = 4 * SLICE_BYTES // (4 * 256)  # rows of 256 float32: four row blocks in all, two per rank
+
+
+def _full_table() -> torch.Tensor:
+    return torch.arange(ROWS * 256, dtype=torch.float32).reshape(ROWS, 256)
+
+
+def _two_rank_incremental_body(rank: int, world: int, root: str) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    table = distribute_tensor(_full_table(), mesh, [Shard(0)])
+    state = {"table": table, "step": 1}
+    with async_ckpt.AsyncCheckpointer() as ckpt:
+        first = ckpt.save(state, checkpoint_id=f"{root}/a", incremental=True).result()
+        if rank == 1:
+            table.to_local()[-1, 0] = -1.0  # one element in rank 1's last row block
+        state["step"] = 2
+        meta = ckpt.save(state, checkpoint_id=f"{root}/b", base=f"{root}/a").result()
+    return {"new": _new_bytes(meta), "shared": sorted(_shared(meta, first))}
+
+
+def _two_rank_load_body(rank: int, world: int, root: str) -> bool:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    target = {"table": distribute_tensor(torch.zeros(ROWS, 256), mesh, [Shard(0)]), "step": 0}
+    async_ckpt.load(target, checkpoint_id=f"{root}/b")
+    expected = _full_table()
+    expected[-1, 0] = -1.0
+    assert torch.equal(target["table"].full_tensor(), expected) and target["step"] == 2
+    return True
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_share_their_unchanged_row_blocks(tmp_path: Path) -> None:
+    from dist_utils import run_ranks
+
+    results = run_ranks(_two_rank_incremental_body, 2, str(tmp_path))
+    assert results[0] == results[1]  # the committed metadata, seen by both ranks
+    assert results[0]["new"] == SLICE_BYTES  # one of the four row blocks
+    assert {name.split("-r")[1][0] for name in results[0]["shared"]} == {"0", "1"}
+    shutil.rmtree(tmp_path / "a")
+    assert run_ranks(_two_rank_load_body, 2, str(tmp_path)) == [True, True]

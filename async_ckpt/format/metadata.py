@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checksum import ALGORITHM
-from .names import DATA_FILE
 from .seal import PLACEHOLDER as SEAL_PLACEHOLDER
 from .seal import seal_metadata
 
@@ -92,13 +91,17 @@ class Metadata:
         return sum(self.files.values())
 
     @property
-    def shared_files(self) -> dict[str, int]:
-        """The data files an incremental save shares with its base: named by another save."""
-        return {
-            name: size
-            for name, size in self.files.items()
-            if (match := DATA_FILE.match(name)) and match["save_id"] != self.save_id
-        }
+    def incremental(self) -> dict[str, Any] | None:
+        """What an incremental save shared: ``{"base", "new_bytes", "shared_bytes",
+        "shared_files"}`` (kept in ``extra["incremental"]``), None for other saves."""
+        info = self.extra.get("incremental")
+        return info if isinstance(info, dict) else None
+
+    @property
+    def new_bytes(self) -> int:
+        """Bytes of the data files this save wrote: all of them unless it shared some."""
+        info = self.incremental
+        return int(info.get("new_bytes", self.total_bytes)) if info else self.total_bytes
 
 
 # ---------------------------------------------------------------------------- encode

@@ -37,7 +37,7 @@ MAX_EXTRA_BYTES = 64 * 1024
 """The most bytes ``Metadata.extra`` may take as JSON: it is read with every load."""
 MAX_EXTRA_DEPTH = 4
 """How deep objects may nest inside ``extra`` (``{"metrics": {"loss": 0.1}}`` is depth 2)."""
-RESERVED_EXTRA_KEYS = frozenset({"source_format", "dcp_version"})
+RESERVED_EXTRA_KEYS = frozenset({"source_format", "dcp_version", "incremental"})
 """Top-level ``extra`` keys the package itself writes (a translated DCP checkpoint)."""
 _INT_LIMIT = 2**63
 

@@ -80,6 +80,21 @@ class _RankResult:
     chunks: list[_WrittenChunk] = field(default_factory=list)
     objects: list[_WrittenObject] = field(default_factory=list)
     files: dict[str, int] = field(default_factory=dict)
+    shared: dict[str, int] = field(default_factory=dict)  # of ``files``: the base's
+
+
+def _incremental_extra(incremental: Incremental, results: list[_RankResult]) -> dict[str, Any]:
+    """``extra["incremental"]``: what the ranks wrote and what they shared, for inspect."""
+    shared = {name: size for res in results for name, size in res.shared.items()}
+    written = sum(size for res in results for name, size in res.files.items() if name not in shared)
+    info: dict[str, Any] = {
+        "new_bytes": written,
+        "shared_bytes": sum(shared.values()),
+        "shared_files": len(shared),
+    }
+    if incremental.base is not None:
+        info["base"] = incremental.base
+    return {"incremental": info}
 
 
 def _assemble(
@@ -217,7 +232,9 @@ def run_save(
             wave.written(True)
             wave = None
         shared = base.referenced if base is not None else {}
-        result = _RankResult(ok=True, chunks=chunks, objects=objects, files={**written, **shared})
+        result = _RankResult(
+            ok=True, chunks=chunks, objects=objects, files={**written, **shared}, shared=shared
+        )
         timings.bytes_written = sum(written.values())
         timings.bytes_shared = sum(c.record.nbytes for c in chunks if c.file in shared)
     except Exception as exc:  # reported to the coordinator, re-raised below
@@ -240,10 +257,11 @@ def run_save(
         else:
             try:
                 # checked here too (callers check at the call), where a failure reaches every rank
-                version = FORMAT_VERSION if incremental is None else DIGEST_VERSION
-                metadata = _assemble(
-                    state, results, save_id, block_size, check_extra(extra), version
-                )
+                checked, version = check_extra(extra), FORMAT_VERSION
+                if incremental is not None:
+                    checked.update(_incremental_extra(incremental, results))
+                    version = DIGEST_VERSION
+                metadata = _assemble(state, results, save_id, block_size, checked, version)
                 commit_checkpoint(writer, metadata)
                 outcome = metadata
             except Exception as exc:

@@ -108,12 +108,15 @@ def tree_lines(meta: Metadata, checkpoint_id: str) -> list[str]:
         f"{_plural(t['objects'], 'object')} ({human_bytes(t['object_bytes'])}); "
         f"{_plural(len(meta.files), 'data file')}, {human_bytes(meta.total_bytes)}",
     ]
-    if t["shared_file_bytes"]:
+    info = meta.incremental
+    if info is not None and "base" in info:
         lines.append(
-            f"incremental: {human_bytes(t['file_bytes'] - t['shared_file_bytes'])} new, "
-            f"{human_bytes(t['shared_file_bytes'])} in {_plural(t['shared_files'], 'file')} "
-            "shared with an earlier checkpoint"
+            f"incremental: {human_bytes(meta.new_bytes)} new, "
+            f"{human_bytes(info.get('shared_bytes', 0))} in "
+            f"{_plural(info.get('shared_files', 0), 'file')} shared with {info['base']}"
         )
+    elif info is not None:
+        lines.append("incremental: no base (every byte written), digests recorded")
     return lines
 
 
@@ -130,8 +133,7 @@ def totals(meta: Metadata) -> dict[str, int]:
         "object_bytes": sum(e.nbytes for e in objects),
         "files": len(meta.files),
         "file_bytes": meta.total_bytes,
-        "shared_files": len(meta.shared_files),
-        "shared_file_bytes": sum(meta.shared_files.values()),
+        "new_file_bytes": meta.new_bytes,
     }
 
 
