@@ -211,11 +211,16 @@ def test_metadata_version_3_carries_digests_and_version_2_may_not(tmp_path: Path
         decode_metadata(downgraded)
 
 
-def test_async_saves_share_with_their_base_through_the_worker(tmp_path: Path) -> None:
+@pytest.mark.parametrize("async_staging", [False, True])
+def test_async_saves_share_with_their_base_through_the_worker(
+    tmp_path: Path, async_staging: bool
+) -> None:
     state = _state()
-    with async_ckpt.AsyncCheckpointer(no_dist=True) as ckpt:
+    stager = async_ckpt.Stager(async_staging=async_staging)
+    with async_ckpt.AsyncCheckpointer(no_dist=True, stager=stager) as ckpt:
         ckpt.save(state, checkpoint_id=str(tmp_path / "a"), incremental=True).result()
         state["trained"].mul_(2.0)
+        # with async staging this second save is walked and handed over on the staging thread
         meta = ckpt.save(state, checkpoint_id=str(tmp_path / "b"), base=str(tmp_path / "a"))
         meta = meta.result()
     assert _new_bytes(meta) == 1 * MiB
