@@ -112,10 +112,8 @@ def run_ranks(
         ]
         for p in procs:
             p.start()
-        results: dict[int, Any] = {}
-        errors: list[str] = []
         try:
-            _collect(procs, queue, results, errors, reporting, timeout, tmp)
+            reports = _collect(procs, queue, reporting, timeout, tmp)
         except BaseException:
             for p in procs:  # a lost or hung rank leaves its peers blocked on it
                 p.kill()
@@ -125,73 +123,69 @@ def run_ranks(
                 p.join(timeout=30)
                 if p.is_alive():
                     p.kill()
-    if errors:
-        raise RuntimeError("\n".join(errors))
-    return [results.get(r) for r in range(world_size)]
+    if reports.errors:
+        raise RuntimeError("\n".join(reports.errors))
+    return [reports.results.get(r) for r in range(world_size)]
+
+
+class _Reports:
+    """What the ranks reported so far: results by rank, and the errors of those that raised."""
+
+    def __init__(self) -> None:
+        self.results: dict[int, Any] = {}
+        self.errors: list[str] = []
+        self.reported: set[int] = set()
+
+    def add(self, report: tuple[int, str, Any]) -> None:
+        rank, status, value = report
+        self.reported.add(rank)
+        if status == "ok":
+            self.results[rank] = value
+        else:
+            self.errors.append(f"rank {rank}: {value}")
 
 
 def _collect(
-    procs: list[Any],
-    queue: Any,
-    results: dict[int, Any],
-    errors: list[str],
-    reporting: int | None,
-    timeout: float,
-    directory: str,
-) -> None:
-    """Wait for the ranks' reports into ``results``/``errors``; raise on a death or a hang."""
+    procs: list[Any], queue: Any, reporting: int | None, timeout: float, directory: str
+) -> _Reports:
+    """Wait for the ranks' reports; raise on a death or a hang."""
+    reports = _Reports()
     expected = len(procs) if reporting is None else reporting
-    reported: set[int] = set()
     deadline = time.monotonic() + timeout
-    while len(reported) < expected:
+    while len(reports.reported) < expected:
         try:
-            rank, status, value = queue.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            reports.add(queue.get(timeout=max(0.0, min(1.0, deadline - time.monotonic()))))
         except queue_module.Empty:
             if time.monotonic() >= deadline:
-                raise TimeoutError(_hang_report(procs, reported, timeout, directory)) from None
+                raise TimeoutError(
+                    _hang_report(procs, reports.reported, timeout, directory)
+                ) from None
             if reporting is None:
-                _raise_on_silent_death(procs, reported, queue, results, errors, directory)
-            continue
-        reported.add(rank)
-        if status == "ok":
-            results[rank] = value
-        else:
-            errors.append(f"rank {rank}: {value}")
+                _raise_on_silent_death(procs, reports, queue, directory)
+    return reports
 
 
-def _raise_on_silent_death(
-    procs: list[Any],
-    reported: set[int],
-    queue: Any,
-    results: dict,
-    errors: list[str],
-    directory: str,
-) -> None:
+def _raise_on_silent_death(procs: list[Any], reports: _Reports, queue: Any, directory: str) -> None:
     """A rank that exited without a report will never send one: fail now, not at the timeout.
 
     Its report may still be in the pipe (a rank puts it, then exits), so the
     queue is drained for a moment before the rank is declared lost.
     """
-    dead = [r for r, p in enumerate(procs) if r not in reported and p.exitcode is not None]
+    dead = [r for r, p in enumerate(procs) if r not in reports.reported and p.exitcode is not None]
     if not dead:
         return
     drain_until = time.monotonic() + 5.0
-    while time.monotonic() < drain_until and any(r not in reported for r in dead):
+    while time.monotonic() < drain_until and any(r not in reports.reported for r in dead):
         try:
-            rank, status, value = queue.get(timeout=0.5)
+            reports.add(queue.get(timeout=0.5))
         except queue_module.Empty:
             continue
-        reported.add(rank)
-        if status == "ok":
-            results[rank] = value
-        else:
-            errors.append(f"rank {rank}: {value}")
-    lost = [r for r in dead if r not in reported]
+    lost = [r for r in dead if r not in reports.reported]
     if lost:
         codes = ", ".join(f"rank {r}: exit code {procs[r].exitcode}" for r in lost)
         stacks = [f"--- rank {r} ---\n{_read_stacks(directory, r)}" for r in lost]
         raise RuntimeError(
-            "\n".join([f"rank process died without reporting ({codes})", *stacks, *errors])
+            "\n".join([f"rank process died without reporting ({codes})", *stacks, *reports.errors])
         )
 
 
