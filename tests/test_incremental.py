@@ -150,6 +150,18 @@ def test_a_base_deleted_after_it_was_read_means_its_chunks_are_written(
     _assert_equal(_load(tmp_path / "b", state), state)
 
 
+def test_a_truncated_base_file_is_not_shared(tmp_path: Path) -> None:
+    state = _state()
+    first = _save(state, tmp_path / "a", incremental=True)
+    [frozen_file] = {c.file for c in first.entries["frozen"].chunks}
+    with open(tmp_path / "a" / frozen_file, "r+b") as f:
+        f.truncate(1000)  # damaged after its commit: sharing it would commit a broken file
+    meta = _save(state, tmp_path / "b", base=tmp_path / "a")
+    assert frozen_file not in meta.files  # written anew; the untouched trained file is shared
+    assert meta.incremental["shared_files"] == 1 and meta.new_bytes == 2 * MiB
+    _assert_equal(_load(tmp_path / "b", state), state)
+
+
 def test_a_failed_save_removes_its_links_and_leaves_the_base_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

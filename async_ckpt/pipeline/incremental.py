@@ -148,7 +148,7 @@ class BaseChunks:
     def _share(self, name: str) -> bool:
         with self._lock:
             if name not in self._shared:
-                outcome = self.writer.share_file(self.base, name)
+                outcome = self.writer.share_file(self.base, name, self.file_sizes[name])
                 self._shared[name] = outcome is not None
                 if outcome is not None:
                     self.referenced[name] = self.file_sizes[name]

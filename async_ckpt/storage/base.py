@@ -91,8 +91,11 @@ class StorageWriter(ABC):
         """
         return None
 
-    def share_file(self, base: str, name: str) -> bool | None:
+    def share_file(self, base: str, name: str, size: int) -> bool | None:
         """Give this checkpoint its own copy of, or reference to, ``base``'s data file ``name``.
+
+        Only a file of exactly ``size`` bytes (what ``base``'s metadata records)
+        is shared: a truncated base file must not become part of a new commit.
 
         Own means that deleting ``base`` afterwards leaves it intact: a hard
         link, a reflink or a server-side copy, never a pointer into ``base``.

@@ -141,13 +141,15 @@ class FsspecWriter(StorageWriter):
         except (FileNotFoundError, IsADirectoryError):
             return None
 
-    def share_file(self, base: str, name: str) -> bool | None:
+    def share_file(self, base: str, name: str, size: int) -> bool | None:
         # A server-side copy (S3 CopyObject, GCS rewrite): no bytes through this
         # host, and the copy is this checkpoint's own object.
         source, target = f"{self._base_path(base)}/{name}", self._join(name)
         try:
+            if self.fs.size(source) != size:
+                return None
             if source == target:
-                return False if self.fs.exists(target) else None
+                return False
             self.fs.copy(source, target)
             return True
         except (OSError, ValueError):

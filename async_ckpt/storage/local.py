@@ -160,7 +160,7 @@ class FileSystemWriter(StorageWriter):
         except FileNotFoundError:
             return None
 
-    def share_file(self, base: str, name: str) -> bool | None:
+    def share_file(self, base: str, name: str, size: int) -> bool | None:
         # A hard link: the bytes stay until the last checkpoint listing them is
         # deleted (rm -r included). The link is a new name; nothing ever opens a
         # shared file for writing (this save's own files carry its own save id).
@@ -169,14 +169,18 @@ class FileSystemWriter(StorageWriter):
         source, target = _local_path(base) / name, self.path / name
         try:
             os.link(source, target, follow_symlinks=False)
-            return True
         except FileExistsError:
             try:
-                return False if os.path.samefile(source, target) else None
+                same = os.path.samefile(source, target) and _is_file_of_size(target, size)
             except OSError:
                 return None
+            return False if same else None
         except OSError:  # the base is gone, another file system, no hard links here
             return None
+        if _is_file_of_size(target, size):
+            return True
+        _unlink_quietly(target)  # truncated or replaced: not something to commit
+        return None
 
     def committed_metadata(self) -> bytes | None:
         try:
@@ -218,6 +222,14 @@ class FileSystemWriter(StorageWriter):
     def abort(self, names: Iterable[str]) -> None:
         for name in names:
             _unlink_quietly(self.path / name)
+
+
+def _is_file_of_size(path: Path, size: int) -> bool:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == size
 
 
 def _unlink_quietly(path: Path) -> bool:
