@@ -344,3 +344,46 @@ def test_two_ranks_share_their_unchanged_row_blocks(tmp_path: Path) -> None:
     assert {name.split("-r")[1][0] for name in results[0]["shared"]} == {"0", "1"}
     shutil.rmtree(tmp_path / "a")
     assert run_ranks(_two_rank_load_body, 2, str(tmp_path)) == [True, True]
+
+
+def test_convert_reads_an_incremental_checkpoint_whose_base_is_gone(tmp_path: Path) -> None:
+    state = _state()
+    _save(state, tmp_path / "a", incremental=True)
+    state["trained"].add_(1.0)
+    _save(state, tmp_path / "b", base=tmp_path / "a")
+    shutil.rmtree(tmp_path / "a")
+    out = tmp_path / "b.pt"
+    assert cli_main(["convert", str(tmp_path / "b"), str(out), "--to", "torch"]) == 0
+    loaded = torch.load(out, weights_only=True)
+    assert torch.equal(loaded["frozen"], state["frozen"])
+    assert torch.equal(loaded["trained"], state["trained"]) and loaded["step"] == 1
+
+
+def test_a_save_queued_behind_its_base_shares_with_it(tmp_path: Path) -> None:
+    """Two saves in flight: the second names the first, not yet committed, as its base;
+    the worker runs saves in order, so the base is committed when the second reads it."""
+    state = _state()
+    with async_ckpt.AsyncCheckpointer(no_dist=True) as ckpt:
+        first = ckpt.save(state, checkpoint_id=str(tmp_path / "a"), incremental=True)
+        expected_a = {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
+        state["trained"].add_(1.0)  # allowed: synchronous staging returned after the copy
+        second = ckpt.save(state, checkpoint_id=str(tmp_path / "b"), base=str(tmp_path / "a"))
+        a, b = first.result(), second.result()
+    assert b.incremental["shared_files"] == 1 and b.new_bytes == 1 * MiB
+    assert _shared(b, a) == {c.file for c in a.entries["frozen"].chunks}
+    _assert_equal(_load(tmp_path / "a", state), expected_a)
+    _assert_equal(_load(tmp_path / "b", state), state)
+
+
+def test_ls_counts_a_file_shared_by_several_steps_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = _state()
+    with CheckpointManager(tmp_path, keep_last=None, incremental=True, executor="thread") as mgr:
+        for step in (1, 2, 3):
+            state["trained"].add_(1.0)
+            mgr.save(step, state).result()
+    assert cli_main(["ls", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    # the 2 MiB frozen file once and three 1 MiB trained files (plus three small metadata)
+    assert "3 committed, 0 incomplete, 5.0 MiB in total" in out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,19 @@ class StepInfo:
     committed: bool
     size: int
     mtime: float | None
+    files: dict[tuple[int, int], int] | None = None  # see Usage.files
+
+
+def disk_bytes(infos: Iterable[StepInfo]) -> int:
+    """Bytes the steps take together: a file that several share (hard links) counts once."""
+    unique: dict[tuple[int, int], int] = {}
+    total = 0
+    for info in infos:
+        if info.files is None:
+            total += info.size
+        else:
+            unique.update(info.files)
+    return total + sum(unique.values())
 
 
 class StepStore:
@@ -87,7 +101,9 @@ class StepStore:
     def info(self, step: int, committed: bool) -> StepInfo:
         """Size (all files) and modification time of ``step``'s directory."""
         usage = self.storage.usage(step_dir_name(step))
-        return StepInfo(step, self.checkpoint_id(step), committed, usage.size, usage.mtime)
+        return StepInfo(
+            step, self.checkpoint_id(step), committed, usage.size, usage.mtime, usage.files
+        )
 
     def infos(self) -> list[StepInfo]:
         """:class:`StepInfo` of every step directory, oldest step first."""

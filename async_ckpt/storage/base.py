@@ -189,6 +189,9 @@ class Usage:
 
     size: int
     mtime: float | None  # seconds since the epoch; None: the store does not say
+    # Where the store can tell: each file's identity (device, inode) and size, so that
+    # a file several checkpoints share (incremental saves' hard links) counts once.
+    files: dict[tuple[int, int], int] | None = None
 
 
 class StorageRoot(ABC):

@@ -405,7 +405,7 @@ class FileSystemRoot(StorageRoot):
 
     def usage(self, name: str) -> Usage:
         path = self.path / name
-        size, newest = 0, None
+        size, newest, files = 0, None, {}
         for folder, _, names in os.walk(path):
             for file in names:
                 try:
@@ -413,10 +413,11 @@ class FileSystemRoot(StorageRoot):
                 except FileNotFoundError:
                     continue
                 size += st.st_size
+                files[(st.st_dev, st.st_ino)] = st.st_size
                 newest = st.st_mtime if newest is None else max(newest, st.st_mtime)
         if newest is None and path.is_dir():
             newest = os.stat(path).st_mtime
-        return Usage(size, newest)
+        return Usage(size, newest, files)
 
     def delete(self, name: str) -> None:
         path = self.path / name

@@ -9,7 +9,7 @@ from typing import Any
 from ..format.dcp_translate import is_translated_dcp
 from ..format.metadata import Metadata, ObjectEntry, TensorEntry, ValueEntry
 from ..format.objects import decode_plain
-from ..manager.root import StepInfo, step_dir_name
+from ..manager.root import StepInfo, disk_bytes, step_dir_name
 from ..state.leaves import LeafKind
 
 
@@ -218,5 +218,5 @@ def steps_lines(
         *_table(rows),
         "",
         f"{len(committed)} committed, {len(infos) - len(committed)} incomplete, "
-        f"{human_bytes(sum(i.size for i in infos))} in total; latest committed: {latest}",
+        f"{human_bytes(disk_bytes(infos))} in total; latest committed: {latest}",
     ]
