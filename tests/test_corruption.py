@@ -212,7 +212,7 @@ def test_a_fifo_in_place_of_a_data_file_is_refused_without_hanging(ckpt_dir, sav
         async_ckpt.load(saved_small(), checkpoint_id=ckpt_dir)
 
 
-@pytest.mark.parametrize("version", [0, 3, "1", None])
+@pytest.mark.parametrize("version", [0, 4, "1", None])
 def test_a_wrong_format_version_is_refused(ckpt_dir, saved_small, version):
     doc = read_meta(ckpt_dir)
     doc["version"] = version
