@@ -59,9 +59,17 @@ def _entry(
     faulthandler.register(DUMP_SIGNAL, file=stacks, all_threads=True)
     faulthandler.enable(file=stacks, all_threads=True)  # a crash leaves its stacks there too
     os.environ["MASTER_ADDR"] = "127.0.0.1"  # async_ckpt's worker group binds to it
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
-    )
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+        )
+        # No rank leaves before every rank has joined: gloo's init can return on one
+        # rank while a peer is still connecting, and a rank whose ``fn`` returns at
+        # once would close its connections under that peer ("Connection closed by peer").
+        dist.barrier()
+    except BaseException as exc:
+        queue.put((rank, "error", f"joining the group: {type(exc).__name__}: {exc}"))
+        return
     try:
         queue.put((rank, "ok", fn(rank, world_size, *args)))
     except BaseException as exc:  # reported to the parent, which raises it

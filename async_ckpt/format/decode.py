@@ -90,9 +90,12 @@ def _checksums(value: Any, where: Where, nbytes: int, block_size: int) -> tuple[
 
 def _file_ref(doc: dict, where: Where, files: dict[str, int]) -> tuple[str, int, int]:
     name = doc["file"]
-    if not is_safe_file_name(name):
-        raise _fail(f"{_loc(where)}.file {name!r} is not a plain file name inside the checkpoint")
-    if name not in files:
+    # every name in ``files`` passed is_safe_file_name already: one dict lookup per chunk
+    if type(name) is not str or name not in files:
+        if not is_safe_file_name(name):
+            raise _fail(
+                f"{_loc(where)}.file {name!r} is not a plain file name inside the checkpoint"
+            )
         raise _fail(f"{_loc(where)}.file {name!r} is not listed in 'files'")
     offset = _int(doc["offset"], (where, ".offset"))
     nbytes = _int(doc["nbytes"], (where, ".nbytes"))
