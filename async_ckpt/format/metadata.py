@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..gc_pause import gc_paused
 from .checksum import ALGORITHM
 from .seal import PLACEHOLDER as SEAL_PLACEHOLDER
 from .seal import seal_metadata
@@ -146,6 +147,11 @@ def _encode_entry(entry: Entry) -> dict[str, Any]:
 
 def encode_metadata(meta: Metadata) -> bytes:
     """The metadata file's bytes: canonical JSON (sorted keys), ASCII, self-checksummed."""
+    with gc_paused():  # a dict per entry and chunk, no cycles: see decode_metadata
+        return _encode(meta)
+
+
+def _encode(meta: Metadata) -> bytes:
     checksum: dict[str, Any] = {"algorithm": ALGORITHM, "block_size": meta.block_size}
     if meta.version >= 2:
         checksum["metadata"] = SEAL_PLACEHOLDER.decode()
