@@ -7,6 +7,7 @@ and :mod:`async_ckpt.pipeline.waves` turns each of those into the same waves.
 
 from __future__ import annotations
 
+import operator
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -97,6 +98,14 @@ def _incremental_extra(incremental: Incremental, results: list[_RankResult]) -> 
     return {"incremental": info}
 
 
+def _in_order(chunks: list[Chunk]) -> tuple[Chunk, ...]:
+    """A tensor's chunks by offsets (most tensors have one: nothing to sort)."""
+    return tuple(chunks) if len(chunks) < 2 else tuple(sorted(chunks, key=_offsets))
+
+
+_offsets = operator.attrgetter("offsets")
+
+
 def _assemble(
     state: LocalState,
     results: list[_RankResult],
@@ -116,18 +125,16 @@ def _assemble(
     entries: dict = {}
     for item in state.items:
         if item.key not in entries:
-            chunks = sorted(chunks_by_key.get(item.key, []), key=lambda c: c.offsets)
-            entries[item.key] = TensorEntry(
-                item.path, item.dtype, item.shape, tuple(chunks), item.numpy
-            )
+            chunks = _in_order(chunks_by_key.get(item.key, []))
+            entries[item.key] = TensorEntry(item.path, item.dtype, item.shape, chunks, item.numpy)
     for stub in state.stubs:  # a tensor the coordinator holds no piece of: others wrote it
-        chunks = sorted(chunks_by_key.get(stub.key, []), key=lambda c: c.offsets)
+        chunks = _in_order(chunks_by_key.get(stub.key, []))
         if not chunks and 0 not in stub.shape:
             raise StateDictError(
                 f"tensor {stub.key!r} has no piece on any rank: every rank is outside its "
                 "DTensor's mesh, so there is nothing to save"
             )
-        entries[stub.key] = TensorEntry(stub.path, stub.dtype, stub.shape, tuple(chunks))
+        entries[stub.key] = TensorEntry(stub.path, stub.dtype, stub.shape, chunks)
     for key, (path, value) in state.values.items():
         entries[key] = ValueEntry(path, value)
     objects = {o.key: o for o in state.objects}
