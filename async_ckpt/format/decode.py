@@ -129,6 +129,51 @@ def _digest(value: Any, where: Where) -> str:
     return value
 
 
+def _whole_chunk(
+    raw: Any, shape: tuple, size: int, files: dict[str, int], block_size: int, digests: bool
+) -> Chunk | None:
+    """The single chunk of a tensor stored whole (most tensors), checked in one pass.
+
+    The same rules as the general path below, with fewer calls: at 100k tensors
+    this runs before every commit and on every load. None when the chunk is not
+    a whole-tensor chunk or breaks any rule; the general path then checks it and
+    names what is wrong.
+    """
+    if type(raw) is not dict:
+        return None
+    keys = raw.keys()
+    if not (keys == _CHUNK_FIELDS or (digests and keys == _DIGESTED_CHUNK_FIELDS)):
+        return None
+    offsets, sizes = raw["offsets"], raw["sizes"]
+    if type(offsets) is not list or type(sizes) is not list:
+        return None
+    if len(offsets) != len(shape) or len(sizes) != len(shape):
+        return None
+    for o, s, d in zip(offsets, sizes, shape, strict=True):
+        if type(o) is not int or o != 0 or type(s) is not int or s != d:
+            return None
+    name, offset, nbytes = raw["file"], raw["offset"], raw["nbytes"]
+    if type(name) is not str or type(offset) is not int or type(nbytes) is not int:
+        return None
+    limit = files.get(name)
+    if limit is None or nbytes != math.prod(shape) * size or not 0 <= offset <= _MAX_INT:
+        return None
+    if nbytes > _MAX_INT or offset + nbytes > limit:
+        return None
+    sums = raw["checksums"]
+    if type(sums) is not list or len(sums) != block_count(nbytes, block_size):
+        return None
+    for c in sums:
+        if type(c) is not int or not 0 <= c < 2**32:
+            return None
+    digest = raw.get("digest")
+    if digest is not None and (
+        type(digest) is not str or len(digest) != 32 or not _HEX.issuperset(digest)
+    ):
+        return None
+    return Chunk((0,) * len(shape), shape, name, offset, nbytes, tuple(sums), digest)
+
+
 def _decode_tensor(
     doc: dict, where: str, files: dict[str, int], block_size: int, digests: bool
 ) -> TensorEntry:
@@ -136,6 +181,12 @@ def _decode_tensor(
     dtype = dtype_from_name(doc["dtype"])
     shape = _ints(doc["shape"], (where, ".shape"))
     size = itemsize(dtype)
+    raw_chunks = doc["chunks"]
+    if type(raw_chunks) is list and len(raw_chunks) == 1:
+        whole = _whole_chunk(raw_chunks[0], shape, size, files, block_size, digests)
+        if whole is not None:
+            path = _path(doc["path"], where)
+            return TensorEntry(path, doc["dtype"], shape, (whole,), doc["kind"] == "ndarray")
     if not isinstance(doc["chunks"], list) or len(doc["chunks"]) > 1_000_000:
         raise _fail(f"{where}.chunks must be a list")
     chunks = []
