@@ -11,13 +11,18 @@ import socket
 import struct
 from typing import Any
 
+from ..gc_pause import gc_paused
+
 _HEADER = struct.Struct("!Q")
 _MAX_FDS = 16
 
 
 def send(sock: socket.socket, message: Any, fds: list[int] | None = None) -> None:
     """Send one message (and optionally file descriptors)."""
-    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    # A committed save's metadata has an entry per tensor (100k: 18 MB pickled);
+    # the collector would traverse the heap again and again while those are made.
+    with gc_paused():
+        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     header = _HEADER.pack(len(payload))
     if fds:
         socket.send_fds(sock, [header], fds)
@@ -52,4 +57,5 @@ def recv(sock: socket.socket) -> tuple[Any, list[int]] | None:
     payload = _recv_exact(sock, length)
     if payload is None:
         return None
-    return pickle.loads(payload), list(fds)
+    with gc_paused():  # see send()
+        return pickle.loads(payload), list(fds)
