@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,9 @@ from async_ckpt.cli import main as cli_main
 from async_ckpt.errors import MetadataError
 from async_ckpt.format.decode import decode_metadata
 from async_ckpt.format.metadata import DIGEST_VERSION, FORMAT_VERSION
+from async_ckpt.format.names import DATA_FILE
 from async_ckpt.manager import CheckpointManager
-from async_ckpt.pipeline.incremental import SLICE_BYTES, content_digest
+from async_ckpt.pipeline.incremental import SHARED_FILE_INDEX, SLICE_BYTES, content_digest
 from async_ckpt.storage.local import FileSystemWriter
 from async_ckpt.tools.verify import verify_checkpoint
 
@@ -58,8 +60,17 @@ def _new_bytes(meta: Any) -> int:
     return meta.new_bytes
 
 
-def _shared(meta: Any, base: Any) -> set[str]:
-    return set(meta.files) & set(base.files)
+def _shared(meta: Any) -> set[str]:
+    """The files of ``meta`` its save shared from a base (numbered from SHARED_FILE_INDEX)."""
+    return {n for n in meta.files if DATA_FILE.match(n) and _index(n) >= SHARED_FILE_INDEX}
+
+
+def _index(name: str) -> int:
+    return int(DATA_FILE.match(name)["index"])
+
+
+def _inode(path: Path) -> int:
+    return path.stat().st_ino
 
 
 def test_unchanged_chunks_are_linked_not_written_and_survive_the_base(tmp_path: Path) -> None:
@@ -74,15 +85,16 @@ def test_unchanged_chunks_are_linked_not_written_and_survive_the_base(tmp_path: 
     state["trained"].add_(1.0)
     state["step"] = 2
     second = _save(state, tmp_path / "b", base=tmp_path / "a")
-    # the frozen tensor's file is the base's own, by a second name; the trained one is new
-    [shared] = _shared(second, first)
+    # the frozen tensor's file is the base's, linked under a name of this save
+    [shared] = _shared(second)
+    [base_file] = {c.file for c in first.entries["frozen"].chunks}
     assert second.incremental == {
         "base": str(tmp_path / "a"),
         "new_bytes": 1 * MiB,
         "shared_bytes": 2 * MiB,
         "shared_files": 1,
     }
-    assert (tmp_path / "a" / shared).stat().st_ino == (tmp_path / "b" / shared).stat().st_ino
+    assert _inode(tmp_path / "a" / base_file) == _inode(tmp_path / "b" / shared)
     assert _new_bytes(second) == 1 * MiB
     frozen = decode_metadata((tmp_path / "b" / "metadata.json").read_bytes()).entries["frozen"]
     assert {c.file for c in frozen.chunks} == {shared}
@@ -111,7 +123,7 @@ def test_a_big_tensor_rewrites_only_the_row_blocks_that_changed(tmp_path: Path) 
     second = _save(state, tmp_path / "b", base=tmp_path / "a")
     assert _new_bytes(second) == SLICE_BYTES
     chunk = max(second.entries["embedding"].chunks, key=lambda c: c.offsets[0])  # the last
-    assert chunk.file not in _shared(second, first)
+    assert chunk.file not in _shared(second) and len(_shared(second)) == 3  # a file per block
     assert chunk.digest == content_digest(memoryview(table[chunk.offsets[0] :].numpy()).cast("B"))
     shutil.rmtree(tmp_path / "a")
     _assert_equal(_load(tmp_path / "b", state), state)
@@ -139,8 +151,8 @@ def test_a_base_deleted_after_it_was_read_means_its_chunks_are_written(
     state["trained"].add_(1.0)
     load = BaseChunks.load
 
-    def load_then_delete(writer: Any, base: str) -> Any:
-        chunks = load(writer, base)  # the base's digests are known...
+    def load_then_delete(writer: Any, base: str, *args: Any) -> Any:
+        chunks = load(writer, base, *args)  # the base's digests are known...
         shutil.rmtree(base)  # ...and its files go (retention, another job) before any link
         return chunks
 
@@ -200,7 +212,11 @@ def test_a_save_over_its_own_base_never_deletes_the_files_it_shares(
             _save(changed, tmp_path / "a", base=tmp_path / "a")
     _assert_equal(_load(tmp_path / "a", before), before)  # the old commit still loads
     meta = _save(changed, tmp_path / "a", base=tmp_path / "a")
-    assert len(_shared(meta, first)) == 1  # the frozen tensor's file, kept, by its one name
+    # the frozen tensor's file, under a second name of the new save: the commit removed
+    # the old name with the rest of what it replaced, the bytes stay
+    [shared] = _shared(meta)
+    assert {c.file for c in meta.entries["frozen"].chunks} == {shared}
+    assert not set(first.files) & set(meta.files)
     _assert_equal(_load(tmp_path / "a", changed), changed)
     listed = set(meta.files) | {"metadata.json"}
     assert {p.name for p in (tmp_path / "a").iterdir()} == listed  # old trained file gone
@@ -313,12 +329,12 @@ def _two_rank_incremental_body(rank: int, world: int, root: str) -> dict[str, An
     table = distribute_tensor(_full_table(), mesh, [Shard(0)])
     state = {"table": table, "step": 1}
     with async_ckpt.AsyncCheckpointer() as ckpt:
-        first = ckpt.save(state, checkpoint_id=f"{root}/a", incremental=True).result()
+        ckpt.save(state, checkpoint_id=f"{root}/a", incremental=True).result()
         if rank == 1:
             table.to_local()[-1, 0] = -1.0  # one element in rank 1's last row block
         state["step"] = 2
         meta = ckpt.save(state, checkpoint_id=f"{root}/b", base=f"{root}/a").result()
-    return {"new": _new_bytes(meta), "shared": sorted(_shared(meta, first))}
+    return {"new": _new_bytes(meta), "shared": sorted(_shared(meta))}
 
 
 def _two_rank_load_body(rank: int, world: int, root: str) -> bool:
@@ -370,7 +386,9 @@ def test_a_save_queued_behind_its_base_shares_with_it(tmp_path: Path) -> None:
         second = ckpt.save(state, checkpoint_id=str(tmp_path / "b"), base=str(tmp_path / "a"))
         a, b = first.result(), second.result()
     assert b.incremental["shared_files"] == 1 and b.new_bytes == 1 * MiB
-    assert _shared(b, a) == {c.file for c in a.entries["frozen"].chunks}
+    [shared] = _shared(b)
+    [frozen] = {c.file for c in a.entries["frozen"].chunks}
+    assert _inode(tmp_path / "a" / frozen) == _inode(tmp_path / "b" / shared)
     _assert_equal(_load(tmp_path / "a", state), expected_a)
     _assert_equal(_load(tmp_path / "b", state), state)
 
@@ -387,3 +405,80 @@ def test_ls_counts_a_file_shared_by_several_steps_once(
     out = capsys.readouterr().out
     # the 2 MiB frozen file once and three 1 MiB trained files (plus three small metadata)
     assert "3 committed, 0 incomplete, 5.0 MiB in total" in out
+
+
+def _failing_writes_to(monkeypatch: pytest.MonkeyPatch, cls: Any, marker: str) -> None:
+    original = cls.write_file
+
+    def write_file(self: Any, name: str, segments: Any) -> None:
+        if self.checkpoint_id.endswith(marker):
+            raise OSError(f"injected failure writing {name}")
+        original(self, name, segments)
+
+    monkeypatch.setattr(cls, "write_file", write_file)
+
+
+@pytest.mark.parametrize("store", ["local", "memory"])
+def test_a_failed_save_never_removes_what_a_committed_save_to_the_same_id_shares(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store: str
+) -> None:
+    """Saves to one id with one base: the second fails after sharing; the first's files,
+    shared under names of its own save, stay (before, both used the base's file names)."""
+    from async_ckpt.storage.fsspec_backend import FsspecWriter
+
+    root = str(tmp_path) if store == "local" else f"memory://shared-{os.getpid()}"
+    state = _state()
+    with async_ckpt.AsyncCheckpointer(no_dist=True, executor="thread") as ckpt:
+        ckpt.save(state, checkpoint_id=f"{root}/anchor", incremental=True).result()
+        state["trained"].add_(1.0)
+        latest = f"{root}/latest"
+        ckpt.save(state, checkpoint_id=latest, base=f"{root}/anchor").result()
+        committed = {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
+        state["trained"].add_(1.0)
+        _failing_writes_to(
+            monkeypatch, FileSystemWriter if store == "local" else FsspecWriter, "latest"
+        )
+        with pytest.raises(OSError, match="injected failure"):
+            ckpt.save(state, checkpoint_id=latest, base=f"{root}/anchor").result()
+    out = _empty_like(state)
+    async_ckpt.load(out, checkpoint_id=latest, no_dist=True)
+    _assert_equal(out, committed)
+    if store == "memory":
+        import fsspec
+
+        fsspec.filesystem("memory").rm(root, recursive=True)
+
+
+def test_a_store_without_server_side_copy_writes_every_byte(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    def no_copy(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("no server-side copy on this store")
+
+    monkeypatch.setattr(MemoryFileSystem, "copy", no_copy)
+    root = f"memory://nocopy-{os.getpid()}"
+    state = _state()
+    with async_ckpt.AsyncCheckpointer(no_dist=True, executor="thread") as ckpt:
+        ckpt.save(state, checkpoint_id=f"{root}/a", incremental=True).result()
+        meta = ckpt.save(state, checkpoint_id=f"{root}/b", base=f"{root}/a").result()
+    assert meta.incremental["shared_files"] == 0 and meta.new_bytes == meta.total_bytes
+    out = _empty_like(state)
+    async_ckpt.load(out, checkpoint_id=f"{root}/b", no_dist=True)
+    _assert_equal(out, state)
+    fsspec.filesystem("memory").rm(root, recursive=True)
+
+
+def test_a_linked_file_looks_as_new_as_the_save_that_linked_it(tmp_path: Path) -> None:
+    """Ages decide what is a dead save's leftover; a link keeps the file's old mtime."""
+    state = _state()
+    first = _save(state, tmp_path / "a", incremental=True)
+    hours_ago = time.time() - 7200
+    for name in first.files:
+        os.utime(tmp_path / "a" / name, (hours_ago, hours_ago))
+    second = _save(state, tmp_path / "b", base=tmp_path / "a")
+    assert len(_shared(second)) == 2  # nothing changed: both files shared
+    for name in _shared(second):
+        assert os.stat(tmp_path / "b" / name).st_mtime > time.time() - 600

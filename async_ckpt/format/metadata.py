@@ -102,7 +102,8 @@ class Metadata:
     def new_bytes(self) -> int:
         """Bytes of the data files this save wrote: all of them unless it shared some."""
         info = self.incremental
-        return int(info.get("new_bytes", self.total_bytes)) if info else self.total_bytes
+        value = info.get("new_bytes") if info else None
+        return value if type(value) is int else self.total_bytes
 
 
 # ---------------------------------------------------------------------------- encode

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import xxhash
@@ -25,6 +25,7 @@ import xxhash
 from ..errors import CheckpointError
 from ..format.decode import decode_metadata
 from ..format.metadata import Chunk, Metadata, TensorEntry
+from ..format.names import data_file_name
 from ..storage.base import StorageWriter
 
 log = logging.getLogger(__name__)
@@ -99,15 +100,28 @@ def row_blocks(
     ]
 
 
+SHARED_FILE_INDEX = 1_000_000
+"""Where a save numbers the files it shares from its base (``<save_id>-r<rank>-<n>.data``,
+``n`` from here on): never the number of a file it writes (those count from 0)."""
+
+
 class BaseChunks:
     """The base checkpoint's digested chunks, and the files of it this save shares.
 
-    Thread-safe: the write threads of one rank ask it at once.
+    A shared file is given a name of this save (its save id, rank and a number
+    from :data:`SHARED_FILE_INDEX`): the new checkpoint owns that name as it
+    owns the files it writes, so an abort deletes only names it made, two
+    saves never meet on one name, and a commit that replaces the base at the
+    same id (``base`` = the target) cannot take it away. Thread-safe: the
+    write threads of one rank ask it at once.
     """
 
-    def __init__(self, writer: StorageWriter, base: str, metadata: Metadata) -> None:
+    def __init__(
+        self, writer: StorageWriter, base: str, metadata: Metadata, save_id: str, rank: int
+    ) -> None:
         self.writer, self.base, self.block_size = writer, base, metadata.block_size
         self.file_sizes = metadata.files
+        self.save_id, self.rank = save_id, rank
         self._chunks: dict[ChunkPlace, Chunk] = {
             (key, c.offsets, c.sizes): c
             for key, entry in metadata.entries.items()
@@ -116,13 +130,18 @@ class BaseChunks:
             if c.digest is not None
         }
         self._lock = threading.Lock()
-        self._shared: dict[str, bool] = {}  # file name -> whether this save has it
-        self.created: dict[str, int] = {}  # files this save made (abort removes only these)
-        self.referenced: dict[str, int] = {}  # every base file the new metadata lists
+        self._names: dict[str, str | None] = {}  # base file -> its name here (None: not shared)
+        self.shared: dict[str, int] = {}  # the names this save made for shared files, sizes
 
     @classmethod
-    def load(cls, writer: StorageWriter, base: str) -> BaseChunks | None:
+    def load(cls, writer: StorageWriter, base: str, save_id: str, rank: int) -> BaseChunks | None:
         """The base's chunks, or None (logged) when it cannot serve as a base."""
+        if not writer.can_share_files:
+            log.warning(
+                "incremental save: %s cannot share files with a base; writing every byte",
+                type(writer).__name__,
+            )
+            return None
         try:
             payload = writer.base_metadata(base)
             if payload is None:
@@ -131,27 +150,29 @@ class BaseChunks:
                     base,
                 )
                 return None
-            return cls(writer, base, decode_metadata(payload))
-        except (OSError, CheckpointError) as exc:
+            return cls(writer, base, decode_metadata(payload), save_id, rank)
+        except Exception as exc:  # any backend's error: an incremental save never fails for it
             log.warning(
                 "incremental save: base %r cannot be read (%s); writing every byte", base, exc
             )
             return None
 
     def match(self, place: ChunkPlace, digest: str, nbytes: int) -> Chunk | None:
-        """The base's chunk with these bytes at ``place``, if this save can refer to it."""
+        """The base's chunk with these bytes at ``place``, placed in this save's copy of
+        its file; None when there is none or the file cannot be shared."""
         chunk = self._chunks.get(place)
         if chunk is None or chunk.digest != digest or chunk.nbytes != nbytes:
             return None
-        return chunk if self._share(chunk.file) else None
+        name = self._share(chunk.file)
+        return None if name is None else replace(chunk, file=name)
 
-    def _share(self, name: str) -> bool:
+    def _share(self, base_name: str) -> str | None:
         with self._lock:
-            if name not in self._shared:
-                outcome = self.writer.share_file(self.base, name, self.file_sizes[name])
-                self._shared[name] = outcome is not None
-                if outcome is not None:
-                    self.referenced[name] = self.file_sizes[name]
-                    if outcome:
-                        self.created[name] = self.file_sizes[name]
-            return self._shared[name]
+            if base_name not in self._names:
+                name = data_file_name(self.save_id, self.rank, SHARED_FILE_INDEX + len(self._names))
+                size = self.file_sizes[base_name]
+                made = self.writer.share_file(self.base, base_name, name, size)
+                self._names[base_name] = name if made else None
+                if made:
+                    self.shared[name] = size
+            return self._names[base_name]

@@ -211,7 +211,7 @@ def run_save(
     try:
         writer.prepare(coordinator=comm.rank == 0)
         if incremental is not None and incremental.base is not None:
-            base = BaseChunks.load(writer, incremental.base)
+            base = BaseChunks.load(writer, incremental.base, save_id, comm.rank)
         for wave in pending:
             if not wave.objects:
                 picked = [
@@ -238,7 +238,7 @@ def run_save(
                 ]
             wave.written(True)
             wave = None
-        shared = base.referenced if base is not None else {}
+        shared = base.shared if base is not None else {}
         result = _RankResult(
             ok=True, chunks=chunks, objects=objects, files={**written, **shared}, shared=shared
         )
@@ -281,8 +281,8 @@ def run_save(
     timings.commit_s = time.perf_counter() - t2
     if isinstance(outcome, Metadata):
         return outcome
-    # this save's files and the links it made; never a file it found (its base's own)
-    writer.abort([*written, *(base.created if base is not None else ())])
+    # this save's files and the links or copies it made, all named by its own save id
+    writer.abort([*written, *(base.shared if base is not None else ())])
     if comm.world_size == 1 and local_error is not None:
         raise local_error
     lines = "\n".join(f"  rank {r}: {msg}" for r, msg in sorted(outcome.items()))

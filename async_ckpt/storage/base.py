@@ -47,6 +47,10 @@ class StorageWriter(ABC):
     stores inside one process (``memory://``): the process executor refuses such a
     writer, since its worker's files would be invisible to the caller."""
 
+    can_share_files: bool = False
+    """Capability: whether :meth:`share_file` can give a checkpoint its own copy of or
+    link to another checkpoint's file (incremental saves write every byte otherwise)."""
+
     thread_count: int | None = None
     """Capability: how many data files one rank writes in parallel (``write_file``
     calls in flight); None: the pipeline's default."""
@@ -91,20 +95,20 @@ class StorageWriter(ABC):
         """
         return None
 
-    def share_file(self, base: str, name: str, size: int) -> bool | None:
-        """Give this checkpoint its own copy of, or reference to, ``base``'s data file ``name``.
+    def share_file(self, base: str, name: str, target: str, size: int) -> bool:
+        """Make data file ``target`` of this checkpoint hold ``base``'s data file ``name``.
 
-        Only a file of exactly ``size`` bytes (what ``base``'s metadata records)
-        is shared: a truncated base file must not become part of a new commit.
-
-        Own means that deleting ``base`` afterwards leaves it intact: a hard
-        link, a reflink or a server-side copy, never a pointer into ``base``.
-        Returns True when it was made here (an abort deletes it), False when
-        this checkpoint already holds that very file (``base`` is this
-        checkpoint; an abort must leave it), None when it cannot be shared
-        (gone, another file system): the caller then writes the bytes.
+        ``target`` is a new name of this save (its own save id), so it never
+        exists yet and an abort may delete it like any file the save wrote.
+        The result must be this checkpoint's own: a hard link, a reflink or a
+        server-side copy, so that deleting ``base`` leaves it intact; never a
+        pointer into ``base``. Only a file of exactly ``size`` bytes (what
+        ``base``'s metadata records) is shared: a truncated base file must
+        not become part of a new commit. False when it cannot be shared (gone,
+        another file system, no support; nothing left behind): the caller
+        then writes the bytes. The default shares nothing.
         """
-        return None
+        return False
 
     def committed_metadata(self) -> bytes | None:
         """The metadata now committed at this id (None: none, or the backend cannot tell).

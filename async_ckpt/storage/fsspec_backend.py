@@ -61,6 +61,8 @@ def open_filesystem(checkpoint_id: str, storage_options: dict[str, Any] | None) 
 class FsspecWriter(StorageWriter):
     """Writes a checkpoint under an fsspec URL; the metadata object is written last."""
 
+    can_share_files = True
+
     def __init__(
         self,
         checkpoint_id: str | None = None,
@@ -141,19 +143,21 @@ class FsspecWriter(StorageWriter):
         except (FileNotFoundError, IsADirectoryError):
             return None
 
-    def share_file(self, base: str, name: str, size: int) -> bool | None:
+    def share_file(self, base: str, name: str, target: str, size: int) -> bool:
         # A server-side copy (S3 CopyObject, GCS rewrite): no bytes through this
         # host, and the copy is this checkpoint's own object.
-        source, target = f"{self._base_path(base)}/{name}", self._join(name)
+        source, copy = f"{self._base_path(base)}/{name}", self._join(target)
         try:
             if self.fs.size(source) != size:
-                return None
-            if source == target:
                 return False
-            self.fs.copy(source, target)
+            self.fs.copy(source, copy)
             return True
-        except (OSError, ValueError):
-            return None
+        except Exception:  # no server-side copy here (NotImplementedError), gone, refused
+            try:
+                self.fs.rm_file(copy)  # a partial copy, under this save's own name
+            except Exception:
+                pass
+            return False
 
     def _listing(self) -> list[dict[str, Any]]:
         self.fs.invalidate_cache(self.path)

@@ -60,6 +60,8 @@ class FileSystemWriter(StorageWriter):
     process's cores the page-cache copy (:mod:`.direct`); off by default.
     """
 
+    can_share_files = True
+
     def __init__(
         self,
         checkpoint_id: str | os.PathLike | None = None,
@@ -160,27 +162,29 @@ class FileSystemWriter(StorageWriter):
         except FileNotFoundError:
             return None
 
-    def share_file(self, base: str, name: str, size: int) -> bool | None:
+    def share_file(self, base: str, name: str, target: str, size: int) -> bool:
         # A hard link: the bytes stay until the last checkpoint listing them is
-        # deleted (rm -r included). The link is a new name; nothing ever opens a
-        # shared file for writing (this save's own files carry its own save id).
-        if not is_safe_file_name(name):
-            return None
-        source, target = _local_path(base) / name, self.path / name
+        # deleted (rm -r included). Nothing ever opens a data file for writing
+        # once written, so the shared inode never changes.
+        if not (is_safe_file_name(name) and is_safe_file_name(target)):
+            return False
+        source, link = _local_path(base) / name, self.path / target
         try:
-            os.link(source, target, follow_symlinks=False)
-        except FileExistsError:
-            try:
-                same = os.path.samefile(source, target) and _is_file_of_size(target, size)
-            except OSError:
-                return None
-            return False if same else None
+            os.link(source, link, follow_symlinks=False)
         except OSError:  # the base is gone, another file system, no hard links here
-            return None
-        if _is_file_of_size(target, size):
+            return False
+        if _is_file_of_size(link, size):
+            # A link keeps the file's old mtime, and ages decide what is a dead save's
+            # leftover (sweep_orphans, incomplete steps): this save's file is new now.
+            # (The inode is the base's too: its file looks as recent, which only
+            # makes age-based clean-up of the base more cautious.)
+            try:
+                os.utime(link)
+            except OSError:
+                pass
             return True
-        _unlink_quietly(target)  # truncated or replaced: not something to commit
-        return None
+        _unlink_quietly(link)  # truncated or replaced: not something to commit
+        return False
 
     def committed_metadata(self) -> bytes | None:
         try:
