@@ -180,14 +180,7 @@ def test_a_failed_save_removes_its_links_and_leaves_the_base_whole(
     state = _state()
     _save(state, tmp_path / "a", incremental=True)
     state["trained"].add_(1.0)
-    original = FileSystemWriter.write_file
-
-    def failing(self: FileSystemWriter, name: str, segments: Any) -> None:
-        if self.path.name == "b":
-            raise OSError("injected: disk full")
-        original(self, name, segments)
-
-    monkeypatch.setattr(FileSystemWriter, "write_file", failing)
+    _failing_writes_to(monkeypatch, FileSystemWriter, "/b")
     with pytest.raises(OSError, match="injected"):
         _save(state, tmp_path / "b", base=tmp_path / "a")
     assert [p.name for p in (tmp_path / "b").iterdir()] == []  # the link went with the save

@@ -123,8 +123,12 @@ _DIGESTED_CHUNK_FIELDS = _CHUNK_FIELDS | {"digest"}
 _HEX = frozenset("0123456789abcdef")
 
 
+def _is_digest(value: Any) -> bool:
+    return type(value) is str and len(value) == 32 and _HEX.issuperset(value)
+
+
 def _digest(value: Any, where: Where) -> str:
-    if not isinstance(value, str) or len(value) != 32 or not _HEX.issuperset(value):
+    if not _is_digest(value):
         raise _fail(f"{_loc(where)}.digest must be 32 lowercase hex digits (XXH3-128)")
     return value
 
@@ -167,9 +171,7 @@ def _whole_chunk(
         if type(c) is not int or not 0 <= c < 2**32:
             return None
     digest = raw.get("digest")
-    if digest is not None and (
-        type(digest) is not str or len(digest) != 32 or not _HEX.issuperset(digest)
-    ):
+    if digest is not None and not _is_digest(digest):
         return None
     return Chunk((0,) * len(shape), shape, name, offset, nbytes, tuple(sums), digest)
 

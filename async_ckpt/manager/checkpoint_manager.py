@@ -443,11 +443,18 @@ class CheckpointManager:
         return future
 
     def _incremental_base(self) -> str | None:
-        """The newest committed step's id: what an incremental save shares bytes with."""
+        """The newest committed step's id: what an incremental save shares bytes with.
+
+        The step this manager committed last when there is one (kept by retention;
+        no listing of the root per save), else the newest under the root.
+        """
         if not self.incremental:
             return None
-        committed = self.store.committed()
-        return self.store.checkpoint_id(committed[-1]) if committed else None
+        newest = self._newest_saved
+        if newest is None:
+            committed = self.store.committed()
+            newest = committed[-1] if committed else None
+        return None if newest is None else self.store.checkpoint_id(newest)
 
     def _metrics_extra(self, step: int, metrics: Mapping[str, Any] | None) -> dict[str, Any] | None:
         """The ``extra`` that stores ``metrics``; CheckpointError if they cannot be stored."""

@@ -27,6 +27,7 @@ from ..format.decode import decode_metadata
 from ..format.metadata import Chunk, Metadata, TensorEntry
 from ..format.names import data_file_name
 from ..storage.base import StorageWriter
+from ..storage.direct import byte_view
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def row_blocks(
 ) -> list[tuple[tuple[int, ...], tuple[int, ...], memoryview]]:
     """``data`` (a chunk's bytes, row-major) as chunks of whole rows of about
     :data:`SLICE_BYTES`; one chunk when it is small or has a single row."""
-    data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+    data = byte_view(data)
     if data.nbytes <= SLICE_BYTES or not sizes or sizes[0] < 2:
         return [(offsets, sizes, data)]
     row = data.nbytes // sizes[0]

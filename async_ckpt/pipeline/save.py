@@ -50,7 +50,6 @@ class SaveTimings:
     write_s: float = 0.0
     commit_s: float = 0.0
     bytes_written: int = 0
-    bytes_shared: int = 0  # tensor bytes an incremental save took from its base unwritten
     plan_reused: bool = False
 
 
@@ -156,6 +155,24 @@ def _assemble(
     )
 
 
+def _wave_pieces(
+    state: LocalState, wave: WaveData, mine: set[int], split: bool
+) -> list[tuple[str, tuple[int, ...], tuple[int, ...], memoryview]]:
+    """This rank's chunks in a tensor wave as (key, offsets, sizes, bytes), in one pass;
+    with ``split`` (incremental saves) big tensors as row blocks, each shared or
+    written on its own."""
+    pieces: list[tuple[str, tuple[int, ...], tuple[int, ...], memoryview]] = []
+    items = state.items
+    for i, src in zip(wave.items, wave.sources, strict=True):
+        if i in mine:
+            it = items[i]
+            if split:
+                pieces += [(it.key, *block) for block in row_blocks(it.offsets, it.sizes, src)]
+            else:
+                pieces.append((it.key, it.offsets, it.sizes, src))
+    return pieces
+
+
 def run_save(
     state: LocalState,
     waves: Iterable[WaveData],
@@ -214,18 +231,7 @@ def run_save(
             base = BaseChunks.load(writer, incremental.base, save_id, comm.rank)
         for wave in pending:
             if not wave.objects:
-                picked = [
-                    (i, src) for i, src in zip(wave.items, wave.sources, strict=True) if i in mine
-                ]
-                if incremental is None:
-                    pieces = [(state.items[i], i, src) for i, src in picked]
-                    pieces = [(it.key, it.offsets, it.sizes, src) for it, _, src in pieces]
-                else:  # big tensors in row blocks, each shared or written on its own
-                    pieces = [
-                        (state.items[i].key, *block)
-                        for i, src in picked
-                        for block in row_blocks(state.items[i].offsets, state.items[i].sizes, src)
-                    ]
+                pieces = _wave_pieces(state, wave, mine, split=incremental is not None)
                 places = [p[:3] for p in pieces] if incremental is not None else None
                 placed = write([p[3] for p in pieces], places)
                 for n, (key, offsets, sizes, _) in enumerate(pieces):
@@ -243,7 +249,6 @@ def run_save(
             ok=True, chunks=chunks, objects=objects, files={**written, **shared}, shared=shared
         )
         timings.bytes_written = sum(written.values())
-        timings.bytes_shared = sum(c.record.nbytes for c in chunks if c.file in shared)
     except Exception as exc:  # reported to the coordinator, re-raised below
         local_error = exc
         result = _RankResult(ok=False, error=f"{type(exc).__name__}: {exc}")
