@@ -19,8 +19,8 @@ from typing import Any
 import torch.distributed as dist
 
 from ..errors import SaveFailedError
-from .comm import Comm, GroupComm, LocalComm
 from .arrival import group_store
+from .comm import Comm, GroupComm, LocalComm
 from .ranks import arrive
 
 # Numbers the thread executors' groups; equal across ranks, which create them in

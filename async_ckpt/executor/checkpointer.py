@@ -20,7 +20,8 @@ from ..pipeline.incremental import Incremental, incremental_save
 from ..staging.snapshot import Snapshot
 from ..staging.stager import Stager
 from ..state.describe import DescribeCache, describe
-from ..state.flatten import flatten, take_states
+from ..state.flatten import Flat, flatten, take_states
+from ..state.local_view import local_view
 from ..storage.base import StorageWriter
 from ..storage.detect import detect_writer
 from . import inflight
@@ -73,6 +74,7 @@ class AsyncCheckpointer:
         group_timeout: float = DEFAULT_TIMEOUT_S,
         if_busy: Literal["wait", "raise"] = "wait",
         on_saved: Callable[[SaveStats], None] | None = None,
+        local_view: bool = False,
     ) -> None:
         self._executor_class = executor_class(executor)
         if if_busy not in ("wait", "raise"):
@@ -85,6 +87,7 @@ class AsyncCheckpointer:
         self.group_timeout = group_timeout
         self.if_busy = if_busy
         self.on_saved = on_saved
+        self.local_view = local_view  # each rank's local tensors: the memory tier's saves
         self._executor: Executor | None = None
         self._last: SaveFuture | None = None
         self._save_no = 0
@@ -111,8 +114,12 @@ class AsyncCheckpointer:
         self._check_open()
         self._ensure_executor().start()
         if state_dict is not None:
-            self.stager.reserve(*describe(flatten(state_dict)))
+            self.stager.reserve(*describe(self._flatten(state_dict)))
         return self
+
+    def _flatten(self, state_dict: Mapping[str, Any], states: Any = None) -> Flat:
+        flat = flatten(state_dict, states)
+        return local_view(flat) if self.local_view else flat
 
     @property
     def worker_pid(self) -> int | None:
@@ -178,7 +185,7 @@ class AsyncCheckpointer:
         if self.stager.options.async_staging and (self._walk_elsewhere or self._handed_over):
             return self._save_elsewhere(state_dict, writer, executor, t0, timeout, extra, spec)
         with gc_paused():  # a big state's walk would trigger many full collections
-            state, tensors = describe(flatten(state_dict), self._describe_cache)
+            state, tensors = describe(self._flatten(state_dict), self._describe_cache)
         with self._lock:
             self._save_no += 1
             save_no = self._save_no
@@ -265,7 +272,9 @@ class AsyncCheckpointer:
             if h.aborted:
                 return
             with gc_paused():
-                state, tensors = describe(flatten(h.state_dict, h.states), self._describe_cache)
+                state, tensors = describe(
+                    self._flatten(h.state_dict, h.states), self._describe_cache
+                )
                 snapshot = self.stager.begin(state, tensors)
         except BaseException as exc:
             self._walk_elsewhere = False  # the next save walks on the caller's thread again

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping
 from concurrent.futures import CancelledError
 from typing import Any, Literal
@@ -29,6 +30,9 @@ from ..pipeline.commit import check_extra
 from ..planning.keys import KeyCheck
 from ..settings import env_seconds
 from ..storage.detect import detect_reader, detect_writer
+from .memory_restore import RestoreInfo
+from .memory_store import clear_memory_root, default_memory_root
+from .memory_tier import MemoryTier
 from .preemption import RankAgreement, SignalWatcher, preemption_signals, signal_name
 from .retention import (
     INCOMPLETE_GRACE_ENV,
@@ -75,6 +79,26 @@ def _check_metric(metric: str | None, mode: str, keep_best: int | None) -> str |
             "mode='min'), and save(step, state, metrics={'loss': ...})"
         )
     return metric
+
+
+def _check_memory(
+    memory_every: int | None, save_every: int | None, keep: int, ranks_per_node: int | None
+) -> None:
+    if memory_every is not None and save_every is not None and memory_every > save_every:
+        raise CheckpointError(
+            f"memory_every={memory_every} is larger than save_every={save_every}: the memory "
+            "tier holds the newest snapshots, so it saves at least as often as storage"
+        )
+    _positive("memory_keep", keep)
+    if keep is None:
+        raise CheckpointError("memory_keep must be a positive integer")
+    _positive("ranks_per_node", ranks_per_node)
+
+
+def _env_ranks_per_node() -> int | None:
+    """torchrun's LOCAL_WORLD_SIZE: how many ranks share a node."""
+    value = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def _check_step(step: int) -> int:
@@ -167,9 +191,15 @@ class CheckpointManager:
         preemption_check_every: int = 1,
         storage_options: dict[str, Any] | None = None,
         incremental: bool = False,
+        memory_every: int | None = None,
+        memory_root: str | os.PathLike | None = None,
+        memory_keep: int = 2,
+        ranks_per_node: int | None = None,
         **checkpointer_kwargs: Any,
     ) -> None:
         self.incremental = bool(incremental)
+        self.memory_every = _positive("memory_every", memory_every)
+        _check_memory(self.memory_every, save_every, memory_keep, ranks_per_node)
         self.incomplete_grace_s = _grace(incomplete_grace_s)
         self.keep_last = _positive("keep_last", keep_last)
         self.keep_every = _positive("keep_every", keep_every)
@@ -209,6 +239,25 @@ class CheckpointManager:
                 pass
         self.checkpointer = checkpointer
         self.rank = _group_rank(checkpointer)
+        self.memory_root: str | None = None
+        self._memory: MemoryTier | None = None
+        if self.memory_every is not None:
+            self.memory_root = os.fspath(memory_root or default_memory_root(self.root))
+            try:
+                self._memory = MemoryTier(
+                    self.memory_root,
+                    keep=memory_keep,
+                    ranks_per_node=ranks_per_node or _env_ranks_per_node(),
+                    executor=executor,
+                    process_group=checkpointer.process_group,
+                    distributed=checkpointer.distributed,
+                    group_timeout=checkpointer.group_timeout,
+                )
+            except BaseException:
+                if self._owns_checkpointer:
+                    checkpointer.close()
+                raise
+        self.last_restore: RestoreInfo | None = None
         self._lock = threading.RLock()
         self._pending: SaveFuture | None = None
         self._pending_step: int | None = None
@@ -356,7 +405,7 @@ class CheckpointManager:
         saves. With ``save_on_preemption`` call it on every rank at every step:
         that is where the ranks agree on the preemption.
         """
-        if self.save_every is None and self._watcher is None:
+        if self.save_every is None and self._watcher is None and self._memory is None:
             raise CheckpointError(
                 "maybe_save needs CheckpointManager(save_every=N); or call save(step, state)"
             )
@@ -368,9 +417,25 @@ class CheckpointManager:
             checks = agreement.group is None or step % self.preemption_check_every == 0
             if checks and agreement.any(self._watcher.pending):
                 return self._final_save(step, state, metrics)
-        if self.save_every is None or step % self.save_every != 0 or step == self._last_step:
+        if step == self._last_step:
             return None
+        memory = None
+        if self.memory_every is not None and step % self.memory_every == 0:
+            memory = self.save_to_memory(step, state)
+        if self.save_every is None or step % self.save_every != 0:
+            return memory
         return self.save(step, state, metrics)
+
+    def save_to_memory(self, step: int, state: Mapping[str, Any]) -> SaveFuture:
+        """Snapshot ``state`` as ``step`` in the memory tier (``memory_every``), returning
+        once it is staged; the snapshot is then written to shared memory and sent to
+        a peer on another node (docs/memory-tier.md). Waits first for the previous
+        memory snapshot. :meth:`maybe_save` calls it every ``memory_every`` steps."""
+        self._check_open()
+        step = _check_step(step)
+        if self._memory is None:
+            raise CheckpointError("save_to_memory needs CheckpointManager(memory_every=N)")
+        return self._memory.save(step, state)
 
     def _final_save(
         self, step: int, state: Mapping[str, Any], metrics: Mapping[str, Any] | None
@@ -614,6 +679,21 @@ class CheckpointManager:
         checkpoint (check ``latest_step()`` first to start from scratch).
         """
         self._collect(None)
+        t0 = time.perf_counter()
+        if self._memory is not None:
+            storage_step = self.latest_step() if step is None else None
+            info = self._memory.restore(state, storage_step, step, strict, allow_lossy_cast)
+            if info is not None:
+                with self._lock:
+                    self._last_step = info.step
+                self.last_restore = info
+                log.info(
+                    "restored step %d from the memory tier (%s) in %.2f s",
+                    info.step,
+                    "own copy" if info.holder is None else f"replica from rank {info.holder}",
+                    info.seconds,
+                )
+                return info.step
         if step is None:
             step = self.latest_step()
             if step is None:
@@ -632,8 +712,18 @@ class CheckpointManager:
         )
         with self._lock:
             self._last_step = step
+        self.last_restore = RestoreInfo(step, "storage", time.perf_counter() - t0)
         log.info("restored %s", cid)
         return step
+
+    def clear_memory(self) -> bool:
+        """Delete this job's memory tier on this node (every rank's snapshots and replicas
+        here); returns whether there was one. Call it between runs, or on one rank
+        per node after the job, when the memory tier should not be resumed from."""
+        root = self.memory_root or default_memory_root(self.root)
+        if self._memory is not None:
+            self._memory.wait()
+        return clear_memory_root(root)
 
     # ----------------------------------------------------------------- lifecycle
     def _check_open(self) -> None:
@@ -658,6 +748,8 @@ class CheckpointManager:
         if self._agreement is not None:
             self._agreement.close()
         self._retain_logged()
+        if self._memory is not None:
+            self._memory.close()
         if self._owns_checkpointer:
             self.checkpointer.close()
 

@@ -40,6 +40,7 @@ from ..planning.read_plan import (
     read_groups,
 )
 from ..state.flatten import flatten, set_leaf
+from ..state.local_view import local_view
 from ..storage.base import StorageReader, checkpoint_metadata
 from .progress import byte_bar
 
@@ -282,11 +283,14 @@ def run_load(
     metadata: Metadata | None = None,
     comm: Comm | None = None,
     progress: bool = False,
+    local: bool = False,
 ) -> LoadResult:
     """Fill ``state_dict`` from the checkpoint ``reader`` reads; see :func:`async_ckpt.load`.
 
     ``metadata``: the checkpoint's, when the caller has decoded it already.
     ``comm``: the caller's ranks, which load together (None: this process alone).
+    ``local``: fill the local tensors of distributed leaves from a checkpoint of
+    this rank alone (:mod:`async_ckpt.state.local_view`).
     """
     comm = comm or LocalComm()
     cid = reader.checkpoint_id
@@ -295,6 +299,8 @@ def run_load(
         try:  # planning: every rank learns of a key or shape error on any rank
             meta = metadata or checkpoint_metadata(reader)
             flat = flatten(state_dict)
+            if local:
+                flat = local_view(flat)
             keys = match_keys(flat, meta)
             check_keys(keys, strict, cid)
             plan = plan_reads(flat, meta, keys.adopt, allow_lossy_cast=allow_lossy_cast)
