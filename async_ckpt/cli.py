@@ -118,6 +118,25 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_memory(args: argparse.Namespace) -> int:
+    from .manager.memory_store import clear_memory_root, default_memory_root, memory_contents
+
+    root = args.memory_root or default_memory_root(args.root.rstrip("/") or "/")
+    if args.clear:
+        found = clear_memory_root(root)
+        _out(f"removed {root}" if found else f"no memory tier at {root}")
+        return EXIT_OK
+    rows = memory_contents(root)
+    if not rows:
+        _out(f"no memory tier at {root}")
+        return EXIT_OK
+    _out(f"memory tier at {root} (this node):")
+    for world, holder, steps, size in rows:
+        shown = ", ".join(str(s) for s in steps) or "none committed"
+        _out(f"  {world}/{holder}: steps {shown}, {size / 2**20:.1f} MiB")
+    return EXIT_OK
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from .tools import convert
 
@@ -214,6 +233,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("root", metavar="ROOT")
     p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser(
+        "memory",
+        help="list (or --clear) a CheckpointManager root's memory tier on this node",
+    )
+    p.add_argument("root", metavar="ROOT", help="the manager's storage root")
+    p.add_argument(
+        "--memory-root", help="the memory_root the manager was given (default: derived from ROOT)"
+    )
+    p.add_argument(
+        "--clear", action="store_true", help="delete it: every rank's snapshots on this node"
+    )
+    p.set_defaults(func=cmd_memory)
 
     p = sub.add_parser(
         "convert",

@@ -282,7 +282,7 @@ def test_memory_only_checkpoint_restores_without_storage(tmp_path: Path) -> None
         assert m.latest_step() is None  # storage only
         state = _one_state(0)
         assert m.restore(state) == 7 and state["step"] == 7
-        assert m.clear_memory()
+        m.clear_memory()
         with pytest.raises(CheckpointNotFoundError):
             m.restore(state)
 
@@ -322,3 +322,93 @@ def test_newest_common_step_needs_every_rank_covered() -> None:
 def test_fetch_rounds_send_at_most_one_directory_per_rank_per_round() -> None:
     plan = [Fetch(1, 0), Fetch(2, 0), Fetch(3, 4)]
     assert fetch_rounds(plan) == [[Fetch(1, 0), Fetch(3, 4)], [Fetch(2, 0)]]
+
+
+def test_cli_lists_and_clears_the_memory_tier(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from async_ckpt.cli import main
+
+    root, memory = str(tmp_path / "storage"), str(tmp_path / "memory")
+    with CheckpointManager(root, memory_every=1, memory_root=memory, executor="thread") as m:
+        for step in (1, 2, 3):
+            m.save_to_memory(step, _one_state(step))
+    assert main(["memory", root, "--memory-root", memory]) == 0
+    listing = capsys.readouterr().out
+    assert "world-1/rank-0: steps 2, 3" in listing
+    assert main(["memory", root, "--memory-root", memory, "--clear"]) == 0
+    assert not os.path.exists(memory)
+    assert main(["memory", root, "--memory-root", memory]) == 0
+    assert "no memory tier" in capsys.readouterr().out
+
+
+def _out_of_step_body(rank: int, world: int, tmp: str) -> dict[str, Any]:
+    from async_ckpt.errors import StateDictError
+
+    node = os.path.join(tmp, f"node{rank}")
+    manager = CheckpointManager(
+        os.path.join(tmp, "storage"),
+        memory_every=1,
+        memory_root=node,
+        ranks_per_node=1,
+        executor="thread",
+    )
+    refused = False
+    for step in (1, 2, 3):
+        state = _one_state(step)
+        if rank == 1 and step == 2:  # a state this rank cannot save, at this step only
+            state["bad"] = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+        try:
+            manager.save_to_memory(step, state)
+        except StateDictError:
+            refused = True
+    manager.wait()
+    assert manager._memory is not None
+    manager._memory.wait()
+    replicas = manager._memory.store.inventory().replicas.get(1 - rank, ())
+    held = {}
+    for step in replicas:  # what each replica holds, read back as that peer's state
+        target = _one_state(0)
+        import async_ckpt
+
+        async_ckpt.load(
+            target, checkpoint_id=manager._memory.store.replica_step(1 - rank, step), no_dist=True
+        )
+        held[step] = target["step"]
+    report = {"refused": refused, "replicates": manager._memory.replicates, "held": held}
+    manager.close()
+    return report
+
+
+def test_a_save_refused_on_one_rank_keeps_the_replicas_in_step(tmp_path: Path) -> None:
+    from dist_utils import run_ranks
+
+    reports = run_ranks(_out_of_step_body, 2, str(tmp_path))
+    assert [r["refused"] for r in reports] == [False, True]
+    assert all(r["replicates"] for r in reports)
+    # rank 1 had no step 2; what rank 0 holds as its step 3 is its step 3
+    assert reports[0]["held"] == {1: 1, 3: 3}
+    assert reports[1]["held"] == {2: 2, 3: 3}
+
+
+def _unequal_nodes_body(rank: int, world: int, tmp: str) -> bool:
+    manager = CheckpointManager(
+        os.path.join(tmp, "storage"),
+        memory_every=1,
+        memory_root=os.path.join(tmp, f"node{rank}"),
+        ranks_per_node=1 + rank,  # the ranks disagree on the node layout
+        executor="thread",
+    )
+    manager.save_to_memory(1, _one_state(1)).result()
+    assert manager._memory is not None
+    replicates = manager._memory.replicates
+    manager.close()
+    return replicates
+
+
+def test_ranks_that_disagree_on_the_node_layout_keep_local_snapshots_only(
+    tmp_path: Path,
+) -> None:
+    from dist_utils import run_ranks
+
+    assert run_ranks(_unequal_nodes_body, 2, str(tmp_path)) == [False, False]

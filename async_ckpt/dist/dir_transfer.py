@@ -17,6 +17,7 @@ the checkpoint's own checksums are, when it is loaded.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("async_ckpt")
 
 CHUNK_BYTES = 64 << 20
 PARTIAL_SUFFIX = ".partial"
@@ -37,6 +40,7 @@ class Outgoing:
     dst: int
     path: str | None
     tag: int
+    label: int = 0  # what the receiver expects (a step): a mismatch is refused
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class Incoming:
     src: int
     target: str
     tag: int
+    label: int = 0
 
 
 def _manifest(path: str) -> list[tuple[str, int]]:
@@ -129,6 +134,10 @@ class _Writer:
         if self.handle is not None:
             self.handle.close()
             self.handle = None
+        try:  # an older copy under the same name: uncommitted first, then removed
+            os.unlink(os.path.join(self.target, "metadata.json"))
+        except FileNotFoundError:
+            pass
         shutil.rmtree(self.target, ignore_errors=True)
         os.rename(self.partial, self.target)
 
@@ -175,16 +184,19 @@ def exchange(
         except OSError:
             manifest = []
     sending = bool(manifest)
-    # round 1: [has a directory, manifest length in bytes]
+    # round 1: [has a directory, manifest length in bytes, label]
     head_out = _encoded(manifest)
-    header_out = torch.tensor([int(sending), head_out.numel()], dtype=torch.int64)
-    header_in = torch.zeros(2, dtype=torch.int64)
+    label_out = outgoing.label if outgoing else 0
+    header_out = torch.tensor([int(sending), head_out.numel(), label_out], dtype=torch.int64)
+    header_in = torch.zeros(3, dtype=torch.int64)
     _round(
         group,
         [(header_out, send_peer, outgoing.tag)] if outgoing else [],
         [(header_in, recv_peer, incoming.tag)] if incoming else [],
     )
     receiving = incoming is not None and bool(header_in[0])
+    # another label than expected: the peers are out of step; its bytes are taken, not kept
+    mislabeled = receiving and incoming is not None and int(header_in[2]) != incoming.label
     # round 2: the manifests
     head_in = torch.empty(int(header_in[1]) if receiving else 0, dtype=torch.uint8)
     _round(
@@ -201,7 +213,7 @@ def exchange(
     reader = _Reader(outgoing.path, manifest) if sending and outgoing and outgoing.path else None
     writer: _Writer | None = None
     write_error: BaseException | None = None
-    if receiving and incoming is not None:
+    if receiving and incoming is not None and not mislabeled:
         try:
             writer = _Writer(incoming.target, manifest_in)
         except OSError as exc:
@@ -251,6 +263,15 @@ def exchange(
             reader.close()
     if incoming is None:
         return None
+    if mislabeled:
+        log.warning(
+            "rank %d sent %s for label %d where %d was expected; not kept",
+            incoming.src,
+            incoming.target,
+            int(header_in[2]),
+            incoming.label,
+        )
+        return False
     if writer is None or write_error is not None or not receiving or not bool(status_in[0]):
         if writer is not None:
             writer.discard()

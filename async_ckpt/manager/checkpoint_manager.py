@@ -31,7 +31,7 @@ from ..planning.keys import KeyCheck
 from ..settings import env_seconds
 from ..storage.detect import detect_reader, detect_writer
 from .memory_restore import RestoreInfo
-from .memory_store import clear_memory_root, default_memory_root
+from .memory_store import default_memory_root
 from .memory_tier import MemoryTier
 from .preemption import RankAgreement, SignalWatcher, preemption_signals, signal_name
 from .retention import (
@@ -716,14 +716,14 @@ class CheckpointManager:
         log.info("restored %s", cid)
         return step
 
-    def clear_memory(self) -> bool:
-        """Delete this job's memory tier on this node (every rank's snapshots and replicas
-        here); returns whether there was one. Call it between runs, or on one rank
-        per node after the job, when the memory tier should not be resumed from."""
-        root = self.memory_root or default_memory_root(self.root)
-        if self._memory is not None:
-            self._memory.wait()
-        return clear_memory_root(root)
+    def clear_memory(self) -> None:
+        """Delete this rank's memory-tier snapshots and the replicas it holds for its peer
+        (after the save in flight), so that no later restore resumes from them. Other
+        ranks' files are theirs to delete: call it on every rank. ``async-ckpt memory
+        ROOT --clear`` deletes a whole node's, when no job runs there."""
+        if self._memory is None:
+            raise CheckpointError("clear_memory needs CheckpointManager(memory_every=N)")
+        self._memory.clear()
 
     # ----------------------------------------------------------------- lifecycle
     def _check_open(self) -> None:

@@ -110,6 +110,12 @@ class MemoryStore:
                     replicas[int(src)] = tuple(steps)
         return Inventory(tuple(committed_steps(self.own_dir())), replicas)
 
+    def clear_rank(self, received_from: int | None) -> None:
+        """Delete this rank's own snapshots and the replicas it received from ``received_from``."""
+        self.prune(self.own_dir(), set())
+        if received_from is not None:
+            self.prune(self.replica_dir(received_from), set())
+
     def prune(self, directory: str, keep: set[int]) -> list[int]:
         """Delete the step directories of ``directory`` not in ``keep`` (and unfinished
         ``.partial`` ones); returns the steps deleted. The metadata goes first, so a
@@ -134,6 +140,32 @@ class MemoryStore:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(step)
         return sorted(removed)
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(
+        os.path.getsize(os.path.join(path, n))
+        for n in os.listdir(path)
+        if os.path.isfile(os.path.join(path, n))
+    )
+
+
+def memory_contents(root: str) -> list[tuple[str, str, list[int], int]]:
+    """What a memory root holds on this node: ``(world-<W>, rank-<r> or replica-of-<r>,
+    committed steps, bytes)`` per directory, sorted."""
+    rows = []
+    for world in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        world_dir = os.path.join(root, world)
+        if not world.startswith("world-") or not os.path.isdir(world_dir):
+            continue
+        for holder in sorted(os.listdir(world_dir)):
+            path = os.path.join(world_dir, holder)
+            if not os.path.isdir(path):
+                continue
+            steps = committed_steps(path)
+            size = sum(_dir_bytes(os.path.join(path, step_dir_name(s))) for s in steps)
+            rows.append((world, holder, steps, size))
+    return rows
 
 
 def clear_memory_root(root: str) -> bool:

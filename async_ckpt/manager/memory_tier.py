@@ -77,19 +77,13 @@ class MemoryTier:
             )
         self.rank, self.world_size = rank, world_size
         self.store = MemoryStore(root, rank, world_size)
-        per_node = ranks_per_node or world_size
         # the ring over nodes: send to the same local rank on the next node
         self.send_to: int | None = None
         self.receive_from: int | None = None
-        if world_size > per_node:
+        per_node = self._agreed_ranks_per_node(ranks_per_node or world_size)
+        if per_node is not None:
             self.send_to = (rank + per_node) % world_size
             self.receive_from = (rank - per_node) % world_size
-        elif distributed and rank == 0:
-            log.info(
-                "memory tier: no peer replicas, all %d ranks are on one node (ranks_per_node=%d)",
-                world_size,
-                per_node,
-            )
         self.checkpointer = AsyncCheckpointer(executor=executor, no_dist=True, local_view=True)
         self._after = ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-memory")
         self._pending: SaveFuture | None = None
@@ -98,6 +92,29 @@ class MemoryTier:
         self._received: list[int] = []  # replicas of this run received here
         self._replicating = self.send_to is not None
         self._lock = threading.Lock()
+
+    def _agreed_ranks_per_node(self, mine: int) -> int | None:
+        """The ring's step when every rank gives the same ``ranks_per_node`` and it
+        splits the ranks into two or more whole nodes; else None (no replicas: a
+        ring built on unequal answers would pair sends with the wrong receives,
+        and one that wraps inside a node would keep both copies on one node)."""
+        if self.group is None:
+            return None
+        answers = set(self._comm().all_gather_object(mine))
+        per_node = answers.pop() if len(answers) == 1 else None
+        if per_node is not None and self.world_size > per_node and self.world_size % per_node == 0:
+            return per_node
+        if self.rank == 0:
+            log.warning(
+                "memory tier: no peer replicas: the %d ranks %s (ranks_per_node, or torchrun's "
+                "LOCAL_WORLD_SIZE: %s)",
+                self.world_size,
+                "are on one node"
+                if per_node is not None and per_node >= self.world_size
+                else "do not form whole nodes of equal size",
+                sorted(answers | ({per_node} if per_node else set())),
+            )
+        return None
 
     @property
     def replicates(self) -> bool:
@@ -114,24 +131,40 @@ class MemoryTier:
         Waits first for the previous memory save and its replication (never two
         rounds in flight: bounded memory)."""
         self.wait()
-        future = self.checkpointer.save(
-            state, checkpoint_id=self.store.own_step(step), extra={"memory_tier": {"step": step}}
-        )
-        with self._lock:
-            self._pending = future
-            self._round = self._after.submit(self._after_commit, step, future)
+        try:
+            future = self.checkpointer.save(
+                state,
+                checkpoint_id=self.store.own_step(step),
+                extra={"memory_tier": {"step": step}},
+            )
+        except BaseException as exc:
+            # the peers still take part in this step's round: a refusal keeps them in step
+            self._start_round(step, None, exc)
+            raise
+        self._start_round(step, future, None)
         return future
 
-    def _after_commit(self, step: int, future: SaveFuture) -> None:
-        """The tier's thread: wait for the local commit, replicate, then prune."""
-        error = future.exception()
+    def _start_round(
+        self, step: int, future: SaveFuture | None, error: BaseException | None
+    ) -> None:
+        with self._lock:
+            self._pending = future
+            self._round = self._after.submit(self._after_commit, step, future, error)
+
+    def _after_commit(
+        self, step: int, future: SaveFuture | None, error: BaseException | None
+    ) -> None:
+        """The tier's thread: make room (``keep - 1`` older snapshots, so that with the
+        one being written at most ``keep`` exist), wait for the local commit, replicate."""
+        self._prune(self.keep - 1, current=step)
+        if future is not None:
+            error = future.exception()
         if error is None:
             self._written.append(step)
         else:
             log.warning("memory-tier save of step %d failed: %s", step, error)
         if self._replicating:
             self._replicate(step, ok=error is None)
-        self._prune()
 
     def _replicate(self, step: int, ok: bool) -> None:
         assert self.send_to is not None and self.receive_from is not None
@@ -140,8 +173,10 @@ class MemoryTier:
         try:
             received = exchange(
                 self.group,
-                Outgoing(self.send_to, self.store.own_step(step) if ok else None, _TAG_REPLICATE),
-                Incoming(src, self.store.replica_step(src, step), _TAG_REPLICATE),
+                Outgoing(
+                    self.send_to, self.store.own_step(step) if ok else None, _TAG_REPLICATE, step
+                ),
+                Incoming(src, self.store.replica_step(src, step), _TAG_REPLICATE, step),
             )
         except Exception as exc:  # a peer is gone: the ring is broken for this run
             self._replicating = False
@@ -163,20 +198,27 @@ class MemoryTier:
         else:
             log.warning("memory tier: no replica of rank %d's step %d was received", src, step)
 
-    def _prune(self) -> None:
-        """Keep the newest ``keep`` own snapshots and replicas up to this run's newest;
-        newer ones are from an abandoned run (this one restarted from older state)."""
-        kept = [(self.store.own_dir(), self._written)]
+    def _prune(self, keep: int, current: int) -> None:
+        """Keep ``current`` (being saved) and the newest ``keep`` own snapshots and replicas
+        up to this run's newest; newer ones are from an abandoned run (this one
+        restarted from older state)."""
+        dirs = [(self.store.own_dir(), self._written)]
         if self.receive_from is not None:
-            kept.append((self.store.replica_dir(self.receive_from), self._received))
-        for directory, made in kept:
+            dirs.append((self.store.replica_dir(self.receive_from), self._received))
+        for directory, made in dirs:
             if not made:
                 continue
             newest = max(made)
-            steps = [s for s in committed_steps(directory) if s <= newest]
-            removed = self.store.prune(directory, set(steps[-self.keep :]))
+            steps = [s for s in committed_steps(directory) if s <= newest and s != current]
+            kept = set(steps[-keep:]) if keep else set()
+            removed = self.store.prune(directory, kept | {current})
             if removed:
                 log.debug("memory tier: removed steps %s from %s", removed, directory)
+
+    def idle(self) -> bool:
+        """Whether no memory save or replication is in flight."""
+        with self._lock:
+            return self._round is None or self._round.done()
 
     def wait(self) -> None:
         """Wait for the memory save in flight and its replication (failures are logged)."""
@@ -209,7 +251,11 @@ class MemoryTier:
         self.wait()
         t0 = time.perf_counter()
         comm = self._comm()
-        inventories = comm.all_gather_object(self.store.inventory())
+        # storage's newest as every rank saw it: all ranks must take the same branch
+        gathered = comm.all_gather_object((self.store.inventory(), storage_step))
+        inventories = [inventory for inventory, _ in gathered]
+        seen = [s for _, s in gathered if s is not None]
+        storage_step = max(seen) if seen else None
         chosen = newest_common_step(inventories, step)
         if chosen is None or (step is None and storage_step is not None and storage_step > chosen):
             if chosen is not None and self.rank == 0:
@@ -225,10 +271,14 @@ class MemoryTier:
                 inc = next((f for f in batch if f.needer == self.rank), None)
                 got = exchange(
                     self.group,
-                    Outgoing(out.needer, self.store.replica_step(out.needer, chosen), _TAG_FETCH)
+                    Outgoing(
+                        out.needer, self.store.replica_step(out.needer, chosen), _TAG_FETCH, chosen
+                    )
                     if out
                     else None,
-                    Incoming(inc.holder, self.store.own_step(chosen), _TAG_FETCH) if inc else None,
+                    Incoming(inc.holder, self.store.own_step(chosen), _TAG_FETCH, chosen)
+                    if inc
+                    else None,
                 )
                 fetched_ok = fetched_ok and got is not False
         except Exception as exc:
@@ -268,6 +318,11 @@ class MemoryTier:
             log.warning(
                 "memory tier: step %d not restored from memory (%s); using storage", step, why
             )
+
+    def clear(self) -> None:
+        """Delete this rank's snapshots and the replicas it received (not other ranks')."""
+        self.wait()
+        self.store.clear_rank(self.receive_from)
 
     # ----------------------------------------------------------------- lifecycle
     def close(self) -> None:

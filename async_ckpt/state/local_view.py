@@ -42,7 +42,13 @@ def _local_tensor(key: str, leaf: Any, kind: LeafKind) -> torch.Tensor:
             "local tensor per key (a DTensor with a plain local tensor, or a ShardedTensor "
             "with one local shard per rank)"
         )
-    return pieces[0].local.detach()
+    local = pieces[0].local
+    if local.is_meta:  # a load would replace it with a plain tensor, not fill the DTensor
+        raise StateDictError(
+            f"{key!r} is on the meta device: the memory tier fills distributed tensors in "
+            "place, so materialize them (to_empty) first"
+        )
+    return local.detach()
 
 
 def local_view(flat: Flat) -> Flat:
