@@ -56,6 +56,10 @@ class AsyncCheckpointer:
     ``group_timeout``, then frees them. ``timeout`` bounds each save: one not
     committed by then is stopped and fails with :class:`SaveTimeoutError`.
 
+    ``local_view=True`` stores each rank's local tensor of a DTensor or
+    ShardedTensor leaf instead of its piece of the global tensor: a checkpoint of
+    one rank that restores onto the same sharding (the memory tier's snapshots).
+
     Errors: ``save()`` raises at the call for state that cannot be saved
     (:class:`StateDictError`, :class:`UnsafeObjectError`) or a storage it
     cannot use; everything that happens later (a failed write, a rank that

@@ -160,6 +160,15 @@ class CheckpointManager:
     again; every step directory still stands alone, so retention and
     ``rm -r`` of any step never break another (docs/incremental.md).
 
+    **Memory tier.** With ``memory_every=N`` (at most ``save_every``) every N-th
+    step is also snapshotted into the node's shared memory (``memory_root``,
+    default under ``/dev/shm``), committed and checksummed, and copied to the
+    same local rank on the next node (``ranks_per_node``, default torchrun's
+    ``LOCAL_WORLD_SIZE``); ``memory_keep`` snapshots are kept. :meth:`restore`
+    then restores the newest step every rank can get from memory (own copy or a
+    peer's replica) when it is at least as new as storage's, and reports where
+    it came from in :attr:`last_restore` (docs/memory-tier.md).
+
     ``storage_options`` go to the fsspec backend of an object-store root
     (credentials, endpoint, ...), for its listing, saves and loads.
 
@@ -673,10 +682,14 @@ class CheckpointManager:
     ) -> int:
         """Load the newest committed step (or ``step``) into ``state`` in place; returns the step.
 
+        With the memory tier, the step comes from memory when every rank can get
+        one at least as new as storage's newest (``step``: exactly that one);
+        :attr:`last_restore` says from where.
+
         ``strict`` and ``allow_lossy_cast`` are passed to :func:`async_ckpt.load`.
 
-        Raises :class:`CheckpointNotFoundError` when the root holds no committed
-        checkpoint (check ``latest_step()`` first to start from scratch).
+        Raises :class:`CheckpointNotFoundError` when neither the root nor the memory
+        tier holds a committed checkpoint (start from scratch then).
         """
         self._collect(None)
         t0 = time.perf_counter()
