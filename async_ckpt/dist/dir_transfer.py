@@ -5,8 +5,9 @@ another node, and a restarted rank fetches its copy back from that peer. Both
 use :func:`exchange`: every rank of the group may send one directory and
 receive one, in lockstep rounds whose sends and receives are all posted
 before any is waited on, so a ring of ranks that each send and receive never
-deadlocks. Files travel as one stream cut into chunks of at most
-:data:`CHUNK_BYTES` (memory held per rank: two chunks, not the checkpoint).
+deadlocks. Each file travels in chunks of at most :data:`CHUNK_BYTES`, sent
+straight from the sender's file pages and received straight into the
+receiver's (memory-mapped: no copy through a buffer).
 
 What is received is written under ``<target>.partial`` and renamed to
 ``target`` only once every byte arrived: a rank killed mid-transfer leaves a
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import shutil
 from dataclasses import dataclass
@@ -65,75 +67,72 @@ def _encoded(obj: Any) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0)
 
 
-class _Reader:
-    """The files of a manifest as one stream, read chunk by chunk."""
+def _pieces(manifest: list[tuple[str, int]], chunk_bytes: int) -> list[tuple[int, int, int]]:
+    """``(file index, offset, length)`` of each chunk: every file cut at ``chunk_bytes``
+    (sender and receiver cut the same manifest alike)."""
+    return [
+        (index, offset, min(chunk_bytes, size - offset))
+        for index, (_, size) in enumerate(manifest)
+        for offset in range(0, size, chunk_bytes)
+    ]
 
-    def __init__(self, path: str, manifest: list[tuple[str, int]]) -> None:
-        self.files = [(os.path.join(path, n), size) for n, size in manifest]
-        self.index = 0
-        self.handle: Any = None
-        self.left = 0
 
-    def read_into(self, buf: torch.Tensor) -> None:
-        view = memoryview(buf.numpy())
-        filled = 0
-        while filled < len(view):
-            if self.left == 0:
-                if self.handle is not None:
-                    self.handle.close()
-                name, self.left = self.files[self.index]
-                self.index += 1
-                self.handle = open(name, "rb")  # noqa: SIM115 (closed when its bytes are sent)
-                continue
-            want = min(self.left, len(view) - filled)
-            got = self.handle.readinto(view[filled : filled + want])
-            if not got:
-                raise OSError(f"{self.handle.name} shrank while it was being sent")
-            filled += got
-            self.left -= got
+class _Mapped:
+    """The files of a manifest mapped into memory: gloo sends straight from the sender's
+    pages and receives straight into the receiver's (no copy through a buffer).
+
+    For receiving, each file's space is reserved first (``posix_fallocate``): a full
+    shared-memory file system is then an ``OSError`` here, not a SIGBUS in the middle of
+    a receive."""
+
+    def __init__(self, directory: str, manifest: list[tuple[str, int]], write: bool) -> None:
+        self.maps: list[mmap.mmap | None] = []
+        try:
+            for name, size in manifest:
+                path = os.path.join(directory, name)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC if write else os.O_RDONLY)
+                try:
+                    if size == 0:
+                        self.maps.append(None)
+                        continue
+                    if write:
+                        os.posix_fallocate(fd, 0, size)
+                    elif os.fstat(fd).st_size != size:
+                        raise OSError(f"{path} changed size while it was being sent")
+                    # a private mapping is writable (torch wants that) and copies nothing on reads
+                    access = mmap.ACCESS_WRITE if write else mmap.ACCESS_COPY
+                    self.maps.append(mmap.mmap(fd, size, access=access))
+                finally:
+                    os.close(fd)
+        except BaseException:
+            self.close()
+            raise
+
+    def view(self, index: int, offset: int, length: int) -> torch.Tensor:
+        mapped = self.maps[index]
+        assert mapped is not None
+        return torch.frombuffer(mapped, dtype=torch.uint8, count=length, offset=offset)
 
     def close(self) -> None:
-        if self.handle is not None:
-            self.handle.close()
+        for mapped in self.maps:
+            if mapped is not None:
+                try:
+                    mapped.close()
+                except BufferError:  # a tensor still views it: unmapped when that is freed
+                    pass
+        self.maps = []
 
 
-class _Writer:
-    """Writes the received stream into the manifest's files under ``<target>.partial``."""
+class _Target:
+    """A received directory, written under ``<target>.partial`` and renamed when whole."""
 
-    def __init__(self, target: str, manifest: list[tuple[str, int]]) -> None:
+    def __init__(self, target: str) -> None:
         self.partial = target + PARTIAL_SUFFIX
         self.target = target
         shutil.rmtree(self.partial, ignore_errors=True)
         os.makedirs(self.partial)
-        self.files = [(os.path.join(self.partial, n), size) for n, size in manifest]
-        self.index = 0
-        self.handle: Any = None
-        self.left = 0
-        for name, size in self.files:  # empty files have no bytes in the stream
-            if size == 0:
-                open(name, "wb").close()
-
-    def write(self, buf: torch.Tensor) -> None:
-        view = memoryview(buf.numpy())
-        done = 0
-        while done < len(view):
-            if self.left == 0:
-                if self.handle is not None:
-                    self.handle.close()
-                while self.files[self.index][1] == 0:
-                    self.index += 1
-                name, self.left = self.files[self.index]
-                self.index += 1
-                self.handle = open(name, "wb")  # noqa: SIM115
-            n = min(self.left, len(view) - done)
-            self.handle.write(view[done : done + n])
-            done += n
-            self.left -= n
 
     def commit(self) -> None:
-        if self.handle is not None:
-            self.handle.close()
-            self.handle = None
         try:  # an older copy under the same name: uncommitted first, then removed
             os.unlink(os.path.join(self.target, "metadata.json"))
         except FileNotFoundError:
@@ -142,9 +141,6 @@ class _Writer:
         os.rename(self.partial, self.target)
 
     def discard(self) -> None:
-        if self.handle is not None:
-            self.handle.close()
-            self.handle = None
         shutil.rmtree(self.partial, ignore_errors=True)
 
 
@@ -207,45 +203,44 @@ def exchange(
     manifest_in: list[tuple[str, int]] = (
         [(str(n), int(s)) for n, s in json.loads(bytes(head_in.numpy()))] if receiving else []
     )
-    # rounds 3...: the bytes, in chunks
-    total_out = sum(s for _, s in manifest) if sending else 0
-    total_in = sum(s for _, s in manifest_in)
-    reader = _Reader(outgoing.path, manifest) if sending and outgoing and outgoing.path else None
-    writer: _Writer | None = None
+    # rounds 3...: the bytes, in chunks cut per file
+    pieces_out = _pieces(manifest, chunk_bytes) if sending else []
+    pieces_in = _pieces(manifest_in, chunk_bytes)
+    source: _Mapped | None = None
+    read_error: BaseException | None = None
+    if pieces_out and outgoing is not None and outgoing.path is not None:
+        try:
+            source = _Mapped(outgoing.path, manifest, write=False)
+        except OSError as exc:  # still send (zeros): the receiver waits for the bytes
+            read_error = exc
+    target: _Target | None = None
+    sink: _Mapped | None = None
     write_error: BaseException | None = None
     if receiving and incoming is not None and not mislabeled:
         try:
-            writer = _Writer(incoming.target, manifest_in)
+            target = _Target(incoming.target)
+            sink = _Mapped(target.partial, manifest_in, write=True)
         except OSError as exc:
             write_error = exc
-    out_buf = torch.empty(min(chunk_bytes, total_out), dtype=torch.uint8)
-    in_buf = torch.empty(min(chunk_bytes, total_in), dtype=torch.uint8)
-    read_error: BaseException | None = None
-    sent = got = 0
+    scratch = torch.empty(
+        min(chunk_bytes, max((n for *_, n in pieces_in + pieces_out), default=0)), dtype=torch.uint8
+    )
     try:
-        while sent < total_out or got < total_in:
+        for i in range(max(len(pieces_out), len(pieces_in))):
             sends, recvs = [], []
-            n_out = min(chunk_bytes, total_out - sent)
-            n_in = min(chunk_bytes, total_in - got)
-            if n_out:
-                assert reader is not None and outgoing is not None
-                if read_error is None:
-                    try:  # keep sending after a failed read: the receiver waits for the bytes
-                        reader.read_into(out_buf[:n_out])
-                    except OSError as exc:
-                        read_error = exc
-                sends.append((out_buf[:n_out], send_peer, outgoing.tag))
-            if n_in:
+            if i < len(pieces_out):
+                assert outgoing is not None
+                index, offset, n = pieces_out[i]
+                data = source.view(index, offset, n) if source is not None else scratch[:n].zero_()
+                sends.append((data, send_peer, outgoing.tag))
+            if i < len(pieces_in):
                 assert incoming is not None
-                recvs.append((in_buf[:n_in], recv_peer, incoming.tag))
+                index, offset, n = pieces_in[i]
+                # bytes that cannot be kept still have to be taken: the sender goes on
+                into = sink.view(index, offset, n) if sink is not None else scratch[:n]
+                recvs.append((into, recv_peer, incoming.tag))
             _round(group, sends, recvs)
-            sent += n_out
-            got += n_in
-            if n_in and writer is not None and write_error is None:
-                try:  # keep receiving after a failed write: the sender goes on sending
-                    writer.write(in_buf[:n_in])
-                except OSError as exc:
-                    write_error = exc
+            del sends, recvs
         # last round: whether the sender read every byte; the receiver commits only then
         status_out = torch.tensor([int(read_error is None)], dtype=torch.int64)
         status_in = torch.zeros(1, dtype=torch.int64)
@@ -255,12 +250,16 @@ def exchange(
             [(status_in, recv_peer, incoming.tag)] if receiving and incoming else [],
         )
     except BaseException:
-        if writer is not None:
-            writer.discard()
+        if sink is not None:
+            sink.close()
+        if target is not None:
+            target.discard()
         raise
     finally:
-        if reader is not None:
-            reader.close()
+        if source is not None:
+            source.close()
+    if sink is not None:
+        sink.close()
     if incoming is None:
         return None
     if mislabeled:
@@ -272,9 +271,9 @@ def exchange(
             incoming.label,
         )
         return False
-    if writer is None or write_error is not None or not receiving or not bool(status_in[0]):
-        if writer is not None:
-            writer.discard()
+    if target is None or write_error is not None or not receiving or not bool(status_in[0]):
+        if target is not None:
+            target.discard()
         return False
-    writer.commit()
+    target.commit()
     return True
