@@ -45,6 +45,7 @@ test-busy: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --size 1GiB --repeats 5
 	$(PY) -m benchmarks.incremental --size 1GiB --repeats 5
+	$(PY) -m benchmarks.memory_tier --size 1GiB --repeats 5
 
 lightning-bench: $(STAMP)
 	$(PY) -m benchmarks.lightning_bench
