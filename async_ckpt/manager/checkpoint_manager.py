@@ -28,15 +28,13 @@ from ..errors import CheckpointError, CheckpointNotFoundError
 from ..executor import AsyncCheckpointer, SaveFuture
 from ..pipeline.commit import check_extra
 from ..planning.keys import KeyCheck
-from ..settings import env_seconds
 from ..storage.detect import detect_reader, detect_writer
 from .memory_restore import RestoreInfo
 from .memory_store import default_memory_root
 from .memory_tier import MemoryTier
+from .options import check_memory, check_metric, check_step, env_ranks_per_node, grace, positive
 from .preemption import RankAgreement, SignalWatcher, preemption_signals, signal_name
 from .retention import (
-    INCOMPLETE_GRACE_ENV,
-    INCOMPLETE_GRACE_S,
     best_steps,
     in_flight,
     metric_value,
@@ -47,64 +45,6 @@ from .retention import (
 from .root import StepStore
 
 log = logging.getLogger("async_ckpt")
-
-
-def _positive(name: str, value: int | None) -> int | None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise CheckpointError(f"{name} must be a positive integer or None, not {value!r}")
-    return value
-
-
-def _grace(value: float | None) -> float:
-    """The grace period for incomplete steps: ``value``, else the environment, else the default."""
-    if value is not None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise CheckpointError(
-                f"incomplete_grace_s must be a non-negative number of seconds, not {value!r}"
-            )
-        return float(value)
-    return env_seconds(INCOMPLETE_GRACE_ENV, INCOMPLETE_GRACE_S)
-
-
-def _check_metric(metric: str | None, mode: str, keep_best: int | None) -> str | None:
-    if metric is not None and (not isinstance(metric, str) or not metric):
-        raise CheckpointError(
-            f"metric must be a non-empty string (a key of metrics), not {metric!r}"
-        )
-    if mode not in ("min", "max"):
-        raise CheckpointError(f"mode must be 'min' or 'max', not {mode!r}")
-    if keep_best is not None and metric is None:
-        raise CheckpointError(
-            "keep_best needs the metric to rank by: CheckpointManager(keep_best=k, metric='loss', "
-            "mode='min'), and save(step, state, metrics={'loss': ...})"
-        )
-    return metric
-
-
-def _check_memory(
-    memory_every: int | None, save_every: int | None, keep: int, ranks_per_node: int | None
-) -> None:
-    if memory_every is not None and save_every is not None and memory_every > save_every:
-        raise CheckpointError(
-            f"memory_every={memory_every} is larger than save_every={save_every}: the memory "
-            "tier holds the newest snapshots, so it saves at least as often as storage"
-        )
-    _positive("memory_keep", keep)
-    if keep is None:
-        raise CheckpointError("memory_keep must be a positive integer")
-    _positive("ranks_per_node", ranks_per_node)
-
-
-def _env_ranks_per_node() -> int | None:
-    """torchrun's LOCAL_WORLD_SIZE: how many ranks share a node."""
-    value = os.environ.get("LOCAL_WORLD_SIZE", "")
-    return int(value) if value.isdigit() and int(value) > 0 else None
-
-
-def _check_step(step: int) -> int:
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise CheckpointError(f"step must be a non-negative integer, not {step!r}")
-    return step
 
 
 def _group_rank(checkpointer: AsyncCheckpointer) -> int:
@@ -207,18 +147,18 @@ class CheckpointManager:
         **checkpointer_kwargs: Any,
     ) -> None:
         self.incremental = bool(incremental)
-        self.memory_every = _positive("memory_every", memory_every)
-        _check_memory(self.memory_every, save_every, memory_keep, ranks_per_node)
-        self.incomplete_grace_s = _grace(incomplete_grace_s)
-        self.keep_last = _positive("keep_last", keep_last)
-        self.keep_every = _positive("keep_every", keep_every)
-        self.save_every = _positive("save_every", save_every)
-        self.keep_best = _positive("keep_best", keep_best)
-        self.metric = _check_metric(metric, mode, self.keep_best)
+        self.memory_every = positive("memory_every", memory_every)
+        check_memory(self.memory_every, save_every, memory_keep, ranks_per_node)
+        self.incomplete_grace_s = grace(incomplete_grace_s)
+        self.keep_last = positive("keep_last", keep_last)
+        self.keep_every = positive("keep_every", keep_every)
+        self.save_every = positive("save_every", save_every)
+        self.keep_best = positive("keep_best", keep_best)
+        self.metric = check_metric(metric, mode, self.keep_best)
         self.mode = mode
         if preemption_check_every is None:
             raise CheckpointError("preemption_check_every must be a positive integer, not None")
-        _positive("preemption_check_every", preemption_check_every)  # raises unless >= 1
+        positive("preemption_check_every", preemption_check_every)  # raises unless >= 1
         self.preemption_check_every = preemption_check_every
         signals = preemption_signals(save_on_preemption)
         watcher = SignalWatcher(signals) if signals else None
@@ -256,7 +196,7 @@ class CheckpointManager:
                 self._memory = MemoryTier(
                     self.memory_root,
                     keep=memory_keep,
-                    ranks_per_node=ranks_per_node or _env_ranks_per_node(),
+                    ranks_per_node=ranks_per_node or env_ranks_per_node(),
                     executor=executor,
                     process_group=checkpointer.process_group,
                     distributed=checkpointer.distributed,
@@ -312,14 +252,14 @@ class CheckpointManager:
 
     def checkpoint_id(self, step: int) -> str:
         """Where ``step`` is (or would be) saved."""
-        return self.store.checkpoint_id(_check_step(step))
+        return self.store.checkpoint_id(check_step(step))
 
     def metrics(self, step: int) -> dict[str, Any] | None:
         """The metrics committed step ``step`` was saved with; None if it has none.
 
         Read from its metadata once, then remembered.
         """
-        _check_step(step)
+        check_step(step)
         with self._lock:
             try:
                 return self._metrics_of(step)
@@ -418,7 +358,7 @@ class CheckpointManager:
             raise CheckpointError(
                 "maybe_save needs CheckpointManager(save_every=N); or call save(step, state)"
             )
-        _check_step(step)
+        check_step(step)
         agreement = self._agreement
         if agreement is not None and self._preempted_step is None and not self._closed:
             assert self._watcher is not None
@@ -441,7 +381,7 @@ class CheckpointManager:
         a peer on another node (docs/memory-tier.md). Waits first for the previous
         memory snapshot. :meth:`maybe_save` calls it every ``memory_every`` steps."""
         self._check_open()
-        step = _check_step(step)
+        step = check_step(step)
         if self._memory is None:
             raise CheckpointError("save_to_memory needs CheckpointManager(memory_every=N)")
         return self._memory.save(step, state)
@@ -491,7 +431,7 @@ class CheckpointManager:
         anything is saved. With several ranks, rank 0's metrics are stored.
         """
         self._check_open()
-        step = _check_step(step)
+        step = check_step(step)
         extra = self._metrics_extra(step, metrics)
         self._collect(None)
         self._retain_logged()
@@ -714,7 +654,7 @@ class CheckpointManager:
                     f"no committed checkpoint under {self.root!r}; start from scratch "
                     "(check manager.latest_step() is not None before restoring)"
                 )
-        cid = self.store.checkpoint_id(_check_step(step))
+        cid = self.store.checkpoint_id(check_step(step))
         load(
             state,
             storage_reader=detect_reader(cid, self.storage_options),
