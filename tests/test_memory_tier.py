@@ -412,3 +412,22 @@ def test_ranks_that_disagree_on_the_node_layout_keep_local_snapshots_only(
     from dist_utils import run_ranks
 
     assert run_ranks(_unequal_nodes_body, 2, str(tmp_path)) == [False, False]
+
+
+def test_first_snapshot_after_restarting_from_older_storage_drops_the_abandoned_ones(
+    tmp_path: Path,
+) -> None:
+    root, memory = str(tmp_path / "storage"), str(tmp_path / "memory")
+    kw: dict[str, Any] = {"save_every": 2, "memory_every": 1, "memory_root": memory}
+    with CheckpointManager(root, executor="thread", **kw) as manager:
+        for step in range(1, 8):
+            manager.maybe_save(step, _one_state(step))
+    assert MemoryStore(memory, 0, 1).inventory().own == (6, 7)
+    with CheckpointManager(root, executor="thread", **kw) as manager:
+        manager.restore(_one_state(0), step=2)  # from storage, on purpose
+        manager.save_to_memory(3, _one_state(3)).result()
+    # at most memory_keep snapshots, none of the abandoned run's: a crash now resumes at 3
+    assert MemoryStore(memory, 0, 1).inventory().own == (3,)
+    with CheckpointManager(root, executor="thread", **kw) as manager:
+        state = _one_state(0)
+        assert manager.restore(state) == 6  # storage's newest is 6, newer than memory's 3

@@ -77,31 +77,25 @@ def _pieces(manifest: list[tuple[str, int]], chunk_bytes: int) -> list[tuple[int
     ]
 
 
-class _Mapped:
-    """The files of a manifest mapped into memory: gloo sends straight from the sender's
-    pages and receives straight into the receiver's (no copy through a buffer).
+class _Sink:
+    """The received files, memory-mapped: gloo receives straight into their pages.
 
-    For receiving, each file's space is reserved first (``posix_fallocate``): a full
-    shared-memory file system is then an ``OSError`` here, not a SIGBUS in the middle of
-    a receive."""
+    Each file's space is reserved first (``posix_fallocate``): a full shared-memory
+    file system is then an ``OSError`` here, not a SIGBUS in the middle of a receive.
+    Only this rank writes its ``.partial`` directory, so nothing truncates a file
+    under the mapping."""
 
-    def __init__(self, directory: str, manifest: list[tuple[str, int]], write: bool) -> None:
+    def __init__(self, directory: str, manifest: list[tuple[str, int]]) -> None:
         self.maps: list[mmap.mmap | None] = []
         try:
             for name, size in manifest:
-                path = os.path.join(directory, name)
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC if write else os.O_RDONLY)
+                fd = os.open(os.path.join(directory, name), os.O_RDWR | os.O_CREAT | os.O_TRUNC)
                 try:
                     if size == 0:
                         self.maps.append(None)
                         continue
-                    if write:
-                        os.posix_fallocate(fd, 0, size)
-                    elif os.fstat(fd).st_size != size:
-                        raise OSError(f"{path} changed size while it was being sent")
-                    # a private mapping is writable (torch wants that) and copies nothing on reads
-                    access = mmap.ACCESS_WRITE if write else mmap.ACCESS_COPY
-                    self.maps.append(mmap.mmap(fd, size, access=access))
+                    os.posix_fallocate(fd, 0, size)
+                    self.maps.append(mmap.mmap(fd, size, access=mmap.ACCESS_WRITE))
                 finally:
                     os.close(fd)
         except BaseException:
@@ -111,16 +105,44 @@ class _Mapped:
     def view(self, index: int, offset: int, length: int) -> torch.Tensor:
         mapped = self.maps[index]
         assert mapped is not None
+        # the view does not keep the map: close() only once no receive can write into it
         return torch.frombuffer(mapped, dtype=torch.uint8, count=length, offset=offset)
 
     def close(self) -> None:
         for mapped in self.maps:
             if mapped is not None:
-                try:
-                    mapped.close()
-                except BufferError:  # a tensor still views it: unmapped when that is freed
-                    pass
+                mapped.close()
         self.maps = []
+
+
+class _Source:
+    """The sent files, read chunk by chunk into a buffer (not mapped: a file that someone
+    truncates during the send must be a read error, not a SIGBUS)."""
+
+    def __init__(self, directory: str, manifest: list[tuple[str, int]], chunk_bytes: int) -> None:
+        self.paths = [os.path.join(directory, name) for name, _ in manifest]
+        self.sizes = [size for _, size in manifest]
+        self.buffer = torch.empty(chunk_bytes, dtype=torch.uint8)
+        self.fds: dict[int, int] = {}
+
+    def read(self, index: int, offset: int, length: int) -> torch.Tensor:
+        """The bytes of file ``index`` at ``offset``; OSError when they cannot be read."""
+        if index not in self.fds:
+            self.close()  # files are read in order: one open at a time
+            self.fds[index] = os.open(self.paths[index], os.O_RDONLY)
+        view = memoryview(self.buffer.numpy())[:length]
+        done = 0
+        while done < length:
+            got = os.preadv(self.fds[index], [view[done:]], offset + done)
+            if got <= 0:
+                raise OSError(f"{self.paths[index]} shrank while it was being sent")
+            done += got
+        return self.buffer[:length]
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
 
 
 class _Target:
@@ -149,11 +171,21 @@ def _round(
     sends: list[tuple[torch.Tensor, int, int]],
     recvs: list[tuple[torch.Tensor, int, int]],
 ) -> None:
-    """Post every send and receive (buffer, peer, tag), then wait for all of them."""
+    """Post every send and receive (buffer, peer, tag), then wait for all of them.
+
+    When one fails, the others are still waited for (each ends, or fails, within the
+    group's timeout) before the error is raised: the buffers they read or write may be
+    unmapped right after."""
     works = [dist.isend(buf, dst=peer, group=group, tag=tag) for buf, peer, tag in sends]
     works += [dist.irecv(buf, src=peer, group=group, tag=tag) for buf, peer, tag in recvs]
+    error: BaseException | None = None
     for work in works:
-        work.wait()
+        try:
+            work.wait()
+        except Exception as exc:
+            error = error or exc
+    if error is not None:
+        raise error
 
 
 def _global(group: Any, rank: int) -> int:
@@ -206,20 +238,17 @@ def exchange(
     # rounds 3...: the bytes, in chunks cut per file
     pieces_out = _pieces(manifest, chunk_bytes) if sending else []
     pieces_in = _pieces(manifest_in, chunk_bytes)
-    source: _Mapped | None = None
+    source: _Source | None = None
     read_error: BaseException | None = None
     if pieces_out and outgoing is not None and outgoing.path is not None:
-        try:
-            source = _Mapped(outgoing.path, manifest, write=False)
-        except OSError as exc:  # still send (zeros): the receiver waits for the bytes
-            read_error = exc
+        source = _Source(outgoing.path, manifest, chunk_bytes)
     target: _Target | None = None
-    sink: _Mapped | None = None
+    sink: _Sink | None = None
     write_error: BaseException | None = None
     if receiving and incoming is not None and not mislabeled:
         try:
             target = _Target(incoming.target)
-            sink = _Mapped(target.partial, manifest_in, write=True)
+            sink = _Sink(target.partial, manifest_in)
         except OSError as exc:
             write_error = exc
     scratch = torch.empty(
@@ -231,8 +260,15 @@ def exchange(
             if i < len(pieces_out):
                 assert outgoing is not None
                 index, offset, n = pieces_out[i]
-                data = source.view(index, offset, n) if source is not None else scratch[:n].zero_()
-                sends.append((data, send_peer, outgoing.tag))
+                data = None
+                if source is not None and read_error is None:
+                    try:
+                        data = source.read(index, offset, n)
+                    except OSError as exc:  # still send (zeros): the receiver waits for bytes
+                        read_error = exc
+                sends.append(
+                    (scratch[:n].zero_() if data is None else data, send_peer, outgoing.tag)
+                )
             if i < len(pieces_in):
                 assert incoming is not None
                 index, offset, n = pieces_in[i]
@@ -275,5 +311,10 @@ def exchange(
         if target is not None:
             target.discard()
         return False
-    target.commit()
+    try:
+        target.commit()
+    except OSError as exc:  # every transfer is done: the peers go on, this copy is lost
+        log.warning("could not commit %s: %s", incoming.target, exc)
+        target.discard()
+        return False
     return True

@@ -206,9 +206,8 @@ class MemoryTier:
         if self.receive_from is not None:
             dirs.append((self.store.replica_dir(self.receive_from), self._received))
         for directory, made in dirs:
-            if not made:
-                continue
-            newest = max(made)
+            # before this run's first snapshot: anything newer than it is abandoned
+            newest = max(made, default=current)
             steps = [s for s in committed_steps(directory) if s <= newest and s != current]
             kept = set(steps[-keep:]) if keep else set()
             removed = self.store.prune(directory, kept | {current})
