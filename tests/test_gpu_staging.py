@@ -54,3 +54,28 @@ def test_a_tensor_dropped_right_after_save_is_still_copied_whole(tmp_path):
     target = {"x": torch.empty(64 << 20)}
     async_ckpt.load(target, checkpoint_id=tmp_path / "a")
     assert torch.equal(target["x"], torch.full((64 << 20,), 7.0))
+
+
+def test_a_load_into_cuda_is_complete_when_it_returns_and_ordered_after_the_callers_work(
+    tmp_path,
+):
+    """Loads into CUDA tensors read into page-locked buffers and copy on side streams;
+    those wait for the caller's stream (a kernel queued there still reads the old
+    values) and the load returns only once every copy landed."""
+    device = torch.device("cuda")
+    stored = {
+        "w": torch.randn(4096, 1024),  # 16 MiB: several 8 MiB checksum blocks
+        "i": torch.arange(100_000, dtype=torch.int64),
+        "h": torch.randn(3000, dtype=torch.float16),
+        "b": torch.randn(513, 7).to(torch.bfloat16),
+    }
+    async_ckpt.save(stored, checkpoint_id=tmp_path / "c")
+    target = {k: torch.zeros_like(v, device=device) for k, v in stored.items()}
+    busy = torch.randn(2048, 2048, device=device)
+    for _ in range(50):  # queued on the caller's stream; then a read of the old "w"
+        busy = torch.tanh(busy @ busy)
+    old_sum = target["w"].sum()  # zeros, if the load waited for the caller's stream
+    async_ckpt.load(target, checkpoint_id=tmp_path / "c")
+    assert old_sum.item() == 0.0
+    for key, value in stored.items():
+        assert torch.equal(target[key].cpu(), value), key

@@ -8,8 +8,9 @@ read, and of those only the rows needed, rounded out to checksum blocks.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,7 @@ from ..planning.read_plan import (
 from ..state.flatten import flatten, set_leaf
 from ..state.local_view import local_view
 from ..storage.base import StorageReader, checkpoint_metadata
+from .device_copy import DeviceCopies
 from .progress import byte_bar
 
 DEFAULT_READ_THREADS = 4
@@ -82,6 +84,7 @@ def _read_chunk_part(
     chunk: Chunk,
     meta: Metadata,
     verify: bool,
+    copies: DeviceCopies,
 ) -> None:
     """Copy the part of ``chunk`` that overlaps ``target`` into the target tensor."""
     entry, dest = target.entry, target.tensor
@@ -111,7 +114,7 @@ def _read_chunk_part(
     start, end = r0 * row_bytes, r1 * row_bytes
     if verify:
         start, end = (start // block) * block, min(-(-end // block) * block, chunk.nbytes)
-    buf = torch.empty(end - start, dtype=torch.uint8)
+    buf = copies.buffer(end - start, dest)
     view = memoryview(buf.numpy()) if end > start else memoryview(b"")
     if end > start:
         reader.read_into(chunk.file, chunk.offset + start, view)
@@ -129,9 +132,9 @@ def _read_chunk_part(
         dst_index = tuple(
             slice(a - t, a - t + s) for a, t, s in zip(lo, target.offsets, size, strict=True)
         )
-        dest[dst_index].copy_(src)
+        copies.copy(dest[dst_index], src)
     else:
-        dest.copy_(src)
+        copies.copy(dest, src)
 
 
 def _new_tensor(entry: TensorEntry) -> torch.Tensor:
@@ -184,6 +187,7 @@ def _read_all(
         replaced[key] = loads_object(bytes(buf))
 
     groups = read_groups(targets, reader.coalesce_reads)
+    copies = DeviceCopies([t.tensor for t in targets])
 
     bar = byte_bar(
         sum(c.nbytes for g in groups for _, c in g), f"load {reader.checkpoint_id}", progress
@@ -192,10 +196,10 @@ def _read_all(
     def run(group: list[tuple[Target, Chunk]]) -> None:
         source = _WindowReader.fetch(reader, group) if len(group) > 1 else reader
         for t, c in group:
-            _read_chunk_part(source, t, c, meta, verify)
+            _read_chunk_part(source, t, c, meta, verify, copies)
             bar.update(c.nbytes)  # tqdm serialises updates from the reader threads
 
-    with bar:
+    with bar, _finishing(copies):
         if read_threads > 1 and len(groups) > 1:
             with ThreadPoolExecutor(read_threads, thread_name_prefix="async_ckpt-read") as pool:
                 for f in [pool.submit(run, g) for g in groups]:
@@ -206,6 +210,16 @@ def _read_all(
     for dest, scratch in staged:  # every read is verified: now fill the caller's tensors
         dest.copy_(scratch)
     return targets, replaced
+
+
+@contextlib.contextmanager
+def _finishing(copies: DeviceCopies) -> Iterator[None]:
+    """Wait for the queued host-to-device copies, also when a read failed (their
+    buffers and the caller's tensors must not be in flight when the load returns)."""
+    try:
+        yield
+    finally:
+        copies.finish()
 
 
 class _WindowReader:
