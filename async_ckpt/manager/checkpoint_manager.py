@@ -229,6 +229,8 @@ class CheckpointManager:
                 )
                 watcher.install()
             except BaseException:
+                if self._memory is not None:
+                    self._memory.close()
                 if self._owns_checkpointer:
                     checkpointer.close()
                 raise
