@@ -85,6 +85,7 @@ def _train_body(rank: int, world: int, tmp: str) -> dict[str, Any]:
     manager.wait()
     assert manager._memory is not None
     manager._memory.wait()  # the last snapshot and its replication are done
+    torch.distributed.barrier()  # on every rank: no transfer is in flight when node 1 dies
     if rank // PER_NODE == 1:  # node 1 crashes: its processes die, no clean-up runs
         os.kill(os.getpid(), signal.SIGKILL)
     report = {"replicates": manager._memory.replicates, "storage": manager.steps()}
