@@ -118,6 +118,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
+
+
 def cmd_memory(args: argparse.Namespace) -> int:
     from .manager.memory_store import clear_memory_root, default_memory_root, memory_contents
 
@@ -133,7 +137,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
     _out(f"memory tier at {root} (this node):")
     for world, holder, steps, size in rows:
         shown = ", ".join(str(s) for s in steps) or "none committed"
-        _out(f"  {world}/{holder}: steps {shown}, {size / 2**20:.1f} MiB")
+        _out(f"  {world}/{holder}: steps {shown}, {_size(size)}")
     return EXIT_OK
 
 

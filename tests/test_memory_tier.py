@@ -302,9 +302,21 @@ def test_bad_memory_options_are_refused(tmp_path: Path, kwargs: dict[str, Any]) 
         CheckpointManager(str(tmp_path), executor="thread", **kwargs)
 
 
-def test_default_memory_root_is_per_storage_root_in_shared_memory() -> None:
+def test_default_memory_root_is_per_storage_root_in_shared_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     a, b = default_memory_root("/data/run-a"), default_memory_root("/data/run-b")
     assert a != b and a == default_memory_root("/data/run-a")
+    # a relative root means the directory it names: the same job however it is spelled,
+    # and two jobs that both say "ckpt" in different directories do not share one
+    (tmp_path / "job1").mkdir()
+    (tmp_path / "job2").mkdir()
+    monkeypatch.chdir(tmp_path / "job1")
+    here = default_memory_root("ckpt")
+    assert here == default_memory_root(str(tmp_path / "job1" / "ckpt"))
+    assert here == default_memory_root("./ckpt/")
+    monkeypatch.chdir(tmp_path / "job2")
+    assert default_memory_root("ckpt") != here
     if os.path.isdir("/dev/shm") and "ASYNC_CKPT_MEMORY_DIR" not in os.environ:
         assert a.startswith("/dev/shm/")
 

@@ -653,8 +653,13 @@ class CheckpointManager:
             step = self.latest_step()
             if step is None:
                 raise CheckpointNotFoundError(
-                    f"no committed checkpoint under {self.root!r}; start from scratch "
-                    "(check manager.latest_step() is not None before restoring)"
+                    f"no committed checkpoint under {self.root!r}"
+                    + (
+                        " nor in the memory tier; start from scratch (catch this error)"
+                        if self._memory is not None
+                        else "; start from scratch "
+                        "(check manager.latest_step() is not None before restoring)"
+                    )
                 )
         cid = self.store.checkpoint_id(check_step(step))
         load(

@@ -26,9 +26,11 @@ class Fetch:
 class RestoreInfo:
     """Where :meth:`CheckpointManager.restore` found the step it restored.
 
-    ``source``: ``"memory"`` (every rank's own copy), ``"replica"`` (some ranks
-    fetched theirs from peers: ``fetched``, this rank's holder in ``holder``)
-    or ``"storage"``. ``seconds``: the whole restore, as this rank saw it.
+    ``source`` is the job's, alike on every rank: ``"memory"`` (every rank used
+    its own snapshot), ``"replica"`` (some ranks fetched theirs from peers, as
+    ``fetched`` lists) or ``"storage"``. ``holder`` is this rank's: the rank it
+    fetched its share from, None when it used its own. ``seconds``: the whole
+    restore, as this rank saw it.
     """
 
     step: int

@@ -45,8 +45,11 @@ def memory_parent() -> str:
 
 def default_memory_root(storage_root: str) -> str:
     """The memory root of the job that saves to ``storage_root``: the same on every
-    restart of the job (and on each of its nodes), another for another root."""
-    tag = hashlib.sha256(storage_root.encode()).hexdigest()[:16]
+    restart of the job (and on each of its nodes), another for another root (a
+    local path counts resolved: a relative one names the directory it means)."""
+    # a local root however it is spelled ("ckpt", "./ckpt", "/abs/ckpt"), a URL as given
+    where = storage_root if "://" in storage_root else os.path.realpath(storage_root)
+    tag = hashlib.sha256(where.encode()).hexdigest()[:16]
     return os.path.join(memory_parent(), tag)
 
 
