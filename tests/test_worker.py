@@ -260,3 +260,40 @@ def test_the_worker_imports_the_callers_package_not_one_in_the_working_directory
     loaded = {"w": torch.zeros(4)}
     async_ckpt.load(loaded, checkpoint_id=str(tmp_path / "ckpt"))
     assert torch.equal(loaded["w"], state["w"])
+
+
+_ORPHAN = """
+import sys, threading
+from async_ckpt.executor.worker import exit_if_orphaned
+with exit_if_orphaned():
+    print("ready", flush=True)
+    threading.Event().wait()  # as joining a group whose ranks are gone
+"""
+
+_CALLER = """
+import os, subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1]], stdout=subprocess.PIPE, text=True)
+assert child.stdout.readline().strip() == "ready"
+print(child.pid, flush=True)
+os._exit(0)  # the caller dies without a word, as a killed training process does
+"""
+
+
+def test_a_worker_blocked_joining_its_group_exits_when_its_caller_dies() -> None:
+    import select
+
+    out = subprocess.run(
+        [sys.executable, "-c", _CALLER, _ORPHAN], capture_output=True, text=True, timeout=120
+    )
+    pid = int(out.stdout.split()[0])
+    try:
+        exited = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # already gone
+    try:
+        ready, _, _ = select.select([exited], [], [], 60)  # readable once it has exited
+    finally:
+        os.close(exited)
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+    assert ready, "the orphaned worker was still waiting a minute after its caller died"

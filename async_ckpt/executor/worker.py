@@ -10,6 +10,7 @@ reports back. It runs at lower CPU and I/O priority than training.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pickle
 import signal
@@ -44,6 +45,37 @@ from .protocol import (
     WaveStaged,
     WaveWritten,
 )
+
+ORPHAN_CHECK_S = 0.5
+
+
+_caller_pid: int | None = None  # the caller's pid, taken first thing in main()
+
+
+@contextlib.contextmanager
+def exit_if_orphaned(parent: int | None = None) -> Iterator[None]:
+    """Exit this process if the caller (``parent``, default the parent process now) dies
+    while the block runs.
+
+    For joining the ranks' group: it blocks in a TCPStore connect for up to the
+    group's timeout (10 minutes), and a caller killed meanwhile (its whole job,
+    usually) would leave this worker waiting there, holding the job's output
+    open. Elsewhere the worker notices a dead caller by its socket's EOF, and a
+    save already under way is finished first."""
+    parent = os.getppid() if parent is None else parent
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(ORPHAN_CHECK_S):
+            if os.getppid() != parent:  # re-parented: the caller is gone
+                os._exit(3)
+
+    watcher = threading.Thread(target=watch, name="async_ckpt-orphan-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 def lower_priority() -> None:
@@ -143,7 +175,8 @@ class _Worker:
                 )
             writer = _load_writer(save.writer)
             if self.comm is None:
-                self.comm = connect_group(save.group) if save.group else LocalComm()
+                with exit_if_orphaned(_caller_pid):
+                    self.comm = connect_group(save.group) if save.group else LocalComm()
             # bounded: a save that some ranks never make fails, naming them
             check_in(self.comm, f"save {save.save_no} (AsyncCheckpointer.save / async_save)")
             state = self.structure.state(save)
@@ -194,6 +227,8 @@ def serve(sock: socket.socket) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _caller_pid
+    _caller_pid = os.getppid()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--fd", type=int, required=True, help="connected Unix socket to the caller")
     args = parser.parse_args(argv)
