@@ -11,8 +11,9 @@ committed, a thread of the tier sends it to the rank ``ranks_per_node`` ahead
 (the same local rank on the next node, in a ring) and receives the previous
 node's, over a gloo group of the tier's own, never the training group
 (:mod:`async_ckpt.dist.dir_transfer`); a replica counts once it is complete.
-After each round the rank keeps the newest ``keep`` of its own snapshots and
-of the replicas it holds.
+Each round starts by pruning the rank's own snapshots and the replicas it
+holds to ``keep - 1`` older ones, so that at most ``keep`` exist with the new
+one.
 
 ``restore`` gathers what every rank can read and restores the newest step all
 of them can get (own copy, else a peer's replica fetched over the group) when
