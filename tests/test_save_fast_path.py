@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import gc
+import weakref
 
 import pytest
 import torch
@@ -176,3 +178,73 @@ def test_steady_saves_reuse_the_copy_plan_and_stage_the_current_values(tmp_path,
         assert torch.equal(target["p"][str(i)], p.detach())
     for key, value in buffers.items():
         assert torch.equal(target["b"][key], value)
+
+
+def _saved(path) -> dict:
+    from async_ckpt.materialize import materialize
+
+    return materialize(path)
+
+
+def test_the_same_flat_dict_again_skips_the_walk_and_saves_current_values(tmp_path):
+    state = {f"t{i}": torch.full((3,), float(i)) for i in range(5)}
+    with AsyncCheckpointer(executor="thread") as ckpt:
+        for n in range(3):
+            for t in state.values():
+                t.add_(1.0)  # in place: same objects, new values
+            ckpt.save(state, checkpoint_id=tmp_path / f"s{n}").result()
+        # the first save walks (and describes the detached aliases), the second walks
+        # and remembers, the third reuses
+        assert ckpt._shortcut.hits == 1
+    for n in range(3):
+        saved = _saved(tmp_path / f"s{n}")
+        assert all(torch.equal(saved[k], state[k] - (2 - n)) for k in state)
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["new_tensor", "resize", "dtype_swap", "new_key", "dropped_key", "reordered", "value"],
+)
+def test_any_change_to_the_flat_dict_takes_the_full_walk(tmp_path, change):
+    state = {"a": torch.zeros(4), "b": torch.ones(2, 2)}
+    with AsyncCheckpointer(executor="thread") as ckpt:
+        for n in range(2):
+            ckpt.save(state, checkpoint_id=tmp_path / f"warm{n}").result()
+        if change == "new_tensor":
+            state["a"] = torch.full((4,), 5.0)
+        elif change == "resize":
+            state["a"].resize_(6)
+            state["a"].fill_(6.0)
+        elif change == "dtype_swap":
+            state["b"].data = torch.ones(2, 2, dtype=torch.float64)
+        elif change == "new_key":
+            state["c"] = torch.arange(3)
+        elif change == "dropped_key":
+            del state["b"]
+        elif change == "reordered":
+            state = {"b": state["b"], "a": state["a"]}
+        else:
+            state["step"] = 7
+        ckpt.save(state, checkpoint_id=tmp_path / "changed").result()
+        assert ckpt._shortcut.hits == 0
+    saved = _saved(tmp_path / "changed")
+    assert sorted(saved) == sorted(state)
+    for key, value in state.items():
+        if torch.is_tensor(value):
+            assert saved[key].dtype == value.dtype and torch.equal(saved[key], value), key
+        else:
+            assert saved[key] == value
+
+
+def test_the_shortcut_keeps_no_tensor_alive():
+    from async_ckpt.state.shortcut import FlatDictShortcut
+
+    shortcut = FlatDictShortcut()
+    tensor = torch.zeros(8)
+    state, tensors = describe(flatten({"x": tensor}))
+    shortcut.remember({"x": tensor}, state, [tensor])
+    ref = weakref.ref(tensor)
+    del tensor, tensors
+    gc.collect()
+    assert ref() is None
+    assert shortcut.lookup({"x": torch.zeros(8)}) is None

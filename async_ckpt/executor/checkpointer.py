@@ -11,6 +11,8 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
+import torch
+
 from ..dist.group import DEFAULT_TIMEOUT_S
 from ..dist.ranks import use_distributed
 from ..errors import CheckpointError, SaveFailedError, SaveInProgressError, SaveTimeoutError
@@ -22,6 +24,8 @@ from ..staging.stager import Stager
 from ..state.describe import DescribeCache, describe
 from ..state.flatten import Flat, flatten, take_states
 from ..state.local_view import local_view
+from ..state.model import LocalState
+from ..state.shortcut import FlatDictShortcut
 from ..storage.base import StorageWriter
 from ..storage.detect import detect_writer
 from . import inflight
@@ -98,6 +102,7 @@ class AsyncCheckpointer:
         self._lock = threading.Lock()
         self._closed = False
         self._describe_cache = DescribeCache()
+        self._shortcut = FlatDictShortcut()
         self._walk_elsewhere = False  # see _save_elsewhere
         self._handed_over = 0  # saves queued on the staging thread, not yet past it
         _LIVE.add(self)
@@ -120,6 +125,17 @@ class AsyncCheckpointer:
         if state_dict is not None:
             self.stager.reserve(*describe(self._flatten(state_dict)))
         return self
+
+    def _describe(self, state_dict: Mapping[str, Any]) -> tuple[LocalState, list[torch.Tensor]]:
+        """The state described: the previous description when the shortcut holds (the same
+        flat dict of tensors again), else a full walk."""
+        found = None if self.local_view else self._shortcut.lookup(state_dict)
+        if found is not None:
+            return found
+        state, tensors = describe(self._flatten(state_dict), self._describe_cache)
+        if not self.local_view:
+            self._shortcut.remember(state_dict, state, tensors)
+        return state, tensors
 
     def _flatten(self, state_dict: Mapping[str, Any], states: Any = None) -> Flat:
         flat = flatten(state_dict, states)
@@ -189,7 +205,7 @@ class AsyncCheckpointer:
         if self.stager.options.async_staging and (self._walk_elsewhere or self._handed_over):
             return self._save_elsewhere(state_dict, writer, executor, t0, timeout, extra, spec)
         with gc_paused():  # a big state's walk would trigger many full collections
-            state, tensors = describe(self._flatten(state_dict), self._describe_cache)
+            state, tensors = self._describe(state_dict)
         with self._lock:
             self._save_no += 1
             save_no = self._save_no
