@@ -284,7 +284,15 @@ class AsyncCheckpointer:
             self._walk_and_hand_over(future, handover)
         finally:
             handover.state_dict, handover.states = {}, {}  # the future must not keep them
-            with self._lock:
+            self._passed(handover)
+
+    def _passed(self, h: Handover) -> None:
+        """Count ``h`` out of the saves queued on the staging thread (once). Called before
+        its future fails, so that a caller who sees the failure and saves again is not
+        sent to the staging thread by a count that has not caught up yet."""
+        with self._lock:
+            if not h.passed:
+                h.passed = True
                 self._handed_over -= 1
 
     def _walk_and_hand_over(self, future: SaveFuture, h: Handover) -> None:
@@ -298,6 +306,7 @@ class AsyncCheckpointer:
                 snapshot = self.stager.begin(state, tensors)
         except BaseException as exc:
             self._walk_elsewhere = False  # the next save walks on the caller's thread again
+            self._passed(h)
             future._set_exception(exc)
             return
         if _copies_from_cuda(snapshot):
@@ -320,6 +329,7 @@ class AsyncCheckpointer:
             try:
                 h.executor.submit(job)
             except BaseException as exc:
+                self._passed(h)
                 drop(snapshot, exc)
                 future._set_exception(exc)
                 return

@@ -33,6 +33,7 @@ class Handover:
         self.lock = threading.Lock()
         self.submitted = False
         self.aborted = False
+        self.passed = False  # counted out of the checkpointer's saves queued on the thread
 
 
 def drop(snapshot: Snapshot, exc: BaseException) -> None:
