@@ -444,3 +444,23 @@ def test_first_snapshot_after_restarting_from_older_storage_drops_the_abandoned_
     with CheckpointManager(root, executor="thread", **kw) as manager:
         state = _one_state(0)
         assert manager.restore(state) == 6  # storage's newest is 6, newer than memory's 3
+
+
+def test_memory_snapshots_stage_with_the_managers_staging_options(tmp_path: Path) -> None:
+    from async_ckpt import Stager
+
+    stager = Stager(async_staging=True, num_buffers=2)
+    with CheckpointManager(
+        str(tmp_path / "storage"),
+        memory_every=1,
+        memory_root=str(tmp_path / "memory"),
+        executor="thread",
+        stager=stager,
+    ) as manager:
+        assert manager._memory is not None
+        options = manager._memory.checkpointer.stager.options
+        assert options.async_staging and options.num_buffers == 2
+        assert manager._memory.checkpointer.stager is not stager  # a buffer of its own
+        manager.save_to_memory(1, _one_state(1)).result()
+        state = _one_state(0)
+        assert manager.restore(state) == 1 and state["step"] == 1

@@ -198,6 +198,7 @@ class CheckpointManager:
                     keep=memory_keep,
                     ranks_per_node=ranks_per_node or env_ranks_per_node(),
                     executor=executor,
+                    stager_options=checkpointer.stager.options,
                     process_group=checkpointer.process_group,
                     distributed=checkpointer.distributed,
                     group_timeout=checkpointer.group_timeout,

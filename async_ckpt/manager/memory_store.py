@@ -23,8 +23,7 @@ import shutil
 from dataclasses import dataclass, field
 
 from ..dist.dir_transfer import PARTIAL_SUFFIX
-from ..format.names import METADATA_FILE
-from .root import parse_step_dir, step_dir_name
+from .root import StepStore, parse_step_dir, step_dir_name
 
 MEMORY_DIR_ENV = "ASYNC_CKPT_MEMORY_DIR"
 """The directory that holds the memory roots of all jobs on a node (default
@@ -64,16 +63,7 @@ class Inventory:
 
 def committed_steps(directory: str) -> list[int]:
     """The committed step directories in ``directory``, oldest first."""
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    steps = []
-    for name in names:
-        step = parse_step_dir(name)
-        if step is not None and os.path.isfile(os.path.join(directory, name, METADATA_FILE)):
-            steps.append(step)
-    return sorted(steps)
+    return StepStore(directory).committed()
 
 
 class MemoryStore:
@@ -121,36 +111,32 @@ class MemoryStore:
 
     def prune(self, directory: str, keep: set[int]) -> list[int]:
         """Delete the step directories of ``directory`` not in ``keep`` (and unfinished
-        ``.partial`` ones); returns the steps deleted. The metadata goes first, so a
-        crash midway leaves no committed step with missing files."""
-        removed = []
-        try:
-            names = os.listdir(directory)
-        except FileNotFoundError:
-            return removed
-        for name in names:
-            path = os.path.join(directory, name)
-            if name.endswith(PARTIAL_SUFFIX) and parse_step_dir(name[: -len(PARTIAL_SUFFIX)]):
-                shutil.rmtree(path, ignore_errors=True)
-                continue
-            step = parse_step_dir(name)
-            if step is None or step in keep:
-                continue
-            try:
-                os.unlink(os.path.join(path, METADATA_FILE))
-            except FileNotFoundError:
-                pass
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(step)
-        return sorted(removed)
+        ``.partial`` ones); returns the steps deleted. Each goes metadata first
+        (:meth:`StepStore.remove`), so a crash midway leaves no committed step with
+        missing files."""
+        steps = StepStore(directory)
+        removed = sorted(step for step in steps.scan() if step not in keep)
+        for step in removed:
+            steps.remove(step)
+        for step in _partial_steps(directory):
+            shutil.rmtree(
+                os.path.join(directory, step_dir_name(step) + PARTIAL_SUFFIX), ignore_errors=True
+            )
+        return removed
 
 
-def _dir_bytes(path: str) -> int:
-    return sum(
-        os.path.getsize(os.path.join(path, n))
-        for n in os.listdir(path)
-        if os.path.isfile(os.path.join(path, n))
-    )
+def _partial_steps(directory: str) -> list[int]:
+    """The steps of the unfinished replicas (``step-<step>.partial``) in ``directory``."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    steps = []
+    for name in names:
+        step = parse_step_dir(name.removesuffix(PARTIAL_SUFFIX))
+        if name.endswith(PARTIAL_SUFFIX) and step is not None:
+            steps.append(step)
+    return steps
 
 
 def memory_contents(root: str) -> list[tuple[str, str, list[int], int]]:
@@ -165,16 +151,17 @@ def memory_contents(root: str) -> list[tuple[str, str, list[int], int]]:
             path = os.path.join(world_dir, holder)
             if not os.path.isdir(path):
                 continue
-            steps = committed_steps(path)
-            size = sum(_dir_bytes(os.path.join(path, step_dir_name(s))) for s in steps)
-            rows.append((world, holder, steps, size))
+            steps = StepStore(path)
+            infos = [steps.info(step, True) for step in steps.committed()]
+            rows.append((world, holder, [i.step for i in infos], sum(i.size for i in infos)))
     return rows
 
 
 def clear_memory_root(root: str) -> bool:
     """Delete a memory root and everything in it (all ranks' snapshots on this node);
     returns whether there was one. For after a job, or before one that must not resume
-    from memory: ``async-ckpt memory-clear`` and ``CheckpointManager.clear_memory()``."""
+    from memory, when no job of that root runs on the node: ``async-ckpt memory ROOT
+    --clear``."""
     if not os.path.isdir(root):
         return False
     shutil.rmtree(root)

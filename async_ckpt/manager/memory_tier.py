@@ -24,6 +24,7 @@ load (checksums verified) fails.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import logging
 import threading
@@ -37,6 +38,7 @@ from ..dist.dir_transfer import Incoming, Outgoing, exchange
 from ..executor import AsyncCheckpointer, SaveFuture
 from ..pipeline.load import run_load
 from ..planning.keys import KeyCheck
+from ..staging import Stager, StagerOptions
 from ..storage.detect import detect_reader
 from .memory_restore import RestoreInfo, fetch_rounds, fetches, newest_common_step
 from .memory_store import MemoryStore, committed_steps
@@ -58,6 +60,7 @@ class MemoryTier:
         keep: int,
         ranks_per_node: int | None,
         executor: str,
+        stager_options: StagerOptions,
         process_group: Any,
         distributed: bool,
         group_timeout: float,
@@ -85,7 +88,13 @@ class MemoryTier:
         if per_node is not None:
             self.send_to = (rank + per_node) % world_size
             self.receive_from = (rank - per_node) % world_size
-        self.checkpointer = AsyncCheckpointer(executor=executor, no_dist=True, local_view=True)
+        # the storage checkpointer's staging options (async staging, budget...): the same stall
+        self.checkpointer = AsyncCheckpointer(
+            executor=executor,
+            no_dist=True,
+            local_view=True,
+            stager=Stager(copy.copy(stager_options)),
+        )
         self._after = ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-memory")
         self._pending: SaveFuture | None = None
         self._round: Future | None = None

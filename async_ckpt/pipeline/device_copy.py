@@ -36,11 +36,6 @@ class DeviceCopies:
         self._lock = threading.Lock()
         self._pinned_failed = False
 
-    @property
-    def active(self) -> bool:
-        """Whether any target is on a CUDA device."""
-        return bool(self._after)
-
     def buffer(self, nbytes: int, dest: torch.Tensor) -> torch.Tensor:
         """A host buffer to read ``dest``'s bytes into: page-locked for a CUDA ``dest``
         (pageable if page-locking fails), else ordinary memory."""
