@@ -65,11 +65,13 @@ def save(
     _check_use_collectives(use_collectives)
     spec = incremental_save(incremental, base)
     writer = storage_writer or detect_writer(checkpoint_id)
+    comm = caller_comm(process_group, no_dist, "async_ckpt.save")
+    # A big state's save makes objects per tensor, none in cycles: collections would
+    # re-traverse the heap for nothing (as in the worker, see gc_pause).
     with gc_paused():
         state, tensors = describe(flatten(state_dict))
-    waves = memory_waves(state, tensors)
-    comm = caller_comm(process_group, no_dist, "async_ckpt.save")
-    return run_save(state, waves, writer, comm, Planner(), incremental=spec)
+        waves = memory_waves(state, tensors)
+        return run_save(state, waves, writer, comm, Planner(), incremental=spec)
 
 
 def _check_use_collectives(use_collectives: bool) -> None:

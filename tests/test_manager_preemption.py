@@ -111,9 +111,14 @@ def test_previous_python_handler_is_chained_and_put_back(tmp_path: Path) -> None
 
 def test_default_sigint_handler_is_not_chained(tmp_path: Path) -> None:
     # Chaining to Python's own SIGINT handler would raise KeyboardInterrupt mid-step.
-    with _manager(tmp_path, save_every=10, save_on_preemption=(signal.SIGINT, signal.SIGTERM)):
-        signal.raise_signal(signal.SIGINT)  # no KeyboardInterrupt
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Set here: a shell starts background jobs with SIGINT ignored.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with _manager(tmp_path, save_every=10, save_on_preemption=(signal.SIGINT, signal.SIGTERM)):
+            signal.raise_signal(signal.SIGINT)  # no KeyboardInterrupt
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_handler_left_under_a_later_one_forwards_after_close(tmp_path: Path) -> None:

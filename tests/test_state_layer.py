@@ -11,7 +11,13 @@ import torch
 from async_ckpt.errors import ShapeMismatchError
 from async_ckpt.format.metadata import Chunk, Metadata, ObjectEntry, TensorEntry, ValueEntry
 from async_ckpt.format.objects import encode_plain
-from async_ckpt.planning.read_plan import match_keys, overlap, plan_reads, read_groups
+from async_ckpt.planning.read_plan import (
+    SMALL_CHUNK_BYTES,
+    match_keys,
+    overlap,
+    plan_reads,
+    read_groups,
+)
 from async_ckpt.state.flatten import flatten
 from async_ckpt.state.leaves import LeafKind, fills_in_place, leaf_kind, tensor_piece
 
@@ -117,7 +123,15 @@ def test_read_groups_coalesce_only_back_to_back_chunks_of_one_file():
     meta = _meta({"w": _entry(("w",), (16,), chunks)})
     plan = plan_reads(flatten({"w": torch.zeros(16)}), meta, [])
     assert [len(g) for g in read_groups(plan.targets, coalesce=True)] == [2, 1, 1]
-    assert [len(g) for g in read_groups(plan.targets, coalesce=False)] == [1, 1, 1, 1]
+    # small chunks are read together on every store; large ones each on its own
+    assert [len(g) for g in read_groups(plan.targets, coalesce=False)] == [2, 1, 1]
+    big = SMALL_CHUNK_BYTES // 4 + 1  # float32 elements: just over the small-chunk size
+    chunks = [_chunk((0,), (4,), "f0", 0), _chunk((4,), (big,), "f0", 16)]
+    chunks.append(_chunk((4 + big,), (4,), "f0", 16 + 4 * big))
+    meta = _meta({"w": _entry(("w",), (8 + big,), chunks)})
+    plan = plan_reads(flatten({"w": torch.zeros(8 + big)}), meta, [])
+    assert [len(g) for g in read_groups(plan.targets, coalesce=False)] == [1, 1, 1]
+    assert [len(g) for g in read_groups(plan.targets, coalesce=True)] == [3]
 
 
 def test_overlap_of_boxes():

@@ -7,6 +7,7 @@ The metadata is the commit record of a checkpoint (see docs/FORMAT.md).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,7 +83,7 @@ class Metadata:
     block_size: int
     files: dict[str, int]
     containers: dict[str, str]
-    entries: dict[str, Entry]
+    entries: Mapping[str, Entry]  # a dict, or the committed bytes decoded on use (EncodedEntries)
     version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -141,8 +141,9 @@ def _files_of(payload: bytes | None) -> set[str]:
         return set()  # damaged: we cannot tell what it owns, so the sweep decides later
 
 
-def commit_checkpoint(writer: StorageWriter, metadata: Metadata) -> None:
-    """Commit ``metadata`` through ``writer`` and delete only what the commit made stale."""
+def commit_checkpoint(writer: StorageWriter, metadata: Metadata) -> bytes:
+    """Commit ``metadata`` through ``writer`` and delete only what the commit made stale;
+    returns the committed bytes."""
     payload = encode_checked(metadata)
     grace = orphan_grace_s()
     missing = writer.missing_files(metadata.files)
@@ -163,3 +164,4 @@ def commit_checkpoint(writer: StorageWriter, metadata: Metadata) -> None:
         writer.sweep_orphans(metadata.files, grace)
     except Exception as exc:
         log.warning("checkpoint %s committed; removing old files failed: %s", metadata.save_id, exc)
+    return payload

@@ -58,14 +58,39 @@ def _contiguous_cpu(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.is_contiguous() else tensor.contiguous()
 
 
+SMALL_TENSOR_BYTES = 64 * 1024
+"""Tensors this small are written from one packed copy: a byte view per tensor
+costs more than copying its bytes (about 10 us each, 1 s at 100k tensors)."""
+
+
 def memory_waves(state: LocalState, tensors: Sequence[torch.Tensor]) -> list[WaveData]:
     """The waves of a save straight from the caller's tensors (aligned with ``state.items``).
 
-    Contiguous CPU tensors are written from their own memory; others are made
+    Contiguous CPU tensors are written from their own memory, except small ones,
+    which are packed per dtype into one buffer by a single call; others are made
     contiguous CPU copies first.
     """
-    sources = [tensor_bytes(_contiguous_cpu(t)) for t in tensors]
+    sources: list[memoryview | None] = [None] * len(tensors)
+    small: dict[torch.dtype, list[int]] = {}
+    for n, t in enumerate(tensors):
+        if t.device.type == "cpu" and t.nbytes <= SMALL_TENSOR_BYTES and t.numel() > 0:
+            small.setdefault(t.dtype, []).append(n)
+        else:
+            sources[n] = tensor_bytes(_contiguous_cpu(t))
+    for indices in small.values():
+        for n, view in zip(indices, _packed([tensors[n] for n in indices]), strict=True):
+            sources[n] = view
     return [WaveData(range(len(state.items)), sources), *object_waves(state)]
+
+
+def _packed(tensors: list[torch.Tensor]) -> Iterator[memoryview]:
+    """Byte views of ``tensors`` (CPU, one dtype), copied back to back into one buffer."""
+    flat = torch._utils._flatten_dense_tensors(tensors)  # one C++ call for the lot
+    data = tensor_bytes(flat)
+    pos = 0
+    for t in tensors:
+        yield data[pos : pos + t.nbytes]
+        pos += t.nbytes
 
 
 def staged_waves(

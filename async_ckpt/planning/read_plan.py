@@ -37,6 +37,13 @@ _ONE_PIECE = (LeafKind.TENSOR, LeafKind.NDARRAY)
 WINDOW_BYTES = 64 * 1024 * 1024
 """The most bytes one coalesced read fetches (back-to-back chunks of one file)."""
 
+SMALL_CHUNK_BYTES = 256 * 1024
+"""Chunks this small are read together with their neighbours on every store: one
+request per tensor costs more than the bytes at 100k small tensors."""
+
+SMALL_WINDOW_BYTES = 4 * 1024 * 1024
+"""The most bytes one read of small chunks fetches where the store does not coalesce."""
+
 
 @dataclass
 class Target:
@@ -88,6 +95,8 @@ def overlap(
     a_off: tuple[int, ...], a_size: tuple[int, ...], b_off: tuple[int, ...], b_size: tuple[int, ...]
 ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     """The region two boxes share (offsets, sizes), or None if they do not meet."""
+    if a_off == b_off and a_size == b_size:  # the common case: a whole tensor
+        return (a_off, a_size) if 0 not in a_size else None
     lo = [max(a, b) for a, b in zip(a_off, b_off, strict=True)]
     hi = [min(a + s, b + t) for a, s, b, t in zip(a_off, a_size, b_off, b_size, strict=True)]
     if any(h <= lo_ for lo_, h in zip(lo, hi, strict=True)):
@@ -245,7 +254,9 @@ def read_groups(targets: list[Target], coalesce: bool) -> list[list[tuple[Target
 
     With ``coalesce`` (stores that charge per request: latency, and some servers
     read the whole object per ranged GET) back-to-back chunks of one file up to
-    :data:`WINDOW_BYTES` form one group; otherwise every read is its own group.
+    :data:`WINDOW_BYTES` form one group. Otherwise only back-to-back chunks of at
+    most :data:`SMALL_CHUNK_BYTES` do, up to :data:`SMALL_WINDOW_BYTES`: a large
+    chunk is read straight into its tensor, with no copy through a window.
     """
     tasks = [
         (t, c)
@@ -254,15 +265,15 @@ def read_groups(targets: list[Target], coalesce: bool) -> list[list[tuple[Target
         if overlap(c.offsets, c.sizes, t.offsets, tuple(t.tensor.shape)) is not None
     ]
     tasks.sort(key=lambda tc: (tc[1].file, tc[1].offset))
-    if not coalesce:
-        return [[task] for task in tasks]
+    window = WINDOW_BYTES if coalesce else SMALL_WINDOW_BYTES
     groups: list[list[tuple[Target, Chunk]]] = []
     for t, c in tasks:
         last = groups[-1] if groups else None
-        if last is not None:
+        if last is not None and (coalesce or c.nbytes <= SMALL_CHUNK_BYTES):
             first, prev = last[0][1], last[-1][1]
+            joins = coalesce or prev.nbytes <= SMALL_CHUNK_BYTES
             adjacent = prev.file == c.file and c.offset == prev.offset + prev.nbytes
-            if adjacent and c.offset + c.nbytes - first.offset <= WINDOW_BYTES:
+            if joins and adjacent and c.offset + c.nbytes - first.offset <= window:
                 last.append((t, c))
                 continue
         groups.append([(t, c)])

@@ -56,6 +56,7 @@ from .layout import (
 )
 from .options import InvalidOptionError, StagerOptions
 from .snapshot import PendingCopy, Snapshot, Wave
+from .views import typed_views
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -417,20 +418,18 @@ class Stager:
         if plan is not None and plan.items is wave.items:
             done_slots |= plan.slots
             return plan
-        views, arena, items = self._views[wave.buffer], snap.arenas[wave.buffer], snap.state.items
+        views, items = self._views[wave.buffer], snap.state.items
         plan = CopyPlan(wave.items)
         for n, off in zip(wave.items, wave.offsets, strict=True):
-            item, src = items[n], tensors[n]
-            if off in done_slots or item.nbytes == 0:
+            nbytes = items[n].nbytes
+            if off in done_slots or nbytes == 0:
                 continue
             done_slots.add(off)
             plan.slots.add(off)
-            dst = views.get(n)
-            if dst is None:
-                dst = _typed_view(views, arena, n, off, item, src)
             plan.indices.append(n)
-            plan.dsts.append(dst)
-            plan.nbytes += dst.nbytes
+            plan.nbytes += nbytes
+        _add_views(views, snap.arenas[wave.buffer], wave, plan.indices, items, tensors)
+        plan.dsts = [views[n] for n in plan.indices]
         plans[wave.index] = plan
         return plan
 
@@ -517,3 +516,20 @@ def _typed_view(
     stage of a layout, reused by later ones."""
     view = views[n] = arena.view(off, item.nbytes).view(src.dtype).view(src.shape)
     return view
+
+
+def _add_views(
+    views: dict[int, torch.Tensor],
+    arena: Arena,
+    wave: Wave,
+    indices: list[int],
+    items: list[TensorItem],
+    tensors: list[torch.Tensor],
+) -> None:
+    """The slots of ``indices`` (items of ``wave``) that have no view yet get one, all
+    made together; reused by later stages of the same layout."""
+    offsets = dict(zip(wave.items, wave.offsets, strict=True))
+    new = [n for n in indices if n not in views]
+    slots = [(offsets[n], items[n].nbytes) for n in new]
+    made = typed_views(arena.bytes, slots, [tensors[n] for n in new])
+    views.update(zip(new, made, strict=True))

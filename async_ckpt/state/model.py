@@ -8,6 +8,7 @@ slices otherwise), in the same order as ``LocalState.items``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ class TensorItem:
     sizes: tuple[int, ...]
     numpy: bool = False
 
-    @property
+    @functools.cached_property  # asked for several times per item per save
     def nbytes(self) -> int:
         return math.prod(self.sizes) * itemsize(getattr(torch, self.dtype))
 
