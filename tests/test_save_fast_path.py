@@ -49,6 +49,22 @@ def test_swapped_storage_is_staged_from_the_new_data(tmp_path):
     assert torch.equal(loaded["model"].bias, model.bias)
 
 
+@pytest.mark.parametrize("async_staging", [False, True])
+def test_a_tie_broken_in_place_is_staged_apart(tmp_path, async_staging):
+    """Two views of one storage share a slot; moving one (``.data``) must split them."""
+    w = torch.randn(16)
+    state = {"emb": w[:], "head": w[:], "other": torch.randn(3)}
+    with AsyncCheckpointer(executor="thread", stager=Stager(async_staging=async_staging)) as ckpt:
+        for step in range(3):  # the first saves build and reuse the tied layout
+            ckpt.save(state, checkpoint_id=tmp_path / f"s{step}").result(timeout=60)
+        state["head"].data = torch.full((16,), 5.0)  # same object, same shape, new memory
+        ckpt.save(state, checkpoint_id=tmp_path / "after").result(timeout=60)
+    out = {"emb": torch.zeros(16), "head": torch.zeros(16), "other": torch.zeros(3)}
+    async_ckpt.load(out, checkpoint_id=tmp_path / "after")
+    assert torch.equal(out["emb"], w)
+    assert torch.equal(out["head"], torch.full((16,), 5.0))
+
+
 def test_layout_follows_newly_tied_tensors(tmp_path):
     """Two keys that start sharing one storage are staged (and loaded) consistently."""
     a, b = torch.randn(16), torch.randn(16)

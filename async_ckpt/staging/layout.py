@@ -12,6 +12,7 @@ budget, ``wave_bytes`` cuts the one arena into consecutive parts instead
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, replace
 
 import torch
@@ -74,6 +75,15 @@ def plan_layout(
         (tuple(i), tuple(o)) for i, o in waves
     )
     return Layout(waves, largest, signature)
+
+
+def tied_items(layout: Layout) -> list[int]:
+    """The items that share their slot with another item of their wave."""
+    tied: list[int] = []
+    for indices, offsets in layout.waves:
+        counts = Counter(offsets)
+        tied += [n for n, off in zip(indices, offsets, strict=True) if counts[off] > 1]
+    return tied
 
 
 def in_parts(layout: Layout, items: list[TensorItem], part_bytes: int) -> Layout:
