@@ -9,6 +9,7 @@ read, and of those only the rows needed, rounded out to checksum blocks.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -230,23 +231,25 @@ JOB_BYTES = 8 * 1024 * 1024
 def _jobs(
     groups: list[list[tuple[Target, Chunk]]], threads: int
 ) -> list[list[list[tuple[Target, Chunk]]]]:
-    """Consecutive read groups packed into jobs of about :data:`JOB_BYTES`, and at
-    least four jobs per thread where there are that many groups (to keep every
-    thread busy to the end)."""
+    """Consecutive read groups of one file packed into jobs of about :data:`JOB_BYTES`
+    (at least four jobs per thread where there are that many groups, to keep every
+    thread busy to the end), the files' jobs taken in turn: the threads then read
+    the files side by side, each front to back, as the kernel's read-ahead expects."""
     total = sum(c.nbytes for g in groups for _, c in g)
     size = max(1, min(JOB_BYTES, total // (4 * max(threads, 1))))
-    jobs: list[list[list[tuple[Target, Chunk]]]] = []
+    per_file: dict[str, list[list[list[tuple[Target, Chunk]]]]] = {}
     job: list[list[tuple[Target, Chunk]]] = []
     held = 0
     for g in groups:
+        if job and (g[0][1].file != job[0][0][1].file or held >= size):
+            per_file.setdefault(job[0][0][1].file, []).append(job)
+            job, held = [], 0
         job.append(g)
         held += sum(c.nbytes for _, c in g)
-        if held >= size:
-            jobs.append(job)
-            job, held = [], 0
     if job:
-        jobs.append(job)
-    return jobs
+        per_file.setdefault(job[0][0][1].file, []).append(job)
+    turns = itertools.zip_longest(*per_file.values())
+    return [j for turn in turns for j in turn if j is not None]
 
 
 @contextlib.contextmanager
