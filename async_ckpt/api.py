@@ -52,7 +52,8 @@ def save(
 ) -> Metadata:
     """Save ``state_dict`` synchronously and return the committed checkpoint's metadata.
 
-    Contiguous CPU tensors are written straight from their memory (no copy);
+    Contiguous CPU tensors are written straight from their memory (no copy),
+    except small ones, packed into one buffer per dtype (up to 256 MiB in all);
     others are made contiguous on the CPU first. With an initialized
     torch.distributed group every rank calls ``save`` with the same
     ``checkpoint_id``; ``no_dist=True`` saves this process's state alone.
@@ -65,12 +66,13 @@ def save(
     _check_use_collectives(use_collectives)
     spec = incremental_save(incremental, base)
     writer = storage_writer or detect_writer(checkpoint_id)
-    comm = caller_comm(process_group, no_dist, "async_ckpt.save")
     # A big state's save makes objects per tensor, none in cycles: collections would
-    # re-traverse the heap for nothing (as in the worker, see gc_pause).
+    # re-traverse the heap for nothing (as in the worker, see gc_pause). The state is
+    # described before this rank checks in, so that a bad state fails here, alone.
     with gc_paused():
         state, tensors = describe(flatten(state_dict))
         waves = memory_waves(state, tensors)
+        comm = caller_comm(process_group, no_dist, "async_ckpt.save")
         return run_save(state, waves, writer, comm, Planner(), incremental=spec)
 
 

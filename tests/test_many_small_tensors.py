@@ -13,8 +13,12 @@ import async_ckpt
 from async_ckpt import AsyncCheckpointer, ChecksumMismatchError, MetadataError
 from async_ckpt.format.decode import EncodedEntries, decode_metadata
 from async_ckpt.format.names import METADATA_FILE
+from async_ckpt.pipeline import waves
 from async_ckpt.planning.read_plan import SMALL_CHUNK_BYTES
+from async_ckpt.staging.layout import plan_layout, tied_items
 from async_ckpt.staging.views import typed_views
+from async_ckpt.state.describe import describe
+from async_ckpt.state.flatten import flatten
 
 
 def _mixed_state() -> dict:
@@ -27,6 +31,8 @@ def _mixed_state() -> dict:
     state["empty"] = torch.zeros(0, 3)
     state["big0"] = torch.randn(SMALL_CHUNK_BYTES // 4 + 1, generator=g)
     state["between"] = torch.randn(3, generator=g)
+    for i in range(3):  # small windows, but above what the loading thread reads itself
+        state[f"mid{i}"] = torch.randn(25_000, generator=g)
     state["big1"] = torch.randn(2, SMALL_CHUNK_BYTES // 8 + 3, generator=g)
     state["step"] = 7
     return state
@@ -82,6 +88,29 @@ def test_a_save_result_travels_as_the_committed_bytes(tmp_path):
     assert len(pickle.dumps(meta.entries)) < len(committed) + 100
 
 
+def test_a_save_result_lists_entries_in_one_order_whatever_the_path(tmp_path):
+    state = {"z": torch.ones(2), "a": torch.zeros(3), "m": torch.ones(1)}
+    synced = async_ckpt.save(state, checkpoint_id=tmp_path / "s", no_dist=True)
+    with AsyncCheckpointer(no_dist=True, executor="process") as ckpt:
+        through_worker = ckpt.save(state, checkpoint_id=tmp_path / "p").result()
+    assert list(synced.entries) == list(through_worker.entries) == ["a", "m", "z"]
+    copied = through_worker.entries.copy()
+    assert (
+        type(copied) is dict
+        and copied == decode_metadata((tmp_path / "p" / METADATA_FILE).read_bytes()).entries
+    )
+
+
+@pytest.mark.parametrize("cap", [0, 100])
+def test_packing_small_tensors_stops_at_its_memory_cap(tmp_path, monkeypatch, cap):
+    monkeypatch.setattr(waves, "MAX_PACKED_BYTES", cap)
+    state = {f"t{i}": torch.full((5,), float(i)) for i in range(20)}  # 20 bytes each
+    async_ckpt.save(state, checkpoint_id=tmp_path / "c", no_dist=True)
+    target = {k: torch.zeros(5) for k in state}
+    async_ckpt.load(target, checkpoint_id=tmp_path / "c", no_dist=True)
+    assert all(torch.equal(target[k], v) for k, v in state.items())
+
+
 def test_encoded_entries_decode_with_the_loaders_checks():
     entries = EncodedEntries(b'{"format": "async_ckpt", "version": 2}')
     restored = pickle.loads(pickle.dumps(entries))  # cheap to build: nothing decoded yet
@@ -108,3 +137,13 @@ def test_typed_views_of_overlapping_slots_are_made_one_by_one():
     views[1].fill_(1.0)
     assert torch.equal(data[4:12].view(torch.float32), torch.ones(2))
     assert torch.equal(views[0], torch.tensor([0.0, 1.0]))
+
+
+def test_an_empty_tensor_beside_another_is_not_a_tie():
+    items, tensors = describe(flatten({"e": torch.zeros(0), "w": torch.ones(4)}))
+    layout = plan_layout(items.items, tensors)
+    assert layout.waves[0][1][0] == layout.waves[0][1][1]  # the same offset...
+    assert tied_items(layout, items.items) == []  # ...but nothing shared
+    w = torch.ones(4)
+    items, tensors = describe(flatten({"a": w[:], "b": w[:]}))
+    assert tied_items(plan_layout(items.items, tensors), items.items) == [0, 1]

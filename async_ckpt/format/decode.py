@@ -404,7 +404,8 @@ class EncodedEntries(Mapping[str, Entry]):
     pickled, 100k entries made 700k objects to build on arrival and 18 MB of
     pickle, about 4 s of a 12 s save, for a result most callers only wait on.
     This pickles as the bytes alone and decodes them (with every check of a
-    load) the first time an entry is asked for.
+    load) the first time an entry is asked for. A read-only mapping, in the
+    file's (sorted) key order wherever it was made; ``copy()`` gives a dict.
     """
 
     def __init__(self, data: bytes, decoded: Mapping[str, Entry] | None = None) -> None:
@@ -427,8 +428,19 @@ class EncodedEntries(Mapping[str, Entry]):
     def __len__(self) -> int:
         return len(self._entries())
 
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, EncodedEntries) and other._data == self._data:
+            return True
+        return super().__eq__(other)
+
+    __hash__ = None  # type: ignore[assignment]  # a mapping, compared by content
+
+    def copy(self) -> dict[str, Entry]:
+        """The entries as a new dict (as ``dict.copy`` of the dict this replaced)."""
+        return dict(self._entries())
+
     def __repr__(self) -> str:
         return repr(dict(self._entries()))
 
     def __reduce__(self) -> tuple[Any, tuple[bytes]]:
-        return EncodedEntries, (self._data,)
+        return type(self), (self._data,)

@@ -34,7 +34,6 @@ from ..format.metadata import Chunk, Metadata, TensorEntry
 from ..format.objects import loads_object
 from ..planning.keys import KeyCheck, check_keys
 from ..planning.read_plan import (
-    SMALL_CHUNK_BYTES,
     ReadPlan,
     Target,
     match_keys,
@@ -202,27 +201,34 @@ def _read_all(
                 _read_chunk_part(source, t, c, meta, verify, copies)
             bar.update(sum(c.nbytes for _, c in group))  # tqdm serialises the threads' updates
 
-    # Reads of small chunks are Python-bound: reader threads would only contend for the
+    # Reads of tiny chunks are Python-bound: reader threads would only contend for the
     # GIL over them (measured: 4 threads took 5x one at 100k tensors of 64 bytes). They
-    # run here, while the threads read the large chunks.
-    small = [g for g in groups if g[-1][1].nbytes <= SMALL_CHUNK_BYTES]
-    large = [g for g in groups if g[-1][1].nbytes > SMALL_CHUNK_BYTES]
+    # run here, while the threads read the others.
+    tiny = [g for g in groups if max(c.nbytes for _, c in g) <= TINY_CHUNK_BYTES]
+    rest = [g for g in groups if max(c.nbytes for _, c in g) > TINY_CHUNK_BYTES]
     with bar, _finishing(copies):
-        jobs = _jobs(large, read_threads)
+        jobs = _jobs(rest, read_threads)
         if read_threads > 1 and len(jobs) > 1:
             with ThreadPoolExecutor(read_threads, thread_name_prefix="async_ckpt-read") as pool:
                 futures = [pool.submit(run, j) for j in jobs]
-                run(small)
+                try:
+                    run(tiny)
+                except BaseException:
+                    pool.shutdown(cancel_futures=True)  # the load has failed: read no more
+                    raise
                 for f in futures:
                     f.result()
         else:
-            run(small)
+            run(tiny)
             for j in jobs:
                 run(j)
     for dest, scratch in staged:  # every read is verified: now fill the caller's tensors
         dest.copy_(scratch)
     return targets, replaced
 
+
+TINY_CHUNK_BYTES = 64 * 1024
+"""Chunks this small are read by the loading thread itself (see ``_read_all``)."""
 
 JOB_BYTES = 8 * 1024 * 1024
 """Reads handed to a reader thread at once: a future per tiny tensor costs more than it reads."""

@@ -276,8 +276,10 @@ def run_save(
                     version = DIGEST_VERSION
                 metadata = _assemble(state, results, save_id, block_size, checked, version)
                 payload = commit_checkpoint(writer, metadata)
-                # sent to the other ranks and back to the caller as the committed bytes
-                outcome = replace(metadata, entries=EncodedEntries(payload, metadata.entries))
+                # sent to the other ranks and back to the caller as the committed bytes;
+                # here already decoded, in the file's (sorted) order as elsewhere
+                entries = dict(sorted(metadata.entries.items()))
+                outcome = replace(metadata, entries=EncodedEntries(payload, entries))
             except Exception as exc:
                 local_error = exc
                 outcome = {0: f"{type(exc).__name__}: {exc} (while committing)"}

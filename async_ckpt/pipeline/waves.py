@@ -62,19 +62,29 @@ SMALL_TENSOR_BYTES = 64 * 1024
 """Tensors this small are written from one packed copy: a byte view per tensor
 costs more than copying its bytes (about 10 us each, 1 s at 100k tensors)."""
 
+MAX_PACKED_BYTES = 256 * 1024 * 1024
+"""The most bytes packed copies may add to a synchronous save's memory."""
+
 
 def memory_waves(state: LocalState, tensors: Sequence[torch.Tensor]) -> list[WaveData]:
     """The waves of a save straight from the caller's tensors (aligned with ``state.items``).
 
     Contiguous CPU tensors are written from their own memory, except small ones,
-    which are packed per dtype into one buffer by a single call; others are made
-    contiguous CPU copies first.
+    which are packed per dtype into one buffer by a single call (up to
+    :data:`MAX_PACKED_BYTES`); others are made contiguous CPU copies first.
     """
     sources: list[memoryview | None] = [None] * len(tensors)
     small: dict[torch.dtype, list[int]] = {}
+    packed = 0
     for n, t in enumerate(tensors):
-        if t.device.type == "cpu" and t.nbytes <= SMALL_TENSOR_BYTES and t.numel() > 0:
+        nbytes = t.nbytes
+        if (
+            t.device.type == "cpu"
+            and 0 < nbytes <= SMALL_TENSOR_BYTES
+            and packed + nbytes <= MAX_PACKED_BYTES
+        ):
             small.setdefault(t.dtype, []).append(n)
+            packed += nbytes
         else:
             sources[n] = tensor_bytes(_contiguous_cpu(t))
     for indices in small.values():

@@ -77,12 +77,14 @@ def plan_layout(
     return Layout(waves, largest, signature)
 
 
-def tied_items(layout: Layout) -> list[int]:
-    """The items that share their slot with another item of their wave."""
+def tied_items(layout: Layout, items: list[TensorItem]) -> list[int]:
+    """The items that share their slot with another item of their wave (an empty
+    item takes the next item's offset but shares nothing)."""
     tied: list[int] = []
     for indices, offsets in layout.waves:
-        counts = Counter(offsets)
-        tied += [n for n, off in zip(indices, offsets, strict=True) if counts[off] > 1]
+        real = [(n, off) for n, off in zip(indices, offsets, strict=True) if items[n].nbytes]
+        counts = Counter(off for _, off in real)
+        tied += [n for n, off in real if counts[off] > 1]
     return tied
 
 

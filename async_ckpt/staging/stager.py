@@ -216,7 +216,7 @@ class Stager:
         ):
             return last.layout
         layout = plan_layout(state.items, tensors)
-        tied = tied_items(layout)
+        tied = tied_items(layout, state.items)
         # the items are kept alive by the entry, so their ids cannot be reused meanwhile
         views = [storage_key(tensors[n]) for n in tied]
         self._last_layout = _LastLayout(list(state.items), tied, views, layout)
