@@ -209,9 +209,8 @@ def test_the_same_flat_dict_again_skips_the_walk_and_saves_current_values(tmp_pa
             for t in state.values():
                 t.add_(1.0)  # in place: same objects, new values
             ckpt.save(state, checkpoint_id=tmp_path / f"s{n}").result()
-        # the first save walks (and describes the detached aliases), the second walks
-        # and remembers, the third reuses
-        assert ckpt._shortcut.hits == 1
+        # the first save walks and remembers, the next two reuse
+        assert ckpt._shortcut.hits == 2
     for n in range(3):
         saved = _saved(tmp_path / f"s{n}")
         assert all(torch.equal(saved[k], state[k] - (2 - n)) for k in state)
@@ -242,7 +241,7 @@ def test_any_change_to_the_flat_dict_takes_the_full_walk(tmp_path, change):
         else:
             state["step"] = 7
         ckpt.save(state, checkpoint_id=tmp_path / "changed").result()
-        assert ckpt._shortcut.hits == 0
+        assert ckpt._shortcut.hits == 1  # the second warm-up save only
     saved = _saved(tmp_path / "changed")
     assert sorted(saved) == sorted(state)
     for key, value in state.items():

@@ -149,7 +149,10 @@ def describe(
                 raise
             item, local = _item(key, path, piece, kind is LeafKind.NDARRAY)
             state.items.append(item)
-            tensors.append(local.detach())
+            # With a cache (a stager copies, under no_grad) a plain tensor goes as itself,
+            # as on the known path above, so the next save can take the shortcut too;
+            # a synchronous save writes from .numpy(), which needs it detached.
+            tensors.append(leaf if local is leaf and cache is not None else local.detach())
             if local is leaf:  # plain tensors only: numpy leaves are rebuilt each time
                 fresh[key] = _Known.of(leaf, path, item)
             continue
