@@ -36,6 +36,7 @@ from typing import Any
 from ..dist.comm import Comm, GroupComm, LocalComm
 from ..dist.dir_transfer import Incoming, Outgoing, exchange
 from ..executor import AsyncCheckpointer, SaveFuture
+from ..gc_pause import gc_paused
 from ..pipeline.load import run_load
 from ..planning.keys import KeyCheck
 from ..staging import Stager, StagerOptions
@@ -300,9 +301,10 @@ class MemoryTier:
         try:
             reader = detect_reader(self.store.own_step(chosen))
             try:
-                run_load(
-                    state, reader, strict=strict, allow_lossy_cast=allow_lossy_cast, local=True
-                )
+                with gc_paused():  # as in async_ckpt.load: many entries, no cycles
+                    run_load(
+                        state, reader, strict=strict, allow_lossy_cast=allow_lossy_cast, local=True
+                    )
             finally:
                 reader.close()
         except Exception as exc:
