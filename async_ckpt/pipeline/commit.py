@@ -17,10 +17,11 @@ import logging
 import math
 import numbers
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from ..errors import CheckpointError, SaveFailedError
-from ..format.decode import decode_metadata, listed_files
+from ..format.decode import EncodedEntries, decode_metadata, listed_files
 from ..format.metadata import Metadata, encode_metadata
 from ..settings import env_seconds
 from ..storage.base import StorageWriter
@@ -114,21 +115,22 @@ def orphan_grace_s() -> float:
     return env_seconds("ASYNC_CKPT_ORPHAN_GRACE_S", ORPHAN_GRACE_S)
 
 
-def encode_checked(metadata: Metadata) -> bytes:
-    """The metadata's bytes, refused unless the reader would accept them.
+def encode_checked(metadata: Metadata) -> tuple[bytes, Metadata]:
+    """The metadata's bytes, refused unless the reader would accept them, and what the
+    reader decodes from them.
 
     Decoding with the reader's limits is the one check that cannot drift from
     what a load will do (size limit, number ranges, chunk geometry).
     """
     payload = encode_metadata(metadata)
     try:
-        decode_metadata(payload)
+        decoded = decode_metadata(payload)
     except CheckpointError as exc:
         raise SaveFailedError(
             f"refusing to commit {metadata.save_id}: a load would reject its metadata ({exc}). "
             "Nothing was committed; the previous checkpoint at this id is untouched."
         ) from exc
-    return payload
+    return payload, decoded
 
 
 def _files_of(payload: bytes | None) -> set[str]:
@@ -141,10 +143,14 @@ def _files_of(payload: bytes | None) -> set[str]:
         return set()  # damaged: we cannot tell what it owns, so the sweep decides later
 
 
-def commit_checkpoint(writer: StorageWriter, metadata: Metadata) -> bytes:
-    """Commit ``metadata`` through ``writer`` and delete only what the commit made stale;
-    returns the committed bytes."""
-    payload = encode_checked(metadata)
+def commit_checkpoint(writer: StorageWriter, metadata: Metadata) -> Metadata:
+    """Commit ``metadata`` through ``writer`` and delete only what the commit made stale.
+
+    Returns the committed metadata as a load reads it: its entries are the committed
+    bytes (decoded already here, by the check before the commit), so that the result
+    crosses processes as those bytes.
+    """
+    payload, decoded = encode_checked(metadata)
     grace = orphan_grace_s()
     missing = writer.missing_files(metadata.files)
     if missing:
@@ -164,4 +170,4 @@ def commit_checkpoint(writer: StorageWriter, metadata: Metadata) -> bytes:
         writer.sweep_orphans(metadata.files, grace)
     except Exception as exc:
         log.warning("checkpoint %s committed; removing old files failed: %s", metadata.save_id, exc)
-    return payload
+    return replace(metadata, entries=EncodedEntries(payload, decoded.entries))

@@ -11,13 +11,12 @@ import operator
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from ..dist.comm import Comm
 from ..errors import SaveFailedError, StateDictError
 from ..format.checksum import DEFAULT_BLOCK_SIZE
-from ..format.decode import EncodedEntries
 from ..format.metadata import (
     DIGEST_VERSION,
     FORMAT_VERSION,
@@ -275,11 +274,7 @@ def run_save(
                     checked.update(_incremental_extra(incremental, results))
                     version = DIGEST_VERSION
                 metadata = _assemble(state, results, save_id, block_size, checked, version)
-                payload = commit_checkpoint(writer, metadata)
-                # sent to the other ranks and back to the caller as the committed bytes;
-                # here already decoded, in the file's (sorted) order as elsewhere
-                entries = dict(sorted(metadata.entries.items()))
-                outcome = replace(metadata, entries=EncodedEntries(payload, entries))
+                outcome = commit_checkpoint(writer, metadata)
             except Exception as exc:
                 local_error = exc
                 outcome = {0: f"{type(exc).__name__}: {exc} (while committing)"}

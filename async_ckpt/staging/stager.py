@@ -442,12 +442,11 @@ class Stager:
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Copies for the wave's items whose tensors changed since this buffer's last copy."""
         seen, views = self._seen[wave.buffer], self._views[wave.buffer]
-        arena = snap.arenas[wave.buffer]
         items = snap.state.items
-        jobs = []
+        changed = []
         for n, off in zip(wave.items, wave.offsets, strict=True):
-            item, src = items[n], tensors[n]
-            if off in done_slots or item.nbytes == 0:
+            src = tensors[n]
+            if off in done_slots or items[n].nbytes == 0:
                 continue
             done_slots.add(off)
             # The storage itself (weakly) is part of the mark: a freed tensor's
@@ -459,11 +458,9 @@ class Stager:
             if last is not None and last[0] == mark and last[1]() is storage:
                 continue
             seen[n] = (mark, weakref.ref(storage))
-            dst = views.get(n)
-            if dst is None:
-                dst = _typed_view(views, arena, n, off, item, src)
-            jobs.append((dst, src))
-        return jobs
+            changed.append(n)
+        _add_views(views, snap.arenas[wave.buffer], wave, changed, items, tensors)
+        return [(views[n], tensors[n]) for n in changed]
 
     def _run_copies(
         self,
@@ -523,15 +520,6 @@ class _LastLayout:
     layout: Layout
 
 
-def _typed_view(
-    views: dict[int, torch.Tensor], arena: Arena, n: int, off: int, item: TensorItem, src: Any
-) -> torch.Tensor:
-    """Item ``n``'s slot in ``arena``, typed and shaped as its tensor; made at the first
-    stage of a layout, reused by later ones."""
-    view = views[n] = arena.view(off, item.nbytes).view(src.dtype).view(src.shape)
-    return view
-
-
 def _add_views(
     views: dict[int, torch.Tensor],
     arena: Arena,
@@ -542,8 +530,10 @@ def _add_views(
 ) -> None:
     """The slots of ``indices`` (items of ``wave``) that have no view yet get one, all
     made together; reused by later stages of the same layout."""
-    offsets = dict(zip(wave.items, wave.offsets, strict=True))
     new = [n for n in indices if n not in views]
+    if not new:
+        return
+    offsets = dict(zip(wave.items, wave.offsets, strict=True))
     slots = [(offsets[n], items[n].nbytes) for n in new]
     made = typed_views(arena.bytes, slots, [tensors[n] for n in new])
     views.update(zip(new, made, strict=True))
