@@ -11,7 +11,8 @@ from helpers import read_meta
 
 import async_ckpt
 from async_ckpt import AsyncCheckpointer, ChecksumMismatchError, MetadataError
-from async_ckpt.format.decode import EncodedEntries, decode_metadata
+from async_ckpt.format.decode import decode_metadata
+from async_ckpt.format.encoded import EncodedEntries
 from async_ckpt.format.names import METADATA_FILE
 from async_ckpt.pipeline import waves
 from async_ckpt.planning.read_plan import SMALL_CHUNK_BYTES

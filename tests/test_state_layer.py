@@ -140,12 +140,12 @@ def test_overlap_of_boxes():
 
 
 def test_read_jobs_take_the_files_in_turn_each_front_to_back():
-    from async_ckpt.pipeline.load import _jobs
+    from async_ckpt.pipeline.read_jobs import read_jobs
 
     groups = [
         [(None, _chunk((i,), (1 << 18,), name, i << 20))] for name in ("a", "b") for i in range(4)
     ]
-    jobs = _jobs(groups, threads=1)  # 1 MiB per group, 2 MiB per job: two jobs per file
+    jobs = read_jobs(groups, threads=1)  # 1 MiB per group, 2 MiB per job: two jobs per file
     files = [[c.file for g in job for _, c in g] for job in jobs]
     assert files == [["a", "a"], ["b", "b"], ["a", "a"], ["b", "b"]]
     offsets = [c.offset for job in jobs for g in job for _, c in g if c.file == "a"]

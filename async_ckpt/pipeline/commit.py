@@ -21,7 +21,8 @@ from dataclasses import replace
 from typing import Any
 
 from ..errors import CheckpointError, SaveFailedError
-from ..format.decode import EncodedEntries, decode_metadata, listed_files
+from ..format.decode import decode_metadata, listed_files
+from ..format.encoded import EncodedEntries
 from ..format.metadata import Metadata, encode_metadata
 from ..settings import env_seconds
 from ..storage.base import StorageWriter

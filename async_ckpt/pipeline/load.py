@@ -9,7 +9,6 @@ read, and of those only the rows needed, rounded out to checksum blocks.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +45,7 @@ from ..state.local_view import local_view
 from ..storage.base import StorageReader, checkpoint_metadata
 from .device_copy import DeviceCopies
 from .progress import byte_bar
+from .read_jobs import TINY_CHUNK_BYTES, WindowReader, read_jobs
 
 DEFAULT_READ_THREADS = 4
 
@@ -196,7 +196,7 @@ def _read_all(
 
     def run(job: list[list[tuple[Target, Chunk]]]) -> None:
         for group in job:
-            source = _WindowReader.fetch(reader, group) if len(group) > 1 else reader
+            source = WindowReader.fetch(reader, group) if len(group) > 1 else reader
             for t, c in group:
                 _read_chunk_part(source, t, c, meta, verify, copies)
             bar.update(sum(c.nbytes for _, c in group))  # tqdm serialises the threads' updates
@@ -207,7 +207,7 @@ def _read_all(
     tiny = [g for g in groups if max(c.nbytes for _, c in g) <= TINY_CHUNK_BYTES]
     rest = [g for g in groups if max(c.nbytes for _, c in g) > TINY_CHUNK_BYTES]
     with bar, _finishing(copies):
-        jobs = _jobs(rest, read_threads)
+        jobs = read_jobs(rest, read_threads)
         if read_threads > 1 and len(jobs) > 1:
             with ThreadPoolExecutor(read_threads, thread_name_prefix="async_ckpt-read") as pool:
                 futures = [pool.submit(run, j) for j in jobs]
@@ -227,37 +227,6 @@ def _read_all(
     return targets, replaced
 
 
-TINY_CHUNK_BYTES = 64 * 1024
-"""Chunks this small are read by the loading thread itself (see ``_read_all``)."""
-
-JOB_BYTES = 8 * 1024 * 1024
-"""Reads handed to a reader thread at once: a future per tiny tensor costs more than it reads."""
-
-
-def _jobs(
-    groups: list[list[tuple[Target, Chunk]]], threads: int
-) -> list[list[list[tuple[Target, Chunk]]]]:
-    """Consecutive read groups of one file packed into jobs of about :data:`JOB_BYTES`
-    (at least four jobs per thread where there are that many groups, to keep every
-    thread busy to the end), the files' jobs taken in turn: the threads then read
-    the files side by side, each front to back, as the kernel's read-ahead expects."""
-    total = sum(c.nbytes for g in groups for _, c in g)
-    size = max(1, min(JOB_BYTES, total // (4 * max(threads, 1))))
-    per_file: dict[str, list[list[list[tuple[Target, Chunk]]]]] = {}
-    job: list[list[tuple[Target, Chunk]]] = []
-    held = 0
-    for g in groups:
-        if job and (g[0][1].file != job[0][0][1].file or held >= size):
-            per_file.setdefault(job[0][0][1].file, []).append(job)
-            job, held = [], 0
-        job.append(g)
-        held += sum(c.nbytes for _, c in g)
-    if job:
-        per_file.setdefault(job[0][0][1].file, []).append(job)
-    turns = itertools.zip_longest(*per_file.values())
-    return [j for turn in turns for j in turn if j is not None]
-
-
 @contextlib.contextmanager
 def _finishing(copies: DeviceCopies) -> Iterator[None]:
     """Wait for the queued host-to-device copies, also when a read failed (their
@@ -266,30 +235,6 @@ def _finishing(copies: DeviceCopies) -> Iterator[None]:
         yield
     finally:
         copies.finish()
-
-
-class _WindowReader:
-    """Serves reads that fall inside one prefetched byte range of a data file."""
-
-    def __init__(self, reader: StorageReader, name: str, start: int, data: memoryview) -> None:
-        self.reader, self.name, self.start, self.data = reader, name, start, data
-        self.checkpoint_id = reader.checkpoint_id
-
-    @classmethod
-    def fetch(cls, reader: StorageReader, group: list[tuple[Target, Chunk]]) -> _WindowReader:
-        first, last = group[0][1], group[-1][1]
-        buf = torch.empty(last.offset + last.nbytes - first.offset, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
-        reader.read_into(first.file, first.offset, view)
-        return cls(reader, first.file, first.offset, view)
-
-    def read_into(self, name: str, offset: int, dest: memoryview) -> None:
-        view = dest.cast("B") if dest.format != "B" else dest
-        lo = offset - self.start
-        if name != self.name or lo < 0 or lo + len(view) > len(self.data):
-            self.reader.read_into(name, offset, dest)
-            return
-        view[:] = self.data[lo : lo + len(view)]
 
 
 def _raise_if_replaced(reader: StorageReader, meta: Metadata, exc: Exception) -> None:
