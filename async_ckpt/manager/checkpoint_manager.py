@@ -26,18 +26,17 @@ from typing import Any, Literal
 from ..api import load
 from ..errors import CheckpointError, CheckpointNotFoundError
 from ..executor import AsyncCheckpointer, SaveFuture
-from ..pipeline.commit import check_extra
 from ..planning.keys import KeyCheck
 from ..storage.detect import detect_reader, detect_writer
 from .memory_restore import RestoreInfo
 from .memory_store import default_memory_root
 from .memory_tier import MemoryTier
+from .metrics import StepMetrics
 from .options import check_memory, check_metric, check_step, env_ranks_per_node, grace, positive
 from .preemption import RankAgreement, SignalWatcher, preemption_signals, signal_name
 from .retention import (
     best_steps,
     in_flight,
-    metric_value,
     remove_incomplete,
     steps_to_keep,
     writing,
@@ -167,6 +166,7 @@ class CheckpointManager:
         self.storage_options = storage_options
         self.store = StepStore(root, storage_options)
         self.root = self.store.root
+        self._metrics = StepMetrics(self.store, self.metric, self.mode, self.keep_best)
         if checkpointer is None:
             checkpointer = AsyncCheckpointer(
                 executor=executor,
@@ -214,9 +214,6 @@ class CheckpointManager:
         self._last_step: int | None = None  # saved or restored last: maybe_save skips it
         self._newest_saved: int | None = None  # committed last by this manager: kept
         self._closed = False
-        # Metrics of committed steps (None: it has none), read from their metadata once.
-        self._metrics: dict[int, dict[str, Any] | None] = {}
-        self._warned_no_metric = False
         self._watcher = watcher
         self._agreement: RankAgreement | None = None
         self._preempted_step: int | None = None
@@ -265,7 +262,7 @@ class CheckpointManager:
         check_step(step)
         with self._lock:
             try:
-                return self._metrics_of(step)
+                return self._metrics.of(step)
             except CheckpointError:
                 if step not in self.store.committed():
                     return None
@@ -282,36 +279,8 @@ class CheckpointManager:
             )
         committed = self.store.committed()
         with self._lock:
-            values, _ = self._metric_values(committed)
-        best = best_steps(values, 1, self.mode)
+            best = self._metrics.best(committed, 1)
         return best[0] if best else None
-
-    def _metrics_of(self, step: int) -> dict[str, Any] | None:
-        """``step``'s metrics, from memory or its metadata (call with the lock held).
-
-        Raises when the metadata cannot be read; a failure is not remembered.
-        """
-        if step not in self._metrics:
-            self._metrics[step] = self.store.metrics(step)
-        return self._metrics[step]
-
-    def _metric_values(self, committed: list[int]) -> tuple[dict[int, float], set[int]]:
-        """``metric`` of each committed step that has it, and the steps whose metadata
-        could not be read (call with the lock held)."""
-        assert self.metric is not None
-        values, unknown = {}, set()
-        for step in committed:
-            try:
-                value = metric_value(self._metrics_of(step), self.metric)
-            except Exception as exc:  # damaged, vanished, or the storage failed: unknown
-                log.warning(
-                    "could not read the metrics of %s: %s", self.store.checkpoint_id(step), exc
-                )
-                unknown.add(step)
-                continue
-            if value is not None:
-                values[step] = value
-        return values, unknown
 
     # ---------------------------------------------------------------- preemption
     @property
@@ -435,7 +404,7 @@ class CheckpointManager:
         """
         self._check_open()
         step = check_step(step)
-        extra = self._metrics_extra(step, metrics)
+        extra = self._metrics.extra(step, metrics)
         self._collect(None)
         self._retain_logged()
         self._warn_if_rewound(step)
@@ -473,34 +442,6 @@ class CheckpointManager:
             newest = committed[-1] if committed else None
         return None if newest is None else self.store.checkpoint_id(newest)
 
-    def _metrics_extra(self, step: int, metrics: Mapping[str, Any] | None) -> dict[str, Any] | None:
-        """The ``extra`` that stores ``metrics``; CheckpointError if they cannot be stored."""
-        if metrics is None:
-            checked = None
-        elif not isinstance(metrics, Mapping):
-            raise CheckpointError(f"metrics must be a dict, not {type(metrics).__qualname__}")
-        else:
-            checked = check_extra({"metrics": metrics})["metrics"]
-        if self.metric is None:
-            return None if checked is None else {"metrics": checked}
-        if checked is not None and self.metric in checked:
-            if metric_value(checked, self.metric) is None:
-                raise CheckpointError(
-                    f"metrics[{self.metric!r}] is {checked[self.metric]!r}: the metric "
-                    "checkpoints are ranked by must be a number"
-                )
-        elif self.keep_best is not None and not self._warned_no_metric:
-            self._warned_no_metric = True
-            log.warning(
-                "step %d is saved without metric %r, so it is never among the keep_best=%d "
-                "best; pass metrics={%r: ...} to save/maybe_save (warned once)",
-                step,
-                self.metric,
-                self.keep_best,
-                self.metric,
-            )
-        return None if checked is None else {"metrics": checked}
-
     def _warn_if_rewound(self, step: int) -> None:
         if self.rank != 0 or step == self._last_step:
             return
@@ -529,7 +470,7 @@ class CheckpointManager:
         metrics = extra.get("metrics")  # rank 0's, on every rank
         with self._lock:
             self._newest_saved = step
-            self._metrics[step] = metrics if isinstance(metrics, dict) else None
+            self._metrics.remember(step, metrics)
 
     def _collect(self, timeout: float | None) -> None:
         """Wait for the pending save; raise its error (not a cancellation) once."""
@@ -586,7 +527,7 @@ class CheckpointManager:
                 return []
             best: list[int] = []
             if self.keep_best is not None:
-                values, unknown = self._metric_values(committed)
+                values, unknown = self._metrics.values(committed)
                 # a step whose metric could not be read might be among the best: kept
                 best = best_steps(values, self.keep_best, self.mode) + sorted(unknown)
             keep = steps_to_keep(
@@ -598,7 +539,7 @@ class CheckpointManager:
                 if step in keep or self.store.identity(step) in busy:
                     continue
                 self.store.remove(step)
-                self._metrics.pop(step, None)
+                self._metrics.forget(step)
                 removed.append(step)
                 log.info(
                     "removed checkpoint %s (keep_last=%s, keep_every=%s, keep_best=%s)",

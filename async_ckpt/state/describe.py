@@ -17,6 +17,7 @@ from ..format.dtypes import dtype_name
 from ..format.objects import dumps_object, encode_plain
 from .flatten import Flat, KeyPath
 from .leaves import (
+    PLAIN_TENSORS,
     LeafKind,
     Piece,
     global_dtype_and_shape,
@@ -26,8 +27,6 @@ from .leaves import (
     tensor_pieces,
 )
 from .model import LocalState, ObjectItem, TensorItem, TensorStub
-
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 @dataclass(slots=True)
@@ -111,7 +110,7 @@ def describe(
     items, paths = state.items, flat.paths
     for key, leaf in flat.leaves.items():
         path = paths[key]
-        if type(leaf) in _PLAIN_TENSORS:
+        if type(leaf) in PLAIN_TENSORS:
             # DescribeCache.get, inlined: this loop is the caller's cost per tensor.
             known = known_before.get(key)
             if (
@@ -201,7 +200,7 @@ def _dtype_name(key: str, dtype: torch.dtype) -> str:
 def _checked_local(key: str, local: torch.Tensor) -> torch.Tensor:
     """A tensor's data as saved: refuse what has no bytes to save, resolve lazy views."""
     if (
-        type(local) not in _PLAIN_TENSORS  # a subclass: stored if it only adds methods
+        type(local) not in PLAIN_TENSORS  # a subclass: stored if it only adds methods
         or local.layout != torch.strided
         or local.is_nested
         or local.is_quantized

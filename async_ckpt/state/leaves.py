@@ -55,7 +55,7 @@ class LeafKind(enum.Enum):
 
 _TENSOR_KINDS = frozenset({LeafKind.TENSOR, LeafKind.DTENSOR, LeafKind.SHARDED, LeafKind.NDARRAY})
 # Checked by type identity first: most leaves of a state are plain tensors.
-_PLAIN_TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})
+PLAIN_TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})
 _PLAIN_DISPATCH = torch.Tensor.__torch_dispatch__
 _SHARDED_API = "torch.distributed._shard.sharded_tensor.api"
 
@@ -81,7 +81,7 @@ def is_numeric_ndarray(value: Any) -> bool:
 
 def leaf_kind(leaf: Any) -> LeafKind:
     """Which kind ``leaf`` is (see the module docstring)."""
-    if type(leaf) in _PLAIN_TENSORS:
+    if type(leaf) in PLAIN_TENSORS:
         return LeafKind.TENSOR
     if is_dtensor(leaf):
         return LeafKind.DTENSOR
@@ -110,7 +110,7 @@ def refusal(tensor: torch.Tensor) -> str | None:
     """Why the bytes of ``tensor`` (a plain leaf or a local piece) cannot be stored; None if
     they can. The meta device is not judged here: saves and loads treat it differently."""
     cls = type(tensor)
-    if cls not in _PLAIN_TENSORS and overrides_dispatch(cls):
+    if cls not in PLAIN_TENSORS and overrides_dispatch(cls):
         return (
             f"it is a {type_name(tensor)}, a tensor subclass that overrides "
             "__torch_dispatch__, whose bytes async_ckpt cannot store (plain tensors, DTensor "
@@ -184,7 +184,7 @@ def dtensor_pieces(key: str, dtensor: Any, action: str) -> list[Piece]:
     if outside_mesh(dtensor):
         return []
     local = dtensor.to_local()
-    if type(local) in _PLAIN_TENSORS or not overrides_dispatch(type(local)):
+    if type(local) in PLAIN_TENSORS or not overrides_dispatch(type(local)):
         return [dtensor_piece(dtensor, local)]
     if not is_shards_wrapper(local):
         raise StateDictError(
@@ -254,7 +254,7 @@ def tensor_pieces(key: str, leaf: Any, kind: LeafKind, *, for_load: bool = False
         return sharded_pieces(leaf)
     if kind is LeafKind.DTENSOR:
         return dtensor_pieces(key, leaf, action)
-    if kind is LeafKind.TENSOR and (type(leaf) not in _PLAIN_TENSORS or leaf.is_nested):
+    if kind is LeafKind.TENSOR and (type(leaf) not in PLAIN_TENSORS or leaf.is_nested):
         refuse(key, leaf, action)  # before its shape is asked: a nested tensor has none
     piece = tensor_piece(leaf, kind, for_load=for_load)
     return [] if piece is None else [piece]
