@@ -114,3 +114,51 @@ def test_checkpoints_still_verify(tmp_path, executor):
     data.write_bytes(bytes(raw))
     with pytest.raises(ac.CheckpointError, match="checksum mismatch"):
         ac.load(target, checkpoint_id=tmp_path / "c", no_dist=True)
+
+
+@pytest.fixture
+def exiting_interpreter():
+    """What interpreter exit does to thread pools before it waits for running threads:
+    ``ThreadPoolExecutor.submit`` refuses new work from then on."""
+    import concurrent.futures.thread as pool_module
+
+    def exiting(now: bool) -> None:
+        pool_module._shutdown = now
+
+    yield exiting
+    pool_module._shutdown = False
+
+
+@pytest.mark.parametrize("tensors", [1, 6])  # one data file, and several written in parallel
+def test_a_save_in_flight_at_interpreter_exit_still_commits(tmp_path, exiting_interpreter, tensors):
+    """``AsyncCheckpointer`` waits for a save in flight at exit; the thread executor's save
+    runs on then, after thread pools refuse work, and must still commit."""
+
+    class ExitDuringSave(FileSystemWriter):
+        def prepare(self, *, coordinator):
+            super().prepare(coordinator=coordinator)
+            exiting_interpreter(True)
+
+    state = {f"w{i}": torch.randn(64, 64) for i in range(tensors)}
+    with ac.AsyncCheckpointer(executor="thread", no_dist=True) as ck:
+        future = ck.save(state, storage_writer=ExitDuringSave(tmp_path / "c"))
+        future.result()
+        exiting_interpreter(False)
+    target = {k: torch.zeros_like(v) for k, v in state.items()}
+    ac.load(target, checkpoint_id=tmp_path / "c", no_dist=True)
+    assert all(torch.equal(target[k], state[k]) for k in state)
+
+
+def test_a_file_written_before_its_checksums_failed_is_left_to_the_caller(tmp_path, monkeypatch):
+    """The caller deletes the files it is told of after a failure: a written file is one."""
+    writer = FileSystemWriter(tmp_path / "ckpt")
+    writer.prepare(coordinator=True)
+
+    def broken(data, block_size):
+        raise MemoryError("injected checksum failure")
+
+    monkeypatch.setattr(write_mod, "block_checksums", broken)
+    files: dict[str, int] = {}
+    with pytest.raises(MemoryError, match="injected"):
+        write_rank_files(writer, _segments(2), 0, "s", 1, 4096, files)
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == list(files)

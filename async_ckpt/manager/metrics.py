@@ -18,7 +18,8 @@ log = logging.getLogger("async_ckpt")
 class StepMetrics:
     """Each committed step's metrics (None: saved without), and the ranking by ``metric``.
 
-    Not thread-safe: the manager calls it with its lock held.
+    Not thread-safe: the manager serialises its calls (under its lock, or from the
+    training thread for :meth:`extra`).
     """
 
     def __init__(

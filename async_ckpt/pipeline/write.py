@@ -3,19 +3,28 @@
 Each file's segments are checksummed here, once, while the storage writer
 stores them: a backend only moves bytes, and a retried write stores the same
 bytes the checksums describe (the bytes stay unchanged until the save ends).
-Checksumming a file before writing it kept the disk idle meanwhile. One thread
-checksums all of a save's files, in file order, while they are written: it keeps
-up with the disk (CRC-32C runs at 8-11 GB/s on one core), and with one thread per
-file the checksums competed with the writes' own copies for the cores. Sync save
-of 1 GiB, interleaved, 10 rounds: one checksum thread 1.01x the best write floor,
-four 1.10-1.14x, none at all 0.95x (docs/performance.md).
+
+Checksumming each file before writing it kept the disk idle meanwhile. A few
+checksum threads (one per four cores) now take the files as the writers hand
+them over: CRC-32C runs at 8-11 GB/s on one core, ahead of the disk, and one
+checksum thread per file competed with the writes' own copies for the cores.
+Sync save of 1 GiB on 2 cores, interleaved, 10 rounds: one checksum thread
+1.01x the best write floor, four 1.10-1.14x, none at all 0.95x
+(docs/performance.md, "Checksums beside the writes").
+
+Plain threads, not thread pools: at interpreter exit a ``ThreadPoolExecutor``
+refuses new work, and a thread-executor save still in flight then must still
+commit (``AsyncCheckpointer`` waits for it at exit).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_for
+import os
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from functools import partial
 from typing import NamedTuple
 
 from ..format.checksum import block_checksums
@@ -67,6 +76,73 @@ def split_files(sizes: Sequence[int], n_files: int) -> list[list[int]]:
     return [sorted(b, key=lambda i: (sizes[i] % _PAGE != 0, i)) for b in bins if b]
 
 
+CHECKSUM_THREADS = max(1, (os.cpu_count() or 1) // 4)
+"""Threads that checksum a save's files while they are written (see the module docstring)."""
+
+
+class _Checksummer:
+    """Threads that compute files' segment records while the files are written.
+
+    Leaving the ``with`` block waits for every checksum handed over, so that no
+    thread still reads the save's buffers once the write function returns.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._run, name="async_ckpt-checksum", daemon=True)
+            for _ in range(threads)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, content: list[memoryview], block_size: int) -> Future:
+        done: Future = Future()
+        self._jobs.put((done, content, block_size))
+        return done
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            done, content, block_size = job
+            try:
+                done.set_result(segment_records(content, block_size))
+            except BaseException as exc:
+                done.set_exception(exc)
+            del job, done, content  # the buffers' views go with the job
+
+    def __enter__(self) -> _Checksummer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            t.join()
+
+
+def run_in_threads(calls: Sequence[Callable[[], None]], name: str) -> None:
+    """Run each call on a thread of its own; once all have ended, raise the first error."""
+    errors: list[BaseException | None] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        try:
+            calls[i]()
+        except BaseException as exc:
+            errors[i] = exc
+
+    threads = [
+        threading.Thread(target=run, args=(i,), name=f"{name}-{i}", daemon=True)
+        for i in range(len(calls))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for error in errors:
+        if error is not None:
+            raise error
+
+
 def _file_index(name: str) -> int:
     match = DATA_FILE.match(name)
     return int(match["index"]) if match else -1
@@ -99,7 +175,7 @@ def write_rank_files(
     # after the files of earlier waves (an incremental wave may leave numbers unused)
     first = 1 + max((_file_index(name) for name in files), default=-1)
 
-    def write_one(index: int, members: list[int], checksummer: ThreadPoolExecutor) -> None:
+    def write_one(index: int, members: list[int], checksummer: _Checksummer) -> None:
         digests = {m: content_digest(segments[m]) for m in members} if places else {}
         if base is not None and places:
             members = [m for m in members if not _shared(m, digests[m])]
@@ -107,15 +183,11 @@ def write_rank_files(
             return
         name = data_file_name(save_id, rank, first + index)
         content = [segments[m] for m in members]
-        pending: Future = checksummer.submit(segment_records, content, block_size)
-        try:
-            write_with_retry(writer, name, content)
-        finally:  # never leave a thread reading buffers the save may hand back
-            wait_for([pending])
-        records = pending.result()
-        for m, rec in zip(members, records, strict=True):
+        checksums = checksummer.submit(content, block_size)
+        write_with_retry(writer, name, content)
+        files[name] = sum(segments[m].nbytes for m in members)  # written: the caller owns it
+        for m, rec in zip(members, checksums.result(), strict=True):
             placed[m] = (name, rec._replace(digest=digests[m]) if digests else rec)
-        files[name] = sum(segments[m].nbytes for m in members)
 
     def _shared(m: int, digest: str) -> bool:
         assert base is not None and places is not None
@@ -132,12 +204,10 @@ def write_rank_files(
 
     if not groups:
         return placed
-    with ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-checksum") as checksummer:
-        if len(groups) == 1:
-            write_one(0, groups[0], checksummer)
+    with _Checksummer(min(CHECKSUM_THREADS, len(groups))) as checksummer:
+        calls = [partial(write_one, i, g, checksummer) for i, g in enumerate(groups)]
+        if len(calls) == 1:
+            calls[0]()
         else:
-            with ThreadPoolExecutor(len(groups), thread_name_prefix="async_ckpt-write") as pool:
-                futures = [pool.submit(write_one, i, g, checksummer) for i, g in enumerate(groups)]
-                for f in futures:
-                    f.result()
+            run_in_threads(calls, "async_ckpt-write")
     return placed

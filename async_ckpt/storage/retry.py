@@ -7,8 +7,8 @@ retried here when it fails with a *transient* error, with exponential backoff
 and a bounded number of attempts; every other error fails the save at once.
 
 Why a retry is safe: ``write_file`` writes a whole file from bytes that stay
-put in memory (the staging arena or the caller's tensors), the same bytes the
-pipeline checksummed once before the first attempt, so a second attempt
+put in memory (the staging arena or the caller's tensors) until the save ends,
+the same bytes the pipeline checksums once, beside the first attempt, so a second attempt
 rewrites every byte from the start (local files are opened with ``O_TRUNC``;
 object stores replace the object). A failed attempt's partial file is removed before the next attempt and
 after the last one, so a failed write leaves nothing of itself behind.
