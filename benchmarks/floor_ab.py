@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", type=Path, default=Path(".bench-tmp"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     nbytes = parse_size(args.size)
     args.dir.mkdir(exist_ok=True)
     root = Path(tempfile.mkdtemp(dir=args.dir))

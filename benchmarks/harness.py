@@ -207,9 +207,9 @@ def bench_size(
     for r in range(args.repeats):
         # The order rotates each run: with a fixed order the slot itself moved the
         # figures (a write right after a removal ran faster; see benchmarks/README.md).
-        names = list(active)
-        k = r % len(names) if names else 0
-        for name in names[k:] + names[:k]:
+        order = list(active)
+        k = r % len(order) if order else 0
+        for name in order[k:] + order[:k]:
             m = active[name]
             path = root / f"{name}.r{r}"
             try:

@@ -162,3 +162,58 @@ def test_a_file_written_before_its_checksums_failed_is_left_to_the_caller(tmp_pa
     with pytest.raises(MemoryError, match="injected"):
         write_rank_files(writer, _segments(2), 0, "s", 1, 4096, files)
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == list(files)
+
+
+def test_an_interrupt_while_waiting_for_the_writers_still_waits_for_them():
+    """Ctrl-C during a synchronous save: the writer threads read the caller's tensors,
+    so the wait goes on until they end, and the interrupt is raised after."""
+
+    class InterruptedOnce:
+        joins = 0
+
+        def join(self):
+            self.joins += 1
+            if self.joins == 1:
+                raise KeyboardInterrupt
+
+    threads = [InterruptedOnce(), InterruptedOnce()]
+    with pytest.raises(KeyboardInterrupt):
+        write_mod.join_all(threads)
+    assert [t.joins for t in threads] == [2, 2]  # each interrupted once, then waited for
+
+
+def test_a_writer_thread_that_cannot_start_leaves_none_running(monkeypatch):
+    started = threading.Event()
+    release = threading.Event()
+    returned = threading.Event()
+    real_start = threading.Thread.start
+    count = 0
+
+    def second_start_fails(self):
+        nonlocal count
+        count += 1
+        if count == 2:
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    def first():
+        started.set()
+        release.wait(WAIT_S)
+
+    monkeypatch.setattr(threading.Thread, "start", second_start_fails)
+    outcome: list[BaseException] = []
+
+    def call():
+        try:
+            write_mod.run_in_threads([first, lambda: None], "test")
+        except BaseException as exc:
+            outcome.append(exc)
+        returned.set()
+
+    caller = threading.Thread(target=call)
+    real_start(caller)
+    assert started.wait(WAIT_S)
+    assert not returned.wait(0.2)  # still waiting for the first writer
+    release.set()
+    assert returned.wait(WAIT_S)
+    assert outcome and "can't start new thread" in str(outcome[0])

@@ -13,8 +13,8 @@ Sync save of 1 GiB on 2 cores, interleaved, 10 rounds: one checksum thread
 (docs/performance.md, "Checksums beside the writes").
 
 Plain threads, not thread pools: at interpreter exit a ``ThreadPoolExecutor``
-refuses new work, and a thread-executor save still in flight then must still
-commit (``AsyncCheckpointer`` waits for it at exit).
+refuses new work before Python waits for the threads still running, so the
+writes of a thread-executor save in flight then would fail.
 """
 
 from __future__ import annotations
@@ -76,7 +76,14 @@ def split_files(sizes: Sequence[int], n_files: int) -> list[list[int]]:
     return [sorted(b, key=lambda i: (sizes[i] % _PAGE != 0, i)) for b in bins if b]
 
 
-CHECKSUM_THREADS = max(1, (os.cpu_count() or 1) // 4)
+def _usable_cores() -> int:
+    """The cores this process may run on (a container's share, not the host's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+CHECKSUM_THREADS = max(1, _usable_cores() // 4)
 """Threads that checksum a save's files while they are written (see the module docstring)."""
 
 
@@ -89,12 +96,15 @@ class _Checksummer:
 
     def __init__(self, threads: int) -> None:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=self._run, name="async_ckpt-checksum", daemon=True)
-            for _ in range(threads)
-        ]
-        for t in self._threads:
-            t.start()
+        self._threads: list[threading.Thread] = []
+        try:
+            for _ in range(threads):
+                t = threading.Thread(target=self._run, name="async_ckpt-checksum", daemon=True)
+                t.start()
+                self._threads.append(t)
+        except BaseException:
+            self.__exit__()  # the ones started end
+            raise
 
     def submit(self, content: list[memoryview], block_size: int) -> Future:
         done: Future = Future()
@@ -116,12 +126,27 @@ class _Checksummer:
     def __exit__(self, *exc: object) -> None:
         for _ in self._threads:
             self._jobs.put(None)
-        for t in self._threads:
-            t.join()
+        join_all(self._threads)
+
+
+def join_all(threads: Sequence[threading.Thread]) -> None:
+    """Wait for every thread to end, even through an interrupt (re-raised after): they
+    read the save's buffers, which the caller may free as soon as this returns."""
+    interrupted: BaseException | None = None
+    for t in threads:
+        while True:
+            try:
+                t.join()
+                break
+            except BaseException as exc:  # Ctrl-C in a synchronous save: wait, then raise
+                interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
 
 
 def run_in_threads(calls: Sequence[Callable[[], None]], name: str) -> None:
-    """Run each call on a thread of its own; once all have ended, raise the first error."""
+    """Run each call on a thread of its own; once all have ended, raise the error of the
+    lowest-numbered call that failed."""
     errors: list[BaseException | None] = [None] * len(calls)
 
     def run(i: int) -> None:
@@ -130,14 +155,14 @@ def run_in_threads(calls: Sequence[Callable[[], None]], name: str) -> None:
         except BaseException as exc:
             errors[i] = exc
 
-    threads = [
-        threading.Thread(target=run, args=(i,), name=f"{name}-{i}", daemon=True)
-        for i in range(len(calls))
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    started: list[threading.Thread] = []
+    try:
+        for i in range(len(calls)):
+            t = threading.Thread(target=run, args=(i,), name=f"{name}-{i}", daemon=True)
+            t.start()
+            started.append(t)
+    finally:
+        join_all(started)
     for error in errors:
         if error is not None:
             raise error
