@@ -217,3 +217,25 @@ def test_a_writer_thread_that_cannot_start_leaves_none_running(monkeypatch):
     release.set()
     assert returned.wait(WAIT_S)
     assert outcome and "can't start new thread" in str(outcome[0])
+
+
+def test_waves_staged_after_exit_began_are_still_copied(tmp_path, exiting_interpreter):
+    """With a memory budget and async staging, later waves are copied on the staging
+    thread while the save runs; at exit the stager's copy pool refuses work too."""
+
+    class ExitDuringSave(FileSystemWriter):
+        def prepare(self, *, coordinator):
+            super().prepare(coordinator=coordinator)
+            exiting_interpreter(True)
+
+    # 8 x 8 MiB in waves of 16 MiB, two buffers: waves 2.. are copied once earlier
+    # ones are written, after the exit began
+    state = {f"w{i}": torch.randn(2 << 20) for i in range(8)}
+    stager = ac.Stager(async_staging=True, max_staging_bytes="32MiB", num_buffers=2, copy_threads=2)
+    with ac.AsyncCheckpointer(executor="thread", no_dist=True, stager=stager) as ck:
+        future = ck.save(state, storage_writer=ExitDuringSave(tmp_path / "c"))
+        future.result()
+        exiting_interpreter(False)
+    target = {k: torch.zeros_like(v) for k, v in state.items()}
+    ac.load(target, checkpoint_id=tmp_path / "c", no_dist=True)
+    assert all(torch.equal(target[k], state[k]) for k in state)

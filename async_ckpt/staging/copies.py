@@ -94,5 +94,13 @@ def copy_cpu(jobs: list[Job], total: int, threads: int, pool: ThreadPoolExecutor
         with torch.no_grad():
             copy_all(b)
 
-    for f in [pool.submit(run, b) for b in bins if b]:
+    pending = []
+    for b in bins:
+        if not b:
+            continue
+        try:
+            pending.append(pool.submit(run, b))
+        except RuntimeError:  # interpreter exit: pools take no new work; a save in
+            run(b)  # flight then (AsyncCheckpointer waits for it) copies here instead
+    for f in pending:
         f.result()
