@@ -12,9 +12,10 @@ takes each slot equally often.
 
 Variants, all writing the same ~``--size`` state of 304 tensors:
 
-* ``raw4``, ``raw8``: the floors of ``benchmarks.floors`` (N files written
-  from N threads straight from tensor memory, each fsynced, then the
-  directory);
+* ``raw4``, ``raw8``: the buffered N-stream floors of ``benchmarks.floors``
+  (``StreamWriteFloor``: N files written from N threads straight from tensor
+  memory, each fsynced, then the directory), the same code as in
+  ``benchmarks.run``;
 * ``sync``: ``async_ckpt.save``;
 * ``async``: ``AsyncCheckpointer(executor="process")``, call to commit
   (staging included).
@@ -40,38 +41,11 @@ import torch
 
 import async_ckpt
 from async_ckpt import AsyncCheckpointer
-from benchmarks.floors import stream_segments
-from benchmarks.limits import fsync_dir
+from benchmarks.base import BenchContext
+from benchmarks.floors import StreamWriteFloor
 from benchmarks.sizes import parse_size
 
 TENSORS = 304
-
-
-def _raw_writer(tensors: list[torch.Tensor], streams: int) -> Callable[[Path], None]:
-    from concurrent.futures import ThreadPoolExecutor
-
-    segments = stream_segments([t.nbytes for t in tensors], streams)
-    u8 = [t.reshape(-1).view(torch.uint8) for t in tensors]
-
-    def write(path: Path) -> None:
-        path.mkdir()
-
-        def one(i: int) -> None:
-            fd = os.open(path / f"f{i}", os.O_WRONLY | os.O_CREAT, 0o644)
-            try:
-                for idx, lo, hi in segments[i]:
-                    view = memoryview(u8[idx][lo:hi].numpy())
-                    while view:
-                        view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-        with ThreadPoolExecutor(streams) as pool:
-            list(pool.map(one, range(streams)))
-        fsync_dir(path)
-
-    return write
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,13 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     state = {f"layer{i}.w": torch.randn(per_tensor) for i in range(TENSORS)}
     tensors = list(state.values())
     load_start = os.getloadavg()
+    ctx = BenchContext(root, state, sum(t.nbytes for t in tensors))
+    floors = {streams: StreamWriteFloor(streams) for streams in (4, 8)}
+    for floor in floors.values():
+        floor.setup(ctx)
     ckpt = AsyncCheckpointer(executor="process", no_dist=True)
     try:
         ckpt.save(state, checkpoint_id=root / "warm").result()  # worker and arena made
         shutil.rmtree(root / "warm")
         variants: dict[str, Callable[[Path], object]] = {
-            "raw4": _raw_writer(tensors, 4),
-            "raw8": _raw_writer(tensors, 8),
+            "raw4": lambda path: floors[4].save(state, path),
+            "raw8": lambda path: floors[8].save(state, path),
             "sync": lambda path: async_ckpt.save(state, checkpoint_id=path, no_dist=True),
             "async": lambda path: ckpt.save(state, checkpoint_id=path).result(),
         }
@@ -114,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {r}: " + " ".join(f"{n} {times[n][-1]:.3f}" for n in names), flush=True)
     finally:
         ckpt.close()
+        for floor in floors.values():
+            floor.teardown()
         shutil.rmtree(root, ignore_errors=True)
     medians = {n: statistics.median(v) for n, v in times.items()}
     best = min(medians["raw4"], medians["raw8"])
@@ -124,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     record = {
         "size": args.size,
-        "nbytes": sum(t.nbytes for t in tensors),
+        "nbytes": ctx.nbytes,
         "rounds": args.rounds,
         "async_ckpt": async_ckpt.__file__,
         "load_average_start": load_start,

@@ -116,37 +116,44 @@ def test_checkpoints_still_verify(tmp_path, executor):
         ac.load(target, checkpoint_id=tmp_path / "c", no_dist=True)
 
 
-@pytest.fixture
-def exiting_interpreter():
+def _pools_refuse_work(now: bool) -> None:
     """What interpreter exit does to thread pools before it waits for running threads:
     ``ThreadPoolExecutor.submit`` refuses new work from then on."""
     import concurrent.futures.thread as pool_module
 
-    def exiting(now: bool) -> None:
-        pool_module._shutdown = now
+    pool_module._shutdown = now
 
-    yield exiting
-    pool_module._shutdown = False
+
+@pytest.fixture
+def exiting_interpreter():
+    yield _pools_refuse_work
+    _pools_refuse_work(False)
+
+
+class _ExitDuringSave(FileSystemWriter):
+    """A writer whose save goes on after the interpreter's exit began."""
+
+    def prepare(self, *, coordinator):
+        super().prepare(coordinator=coordinator)
+        _pools_refuse_work(True)
+
+
+def _save_while_exiting(path, state, stager=None) -> None:
+    """A thread-executor save during which exit begins; it must commit what loads back."""
+    with ac.AsyncCheckpointer(executor="thread", no_dist=True, stager=stager) as ck:
+        future = ck.save(state, storage_writer=_ExitDuringSave(path))
+        future.result()
+        _pools_refuse_work(False)
+    target = {k: torch.zeros_like(v) for k, v in state.items()}
+    ac.load(target, checkpoint_id=path, no_dist=True)
+    assert all(torch.equal(target[k], state[k]) for k in state)
 
 
 @pytest.mark.parametrize("tensors", [1, 6])  # one data file, and several written in parallel
 def test_a_save_in_flight_at_interpreter_exit_still_commits(tmp_path, exiting_interpreter, tensors):
     """``AsyncCheckpointer`` waits for a save in flight at exit; the thread executor's save
     runs on then, after thread pools refuse work, and must still commit."""
-
-    class ExitDuringSave(FileSystemWriter):
-        def prepare(self, *, coordinator):
-            super().prepare(coordinator=coordinator)
-            exiting_interpreter(True)
-
-    state = {f"w{i}": torch.randn(64, 64) for i in range(tensors)}
-    with ac.AsyncCheckpointer(executor="thread", no_dist=True) as ck:
-        future = ck.save(state, storage_writer=ExitDuringSave(tmp_path / "c"))
-        future.result()
-        exiting_interpreter(False)
-    target = {k: torch.zeros_like(v) for k, v in state.items()}
-    ac.load(target, checkpoint_id=tmp_path / "c", no_dist=True)
-    assert all(torch.equal(target[k], state[k]) for k in state)
+    _save_while_exiting(tmp_path / "c", {f"w{i}": torch.randn(64, 64) for i in range(tensors)})
 
 
 def test_a_file_written_before_its_checksums_failed_is_left_to_the_caller(tmp_path, monkeypatch):
@@ -222,20 +229,8 @@ def test_a_writer_thread_that_cannot_start_leaves_none_running(monkeypatch):
 def test_waves_staged_after_exit_began_are_still_copied(tmp_path, exiting_interpreter):
     """With a memory budget and async staging, later waves are copied on the staging
     thread while the save runs; at exit the stager's copy pool refuses work too."""
-
-    class ExitDuringSave(FileSystemWriter):
-        def prepare(self, *, coordinator):
-            super().prepare(coordinator=coordinator)
-            exiting_interpreter(True)
-
     # 8 x 8 MiB in waves of 16 MiB, two buffers: waves 2.. are copied once earlier
     # ones are written, after the exit began
     state = {f"w{i}": torch.randn(2 << 20) for i in range(8)}
     stager = ac.Stager(async_staging=True, max_staging_bytes="32MiB", num_buffers=2, copy_threads=2)
-    with ac.AsyncCheckpointer(executor="thread", no_dist=True, stager=stager) as ck:
-        future = ck.save(state, storage_writer=ExitDuringSave(tmp_path / "c"))
-        future.result()
-        exiting_interpreter(False)
-    target = {k: torch.zeros_like(v) for k, v in state.items()}
-    ac.load(target, checkpoint_id=tmp_path / "c", no_dist=True)
-    assert all(torch.equal(target[k], state[k]) for k in state)
+    _save_while_exiting(tmp_path / "c", state, stager)
