@@ -10,11 +10,12 @@ import async_ckpt
 PACKAGE = Path(async_ckpt.__file__).parent
 
 # What each top-level part of the package may import from the package (besides itself).
-BASE = {"errors", "settings", "gc_pause"}
+BASE = {"errors", "settings", "gc_pause", "threads"}
 ALLOWED = {
     "errors": set(),
     "settings": {"errors"},
     "gc_pause": set(),
+    "threads": set(),
     "format": BASE,
     "state": BASE | {"format"},
     "dist": BASE,

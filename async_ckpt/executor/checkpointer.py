@@ -223,7 +223,12 @@ class AsyncCheckpointer:
             incremental=spec,
         )
         self._register(future, save_no, timeout)
-        executor.submit(job)  # before the copy: later waves wait for earlier ones' writes
+        try:
+            executor.submit(job)  # before the copy: later waves wait for earlier ones' writes
+        except BaseException as exc:  # e.g. no thread can start: the buffer goes back
+            drop(snapshot, exc)
+            future._set_exception(exc)
+            raise
         cuda = _copies_from_cuda(snapshot)
         # Last, so that with async staging nothing of ours runs here after the
         # staging thread starts (it would compete with this thread for the GIL).

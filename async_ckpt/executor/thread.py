@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from concurrent.futures import CancelledError, ThreadPoolExecutor
+from concurrent.futures import CancelledError
 
 from ..dist.arrival import check_in
 from ..dist.comm import Comm
@@ -12,6 +12,7 @@ from ..dist.group import thread_comm
 from ..pipeline.save import SaveTimings, run_save
 from ..pipeline.waves import snapshot_waves
 from ..planning.plan import Planner
+from ..threads import Workers
 from .base import Executor, ExecutorSetup, SaveJob
 
 
@@ -28,7 +29,7 @@ class ThreadExecutor(Executor):
         self._comm_factory = comm_factory
         self._comm: Comm | None = None
         self._planner = Planner()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-save")
+        self._pool = Workers(1, "async_ckpt-save")  # takes saves at interpreter exit too
         self._jobs: dict[int, SaveJob] = {}  # submitted and not finished (queued or running)
         self._lock = threading.Lock()
         self._closed = False
@@ -87,4 +88,4 @@ class ThreadExecutor(Executor):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown()

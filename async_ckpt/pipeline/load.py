@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +42,7 @@ from ..planning.read_plan import (
 from ..state.flatten import flatten, set_leaf
 from ..state.local_view import local_view
 from ..storage.base import StorageReader, checkpoint_metadata
+from ..threads import run_jobs
 from .device_copy import DeviceCopies
 from .progress import byte_bar
 from .read_jobs import TINY_CHUNK_BYTES, WindowReader, read_jobs
@@ -209,15 +209,8 @@ def _read_all(
     with bar, _finishing(copies):
         jobs = read_jobs(rest, read_threads)
         if read_threads > 1 and len(jobs) > 1:
-            with ThreadPoolExecutor(read_threads, thread_name_prefix="async_ckpt-read") as pool:
-                futures = [pool.submit(run, j) for j in jobs]
-                try:
-                    run(tiny)
-                except BaseException:
-                    pool.shutdown(cancel_futures=True)  # the load has failed: read no more
-                    raise
-                for f in futures:
-                    f.result()
+            # plain threads: a load from an atexit handler works (see async_ckpt.threads)
+            run_jobs(run, jobs, read_threads, "async_ckpt-read", here=lambda: run(tiny))
         else:
             run(tiny)
             for j in jobs:

@@ -12,17 +12,14 @@ Sync save of 1 GiB on 2 cores, interleaved, 10 rounds: one checksum thread
 1.01x the best write floor, four 1.10-1.14x, none at all 0.95x
 (docs/performance.md, "Checksums beside the writes").
 
-Plain threads, not thread pools: at interpreter exit a ``ThreadPoolExecutor``
-refuses new work before Python waits for the threads still running, so the
-writes of a thread-executor save in flight then would fail.
+The writers and checksum threads are plain threads (:mod:`async_ckpt.threads`
+says why), so a save still writes at interpreter exit.
 """
 
 from __future__ import annotations
 
 import os
-import queue
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from functools import partial
 from typing import NamedTuple
@@ -31,6 +28,7 @@ from ..format.checksum import block_checksums
 from ..format.names import DATA_FILE, data_file_name
 from ..storage.base import StorageWriter
 from ..storage.retry import write_with_retry
+from ..threads import Workers, run_in_threads
 from .incremental import BaseChunks, ChunkPlace, content_digest
 
 
@@ -87,87 +85,6 @@ CHECKSUM_THREADS = max(1, _usable_cores() // 4)
 """Threads that checksum a save's files while they are written (see the module docstring)."""
 
 
-class _Checksummer:
-    """Threads that compute files' segment records while the files are written.
-
-    Leaving the ``with`` block waits for every checksum handed over, so that no
-    thread still reads the save's buffers once the write function returns.
-    """
-
-    def __init__(self, threads: int) -> None:
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        try:
-            for _ in range(threads):
-                t = threading.Thread(target=self._run, name="async_ckpt-checksum", daemon=True)
-                t.start()
-                self._threads.append(t)
-        except BaseException:
-            self.__exit__()  # the ones started end
-            raise
-
-    def submit(self, content: list[memoryview], block_size: int) -> Future:
-        done: Future = Future()
-        self._jobs.put((done, content, block_size))
-        return done
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            done, content, block_size = job
-            try:
-                done.set_result(segment_records(content, block_size))
-            except BaseException as exc:
-                done.set_exception(exc)
-            del job, done, content  # the buffers' views go with the job
-
-    def __enter__(self) -> _Checksummer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for _ in self._threads:
-            self._jobs.put(None)
-        join_all(self._threads)
-
-
-def join_all(threads: Sequence[threading.Thread]) -> None:
-    """Wait for every thread to end, even through an interrupt (re-raised after): they
-    read the save's buffers, which the caller may free as soon as this returns."""
-    interrupted: BaseException | None = None
-    for t in threads:
-        while True:
-            try:
-                t.join()
-                break
-            except BaseException as exc:  # Ctrl-C in a synchronous save: wait, then raise
-                interrupted = interrupted or exc
-    if interrupted is not None:
-        raise interrupted
-
-
-def run_in_threads(calls: Sequence[Callable[[], None]], name: str) -> None:
-    """Run each call on a thread of its own; once all have ended, raise the error of the
-    lowest-numbered call that failed."""
-    errors: list[BaseException | None] = [None] * len(calls)
-
-    def run(i: int) -> None:
-        try:
-            calls[i]()
-        except BaseException as exc:
-            errors[i] = exc
-
-    started: list[threading.Thread] = []
-    try:
-        for i in range(len(calls)):
-            t = threading.Thread(target=run, args=(i,), name=f"{name}-{i}", daemon=True)
-            t.start()
-            started.append(t)
-    finally:
-        join_all(started)
-    for error in errors:
-        if error is not None:
-            raise error
-
-
 def _file_index(name: str) -> int:
     match = DATA_FILE.match(name)
     return int(match["index"]) if match else -1
@@ -200,7 +117,7 @@ def write_rank_files(
     # after the files of earlier waves (an incremental wave may leave numbers unused)
     first = 1 + max((_file_index(name) for name in files), default=-1)
 
-    def write_one(index: int, members: list[int], checksummer: _Checksummer) -> None:
+    def write_one(index: int, members: list[int], checksummer: Workers) -> None:
         digests = {m: content_digest(segments[m]) for m in members} if places else {}
         if base is not None and places:
             members = [m for m in members if not _shared(m, digests[m])]
@@ -208,7 +125,7 @@ def write_rank_files(
             return
         name = data_file_name(save_id, rank, first + index)
         content = [segments[m] for m in members]
-        checksums = checksummer.submit(content, block_size)
+        checksums: Future = checksummer.submit(segment_records, content, block_size)
         write_with_retry(writer, name, content)
         files[name] = sum(segments[m].nbytes for m in members)  # written: the caller owns it
         for m, rec in zip(members, checksums.result(), strict=True):
@@ -229,7 +146,8 @@ def write_rank_files(
 
     if not groups:
         return placed
-    with _Checksummer(min(CHECKSUM_THREADS, len(groups))) as checksummer:
+    # Leaving the block waits for every checksum: no thread reads the buffers after this.
+    with Workers(min(CHECKSUM_THREADS, len(groups)), "async_ckpt-checksum") as checksummer:
         calls = [partial(write_one, i, g, checksummer) for i, g in enumerate(groups)]
         if len(calls) == 1:
             calls[0]()

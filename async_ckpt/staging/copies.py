@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import itertools
 import operator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from ..threads import Workers, wait_all
 
 PARALLEL_COPY_BYTES = 16 * 1024 * 1024  # below this, one thread copies faster
 Job = tuple[torch.Tensor, torch.Tensor]  # (arena view, source tensor)
@@ -68,7 +69,7 @@ class CopyPlan:
     nbytes: int = 0
 
 
-def copy_cpu(jobs: list[Job], total: int, threads: int, pool: ThreadPoolExecutor) -> None:
+def copy_cpu(jobs: list[Job], total: int, threads: int, pool: Workers) -> None:
     """Copy ``jobs`` (``total`` bytes) on up to ``threads`` threads of ``pool``."""
     if threads == 1 or total < PARALLEL_COPY_BYTES:
         copy_all(jobs)
@@ -94,13 +95,5 @@ def copy_cpu(jobs: list[Job], total: int, threads: int, pool: ThreadPoolExecutor
         with torch.no_grad():
             copy_all(b)
 
-    pending = []
-    for b in bins:
-        if not b:
-            continue
-        try:
-            pending.append(pool.submit(run, b))
-        except RuntimeError:  # interpreter exit: pools take no new work; a save in
-            run(b)  # flight then (AsyncCheckpointer waits for it) copies here instead
-    for f in pending:
-        f.result()
+    # every copy ends before this returns, a failed one too: they fill the save's buffers
+    wait_all([pool.submit(run, b) for b in bins if b])

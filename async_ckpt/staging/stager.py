@@ -36,7 +36,7 @@ import queue
 import threading
 import weakref
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +45,7 @@ import torch
 from ..errors import CheckpointError, SaveFailedError
 from ..gc_pause import gc_paused
 from ..state.model import LocalState, TensorItem
+from ..threads import Workers
 from .arena import ALIGNMENT, Arena
 from .copies import Ahead, CopyPlan, copy_cpu, first_cuda, split_by_device
 from .layout import (
@@ -123,7 +124,7 @@ class Stager:
         self._next = 0
         self._lock = threading.Lock()
         threads = self.options.copy_threads or min(4, os.cpu_count() or 1)
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="async_ckpt-stage")
+        self._pool = Workers(threads, "async_ckpt-stage")  # works at interpreter exit too
         self._threads = threads
         self._stream: torch.cuda.Stream | None = None
         self._warned_pageable = False
@@ -507,7 +508,7 @@ class Stager:
             for arena in self._arenas:
                 arena.close()
             self._arenas, self._leases, self._layout = [], [], None
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,154 @@
+"""Saves and loads at interpreter exit.
+
+Once the main thread ends, Python's thread pools refuse new work before the
+``atexit`` handlers run. A save or load made from such a handler, or a save
+still in flight when ``AsyncCheckpointer`` closes at exit, must still work:
+the library runs that work on plain threads (``async_ckpt.threads``).
+
+The first tests exit for real, in a child interpreter; the others set the
+pools' "shutting down" flag in this process, for the paths a save takes
+after exit began.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+import torch
+
+import async_ckpt as ac
+from async_ckpt.storage.local import FileSystemWriter
+
+WAIT_S = 120.0  # only bounds a broken test: the suite must pass on a busy machine
+
+_AT_EXIT = textwrap.dedent(
+    """
+    import atexit, sys, torch, async_ckpt as ac
+
+    path, what = sys.argv[1], sys.argv[2]
+    state = {f"w{i}": torch.randn(300_000) for i in range(12)}  # several files, reader jobs
+    if what == "load":
+        ac.save(state, checkpoint_id=path, no_dist=True)
+    else:
+        executor, staging = what.split("-")
+        stager = ac.Stager(async_staging=staging == "async", num_buffers=1)
+        ckpt = ac.AsyncCheckpointer(executor=executor, stager=stager, no_dist=True)
+        ckpt.save(state, checkpoint_id=path + ".first").result()  # async staging: the 2nd save
+
+    def at_exit():
+        if what != "load":
+            ckpt.save(state, checkpoint_id=path).result()
+        target = {k: torch.zeros_like(v) for k, v in state.items()}
+        ac.load(target, checkpoint_id=path, no_dist=True)
+        same = all(torch.equal(target[k], state[k]) for k in state)
+        print("loaded equal" if same else "loaded different", flush=True)
+
+    atexit.register(at_exit)
+    """
+)
+
+
+@pytest.mark.parametrize("what", ["load", "thread-sync", "thread-async", "process-sync"])
+def test_a_save_and_a_load_in_an_atexit_handler_work(tmp_path, what):
+    """Before: "cannot schedule new futures after interpreter shutdown" from the load's
+    readers and the thread executor (whose save then also held its buffer for good)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _AT_EXIT, str(tmp_path / "c"), what],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.strip() == "loaded equal", done.stderr
+
+
+def test_a_save_whose_hand_off_fails_gives_its_buffer_back(tmp_path, monkeypatch):
+    """The save raises, its future fails, and the next save gets the (only) buffer."""
+    state = {"w": torch.randn(64, 64)}
+    real_start = threading.Thread.start
+    refused = []
+
+    def no_save_thread(self):
+        if self.name.startswith("async_ckpt-save") and not refused:
+            refused.append(self.name)
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    with ac.AsyncCheckpointer(
+        executor="thread", no_dist=True, stager=ac.Stager(num_buffers=1)
+    ) as ck:
+        monkeypatch.setattr(threading.Thread, "start", no_save_thread)
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            ck.save(state, checkpoint_id=tmp_path / "a")
+        monkeypatch.undo()
+        assert refused
+        failed = ck._last  # the failed save's future, as close() would wait for it
+        assert failed is not None and isinstance(failed.exception(timeout=0), RuntimeError)
+        finished = threading.Event()
+        outcome = []
+
+        def second_save():
+            outcome.append(ck.save(state, checkpoint_id=tmp_path / "b").result())
+            finished.set()
+
+        threading.Thread(target=second_save, daemon=True).start()
+        assert finished.wait(WAIT_S), "the next save never got the buffer back"
+    target = {"w": torch.zeros(64, 64)}
+    ac.load(target, checkpoint_id=tmp_path / "b", no_dist=True)
+    assert torch.equal(target["w"], state["w"])
+    assert not (tmp_path / "a" / "metadata.json").exists()
+
+
+def _pools_refuse_work(now: bool) -> None:
+    """What interpreter exit does to thread pools before it waits for running threads:
+    ``ThreadPoolExecutor.submit`` refuses new work from then on."""
+    import concurrent.futures.thread as pool_module
+
+    pool_module._shutdown = now
+
+
+@pytest.fixture
+def exiting_interpreter():
+    yield _pools_refuse_work
+    _pools_refuse_work(False)
+
+
+class _ExitDuringSave(FileSystemWriter):
+    """A writer whose save goes on after the interpreter's exit began."""
+
+    def prepare(self, *, coordinator):
+        super().prepare(coordinator=coordinator)
+        _pools_refuse_work(True)
+
+
+def _save_while_exiting(path, state, stager=None) -> None:
+    """A thread-executor save during which exit begins; it must commit what loads back."""
+    with ac.AsyncCheckpointer(executor="thread", no_dist=True, stager=stager) as ck:
+        future = ck.save(state, storage_writer=_ExitDuringSave(path))
+        future.result()
+        _pools_refuse_work(False)
+    target = {k: torch.zeros_like(v) for k, v in state.items()}
+    ac.load(target, checkpoint_id=path, no_dist=True)
+    assert all(torch.equal(target[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("tensors", [1, 6])  # one data file, and several written in parallel
+def test_a_save_in_flight_at_interpreter_exit_still_commits(tmp_path, exiting_interpreter, tensors):
+    """``AsyncCheckpointer`` waits for a save in flight at exit; the thread executor's save
+    runs on then, after thread pools refuse work, and must still commit."""
+    _save_while_exiting(tmp_path / "c", {f"w{i}": torch.randn(64, 64) for i in range(tensors)})
+
+
+def test_waves_staged_after_exit_began_are_still_copied(tmp_path, exiting_interpreter):
+    """With a memory budget and async staging, later waves are copied on the staging
+    thread while the save runs; at exit the stager's copy pool refuses work too."""
+    # 8 x 8 MiB in waves of 16 MiB, two buffers: waves 2.. are copied once earlier
+    # ones are written, after the exit began
+    state = {f"w{i}": torch.randn(2 << 20) for i in range(8)}
+    stager = ac.Stager(async_staging=True, max_staging_bytes="32MiB", num_buffers=2, copy_threads=2)
+    _save_while_exiting(tmp_path / "c", state, stager)
