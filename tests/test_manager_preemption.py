@@ -354,7 +354,7 @@ def _two_rank_body(rank: int, world_size: int, root: str) -> list[dict[str, Any]
                 manager.maybe_save(step, state)
                 if manager.preempted:
                     break
-            checks = manager._agreement.calls
+            checks = manager._preemption.agreement.calls
         results.append(
             {
                 "final": manager.preemption_step,

@@ -33,7 +33,7 @@ from .memory_store import default_memory_root
 from .memory_tier import MemoryTier
 from .metrics import StepMetrics
 from .options import check_memory, check_metric, check_step, env_ranks_per_node, grace, positive
-from .preemption import RankAgreement, SignalWatcher, preemption_signals, signal_name
+from .preemption import Preemption, preemption_signals
 from .retention import (
     best_steps,
     in_flight,
@@ -160,9 +160,7 @@ class CheckpointManager:
         positive("preemption_check_every", preemption_check_every)  # raises unless >= 1
         self.preemption_check_every = preemption_check_every
         signals = preemption_signals(save_on_preemption)
-        watcher = SignalWatcher(signals) if signals else None
-        if watcher is not None:
-            watcher.check_thread()  # before a worker is started
+        preemption = Preemption(signals, preemption_check_every) if signals else None
         self.storage_options = storage_options
         self.store = StepStore(root, storage_options)
         self.root = self.store.root
@@ -214,18 +212,14 @@ class CheckpointManager:
         self._last_step: int | None = None  # saved or restored last: maybe_save skips it
         self._newest_saved: int | None = None  # committed last by this manager: kept
         self._closed = False
-        self._watcher = watcher
-        self._agreement: RankAgreement | None = None
-        self._preempted_step: int | None = None
-        if watcher is not None:
-            try:
-                # a collective (new_group) on several ranks: here, where every rank is
-                self._agreement = RankAgreement(
+        self._preemption = preemption
+        if preemption is not None:
+            try:  # a collective on several ranks: here, where every rank is
+                preemption.start(
                     checkpointer.process_group,
                     checkpointer.distributed,
                     checkpointer.group_timeout,
                 )
-                watcher.install()
             except BaseException:
                 if self._memory is not None:
                     self._memory.close()
@@ -287,18 +281,18 @@ class CheckpointManager:
     def preempted(self) -> bool:
         """True once a preemption was agreed and its final save taken: stop training,
         then close the manager (it waits for that save to commit)."""
-        return self._preempted_step is not None
+        return self.preemption_step is not None
 
     @property
     def preemption_step(self) -> int | None:
         """The step of the final save a preemption asked for (None before)."""
-        return self._preempted_step
+        return self._preemption.step if self._preemption is not None else None
 
     @property
     def preemption_signal(self) -> int | None:
         """The signal that reached this process (None if none did; with several ranks
         another rank's signal may be what :attr:`preempted` follows)."""
-        return self._watcher.received if self._watcher is not None else None
+        return self._preemption.watcher.received if self._preemption is not None else None
 
     def request_preemption(self) -> None:
         """Ask for the final save as a signal would (from a scheduler's notice, say).
@@ -306,12 +300,12 @@ class CheckpointManager:
         Only records the request; the next :meth:`maybe_save` acts on it. Needs
         ``save_on_preemption``, so that the ranks agree on it at every step.
         """
-        if self._watcher is None:
+        if self._preemption is None:
             raise CheckpointError(
                 "request_preemption needs CheckpointManager(save_on_preemption=True), so that "
                 "maybe_save checks (and the ranks agree on) the request"
             )
-        self._watcher.request()
+        self._preemption.watcher.request()
 
     # --------------------------------------------------------------------- saves
     def maybe_save(
@@ -326,18 +320,14 @@ class CheckpointManager:
         saves. With ``save_on_preemption`` call it on every rank at every step:
         that is where the ranks agree on the preemption.
         """
-        if self.save_every is None and self._watcher is None and self._memory is None:
+        if self.save_every is None and self._preemption is None and self._memory is None:
             raise CheckpointError(
                 "maybe_save needs CheckpointManager(save_every=N); or call save(step, state)"
             )
         check_step(step)
-        agreement = self._agreement
-        if agreement is not None and self._preempted_step is None and not self._closed:
-            assert self._watcher is not None
-            # one rank decides alone, at once; several all-reduce at the agreed steps only
-            checks = agreement.group is None or step % self.preemption_check_every == 0
-            if checks and agreement.any(self._watcher.pending):
-                return self._final_save(step, state, metrics)
+        preemption = self._preemption
+        if preemption is not None and not self._closed and preemption.agreed(step):
+            return self._final_save(step, state, metrics)
         if step == self._last_step:
             return None
         memory = None
@@ -362,16 +352,11 @@ class CheckpointManager:
         self, step: int, state: Mapping[str, Any], metrics: Mapping[str, Any] | None
     ) -> SaveFuture | None:
         """Preemption was agreed: finish the save in flight, then save ``step`` (once)."""
-        self._preempted_step = step
-        watcher = self._watcher
-        assert watcher is not None
-        if watcher.received is not None:
-            why = signal_name(watcher.received)
-        else:
-            why = "request_preemption()" if watcher.requested else "on another rank"
+        assert self._preemption is not None
+        self._preemption.step = step
         log.warning(
             "preemption requested (%s): %s step %d as the final checkpoint under %s",
-            why,
+            self._preemption.reason(),
             "already saved" if step == self._last_step else "saving",
             step,
             self.root,
@@ -645,10 +630,8 @@ class CheckpointManager:
             self._collect(None)
         except Exception:  # logged by the checkpointer
             pass
-        if self._watcher is not None:
-            self._watcher.uninstall()
-        if self._agreement is not None:
-            self._agreement.close()
+        if self._preemption is not None:
+            self._preemption.close()
         self._retain_logged()
         if self._memory is not None:
             self._memory.close()

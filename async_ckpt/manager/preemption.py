@@ -15,6 +15,9 @@ The all-reduce is started at one ``maybe_save`` and its result read at the
 next, so it runs while the step trains and the training thread does not wait
 for it: the ranks decide one step after the signal was seen. The k-th call
 reads the k-1-th all-reduce on every rank, so all ranks decide alike.
+
+:class:`Preemption` is the manager's side: the watcher, the agreement, how often
+the ranks check, and the step of the final save once they agreed.
 """
 
 from __future__ import annotations
@@ -214,3 +217,45 @@ class RankAgreement:
                 work.wait()
             except Exception as exc:  # a rank died: nothing depends on this answer any more
                 log.warning("the last preemption check among the ranks failed: %s", exc)
+
+
+class Preemption:
+    """What ``CheckpointManager(save_on_preemption=...)`` keeps: a signal watcher, the
+    ranks' agreement (made by :meth:`start`) and, once agreed, the final save's step."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...], check_every: int) -> None:
+        self.watcher = SignalWatcher(signals)
+        self.watcher.check_thread()  # before a worker is started
+        self.check_every = check_every
+        self.agreement: RankAgreement | None = None
+        self.step: int | None = None  # the final save's, once the ranks agreed
+
+    def start(self, process_group: Any, distributed: bool, timeout_s: float) -> None:
+        """Join the ranks' agreement (a collective on several ranks: call it where every
+        rank is) and install the signal handlers."""
+        self.agreement = RankAgreement(process_group, distributed, timeout_s)
+        self.watcher.install()
+
+    def agreed(self, step: int) -> bool:
+        """Whether the ranks agree, at this ``maybe_save``, that the final save is due.
+
+        One rank decides alone, at once; several all-reduce at the steps divisible by
+        ``check_every`` only (every rank calls this at the same steps).
+        """
+        agreement = self.agreement
+        if agreement is None or self.step is not None:
+            return False
+        checks = agreement.group is None or step % self.check_every == 0
+        return checks and agreement.any(self.watcher.pending)
+
+    def reason(self) -> str:
+        """Why the final save is taken, for the log."""
+        if self.watcher.received is not None:
+            return signal_name(self.watcher.received)
+        return "request_preemption()" if self.watcher.requested else "on another rank"
+
+    def close(self) -> None:
+        """Put the replaced handlers back; finish the agreement's all-reduce in flight."""
+        self.watcher.uninstall()
+        if self.agreement is not None:
+            self.agreement.close()
