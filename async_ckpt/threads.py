@@ -2,12 +2,14 @@
 
 Why not ``concurrent.futures.ThreadPoolExecutor``: once the main thread ends,
 Python's thread pools refuse new work ("cannot schedule new futures after
-interpreter shutdown") before the ``atexit`` handlers run. A load or a save
-made from an ``atexit`` handler failed then, and so did the writes of a
-thread-executor save still in flight when ``AsyncCheckpointer`` closes at exit
-(it waits for that save). Plain daemon threads keep running until the
-handlers are done; whoever submits work here waits for it, so nothing is
-left running when the interpreter finalizes.
+interpreter shutdown"), so a load or a save made from an ``atexit`` handler
+failed. Some Pythons (3.12.0-3.12.2) start no thread at all once the main
+thread has ended: where a thread cannot start, the work here runs on the
+calling thread instead (slower, but it gets done). Whoever submits work here
+waits for it, so nothing is left running when the interpreter finalizes.
+Saves in flight when the main thread ends are waited for before the
+``atexit`` handlers run (``executor/checkpointer.py``), as Python waits for a
+thread pool's work.
 
 Every wait here also outlasts Ctrl-C (re-raised once the threads ended): the
 threads read or fill buffers that the caller may free as soon as it returns.
@@ -26,14 +28,16 @@ T = TypeVar("T")
 
 
 def join_all(threads: Sequence[threading.Thread]) -> None:
-    """Wait for every thread to end, even through an interrupt (re-raised after)."""
+    """Wait for every thread but the calling one to end, even through Ctrl-C or a
+    signal handler's ``sys.exit`` (re-raised after)."""
     interrupted: BaseException | None = None
+    me = threading.current_thread()
     for t in threads:
-        while True:
+        while t is not me:
             try:
                 t.join()
                 break
-            except BaseException as exc:  # Ctrl-C: wait, then raise
+            except BaseException as exc:  # Ctrl-C, or a signal handler's exit: wait, then raise
                 interrupted = interrupted or exc
     if interrupted is not None:
         raise interrupted
@@ -61,9 +65,20 @@ def wait_all(futures: Iterable[Future]) -> None:
         raise first_error
 
 
+def start_thread(target: Callable[..., None], name: str, *args: Any) -> threading.Thread | None:
+    """A started daemon thread, or None where no thread can start (interpreter exit
+    on some Python versions, or the process's thread limit)."""
+    t = threading.Thread(target=target, args=args, name=name, daemon=True)
+    try:
+        t.start()
+    except RuntimeError:  # "can't create new thread at interpreter shutdown" / "can't start"
+        return None
+    return t
+
+
 def run_in_threads(calls: Sequence[Callable[[], None]], name: str) -> None:
-    """Run each call on a thread of its own; once all have ended, raise the error of the
-    lowest-numbered call that failed."""
+    """Run each call on a thread of its own (on this thread where none can start); once
+    all have ended, raise the error of the lowest-numbered call that failed."""
     errors: list[BaseException | None] = [None] * len(calls)
 
     def run(i: int) -> None:
@@ -75,9 +90,11 @@ def run_in_threads(calls: Sequence[Callable[[], None]], name: str) -> None:
     started: list[threading.Thread] = []
     try:
         for i in range(len(calls)):
-            t = threading.Thread(target=run, args=(i,), name=f"{name}-{i}", daemon=True)
-            t.start()
-            started.append(t)
+            t = start_thread(run, f"{name}-{i}", i)
+            if t is None:
+                run(i)
+            else:
+                started.append(t)
     finally:
         join_all(started)
     for error in errors:
@@ -92,10 +109,10 @@ def run_jobs(
     name: str,
     here: Callable[[], None] | None = None,
 ) -> None:
-    """``fn(job)`` for every job, on up to ``threads`` threads taking the jobs in order;
-    ``here()`` runs on the calling thread meanwhile. After the first failure no thread
-    takes a new job. Returns once every thread ended; raises the first failure
-    (``here``'s before the jobs')."""
+    """``fn(job)`` for every job, on up to ``threads`` threads taking the jobs in order
+    (on this thread where none can start); ``here()`` runs on the calling thread
+    meanwhile. After the first failure, or Ctrl-C here, no thread takes a new job.
+    Returns once every thread ended; raises ``here``'s error, else the first job's."""
     errors: list[BaseException] = []
     lock = threading.Lock()
     cursor = iter(range(len(jobs)))
@@ -104,28 +121,32 @@ def run_jobs(
         with lock:
             return None if errors else next(cursor, None)
 
+    def fail(exc: BaseException) -> None:
+        with lock:
+            errors.append(exc)  # the threads stop taking jobs
+
     def work() -> None:
         while (i := take()) is not None:
             try:
                 fn(jobs[i])
             except BaseException as exc:
-                with lock:
-                    errors.append(exc)
+                fail(exc)
 
     started: list[threading.Thread] = []
     here_error: BaseException | None = None
     try:
         for n in range(min(threads, len(jobs))):
-            t = threading.Thread(target=work, name=f"{name}-{n}", daemon=True)
-            t.start()
+            t = start_thread(work, f"{name}-{n}")
+            if t is None:
+                break
             started.append(t)
         if here is not None:
-            try:
-                here()
-            except Exception as exc:
-                here_error = exc
-                with lock:
-                    errors.append(exc)  # the threads stop taking jobs
+            here()
+        if not started:
+            work()  # no thread could start: the jobs run here
+    except BaseException as exc:  # Ctrl-C too: the threads stop, then it is raised
+        here_error = exc
+        fail(exc)
     finally:
         join_all(started)
     if here_error is not None:
@@ -143,8 +164,9 @@ class Workers:
     waits for them; a Workers dropped without it ends its idle threads.
     """
 
-    def __init__(self, threads: int, name: str) -> None:
+    def __init__(self, threads: int, name: str, *, run_here_if_no_thread: bool = True) -> None:
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._run_here = run_here_if_no_thread
         self._size = max(1, threads)
         self._name = name
         self._threads: list[threading.Thread] = []
@@ -155,18 +177,26 @@ class Workers:
         weakref.finalize(self, _stop, self._calls, self._threads).atexit = False
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Queue ``fn(*args)``. Where no thread runs and none can start, the call runs
+        here and now (``run_here_if_no_thread``), or this raises RuntimeError."""
+        done: Future = Future()
         with self._lock:
             if self._closed:
                 raise RuntimeError("submit() after shutdown()")
             if len(self._threads) < self._size:
-                n = len(self._threads)
-                t = threading.Thread(
-                    target=_serve, args=(self._calls,), name=f"{self._name}-{n}", daemon=True
+                name = f"{self._name}-{len(self._threads)}"
+                t = start_thread(_serve, name, self._calls)
+                if t is not None:
+                    self._threads.append(t)
+            if self._threads:
+                self._calls.put((done, fn, args))  # under the lock: never behind the stops
+                return done
+            if not self._run_here:
+                raise RuntimeError(
+                    f"no {self._name} thread can start (interpreter exit on some Python "
+                    "versions, or the process's thread limit)"
                 )
-                t.start()  # if it cannot, nothing was queued
-                self._threads.append(t)
-        done: Future = Future()
-        self._calls.put((done, fn, args))
+        _run_call((done, fn, args))  # here, outside the lock: the call may use this Workers
         return done
 
     def shutdown(self) -> None:
@@ -186,13 +216,17 @@ class Workers:
 
 def _serve(calls: queue.SimpleQueue) -> None:
     while (call := calls.get()) is not None:
-        done, fn, args = call
-        if done.set_running_or_notify_cancel():
-            try:
-                done.set_result(fn(*args))
-            except BaseException as exc:
-                done.set_exception(exc)
-        del call, done, fn, args  # what the call referenced (buffers) goes with it
+        _run_call(call)
+        del call  # what the call referenced (buffers) goes with it
+
+
+def _run_call(call: tuple[Future, Callable[..., Any], tuple]) -> None:
+    done, fn, args = call
+    if done.set_running_or_notify_cancel():
+        try:
+            done.set_result(fn(*args))
+        except BaseException as exc:
+            done.set_exception(exc)
 
 
 def _stop(calls: queue.SimpleQueue, threads: list[threading.Thread]) -> None:
@@ -200,4 +234,4 @@ def _stop(calls: queue.SimpleQueue, threads: list[threading.Thread]) -> None:
         calls.put(None)
 
 
-__all__ = ["Workers", "join_all", "run_in_threads", "run_jobs", "wait_all"]
+__all__ = ["Workers", "join_all", "run_in_threads", "run_jobs", "start_thread", "wait_all"]

@@ -12,10 +12,12 @@ after exit began.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,13 +25,14 @@ import torch
 import async_ckpt as ac
 from async_ckpt.storage.local import FileSystemWriter
 
+TESTS = Path(__file__).parent
 WAIT_S = 120.0  # only bounds a broken test: the suite must pass on a busy machine
 
 _AT_EXIT = textwrap.dedent(
     """
-    import atexit, sys, torch, async_ckpt as ac
+    import atexit, sys, threading, torch, async_ckpt as ac
 
-    path, what = sys.argv[1], sys.argv[2]
+    path, what, no_threads = sys.argv[1], sys.argv[2], sys.argv[3] == "no-threads"
     state = {f"w{i}": torch.randn(300_000) for i in range(12)}  # several files, reader jobs
     if what == "load":
         ac.save(state, checkpoint_id=path, no_dist=True)
@@ -40,6 +43,11 @@ _AT_EXIT = textwrap.dedent(
         ckpt.save(state, checkpoint_id=path + ".first").result()  # async staging: the 2nd save
 
     def at_exit():
+        if no_threads:  # as on Python 3.12.0-3.12.2: no thread starts at exit
+            def refuse(self):
+                raise RuntimeError("can't create new thread at interpreter shutdown")
+
+            threading.Thread.start = refuse
         if what != "load":
             ckpt.save(state, checkpoint_id=path).result()
         target = {k: torch.zeros_like(v) for k, v in state.items()}
@@ -52,12 +60,15 @@ _AT_EXIT = textwrap.dedent(
 )
 
 
+@pytest.mark.parametrize("threads", ["threads", "no-threads"])
 @pytest.mark.parametrize("what", ["load", "thread-sync", "thread-async", "process-sync"])
-def test_a_save_and_a_load_in_an_atexit_handler_work(tmp_path, what):
+def test_a_save_and_a_load_in_an_atexit_handler_work(tmp_path, what, threads):
     """Before: "cannot schedule new futures after interpreter shutdown" from the load's
-    readers and the thread executor (whose save then also held its buffer for good)."""
+    readers and the thread executor (whose save then also held its buffer for good).
+    ``no-threads``: as on Python 3.12.0-3.12.2, where no thread starts at exit,
+    the work runs on the threads already started or on the handler's own."""
     done = subprocess.run(
-        [sys.executable, "-c", _AT_EXIT, str(tmp_path / "c"), what],
+        [sys.executable, "-c", _AT_EXIT, str(tmp_path / "c"), what, threads],
         capture_output=True,
         text=True,
         timeout=600,
@@ -65,6 +76,44 @@ def test_a_save_and_a_load_in_an_atexit_handler_work(tmp_path, what):
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     assert done.stdout.strip() == "loaded equal", done.stderr
+
+
+_IN_FLIGHT = textwrap.dedent(
+    """
+    import atexit, os, sys, threading, torch, async_ckpt as ac
+    from faulty_storage import StopAtWriter
+
+    path, gate = sys.argv[1], sys.argv[2]
+    state = {f"w{i}": torch.arange(300_000.0) + i for i in range(12)}
+    ckpt = ac.AsyncCheckpointer(executor="thread", no_dist=True)
+    future = ckpt.save(state, storage_writer=StopAtWriter(path, gate=gate, point="before-write"))
+    # When the main thread ends: this opens the gate (registered after async_ckpt's own
+    # wait for saves in flight, so it runs first); the atexit handler then looks.
+    threading._register_atexit(lambda: open(os.path.join(gate, "release"), "w").close())
+    atexit.register(lambda: print("committed" if future.done() else "in flight", flush=True))
+    """
+)
+
+
+def test_a_save_in_flight_when_the_main_thread_ends_commits_before_atexit_handlers(tmp_path):
+    """As Python waits for a thread pool's work: the save commits while threads can
+    still start (on most Python versions) and before other
+    handlers (``destroy_process_group``, say) run."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])}
+    done = subprocess.run(
+        [sys.executable, "-c", _IN_FLIGHT, str(tmp_path / "c"), str(gate)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "committed", done.stderr
+    target = {f"w{i}": torch.zeros(300_000) for i in range(12)}
+    ac.load(target, checkpoint_id=tmp_path / "c", no_dist=True)
+    assert all(torch.equal(target[f"w{i}"], torch.arange(300_000.0) + i) for i in range(12))
 
 
 def test_a_save_whose_hand_off_fails_gives_its_buffer_back(tmp_path, monkeypatch):
@@ -83,7 +132,7 @@ def test_a_save_whose_hand_off_fails_gives_its_buffer_back(tmp_path, monkeypatch
         executor="thread", no_dist=True, stager=ac.Stager(num_buffers=1)
     ) as ck:
         monkeypatch.setattr(threading.Thread, "start", no_save_thread)
-        with pytest.raises(RuntimeError, match="can't start new thread"):
+        with pytest.raises(RuntimeError, match="no async_ckpt-save thread can start"):
             ck.save(state, checkpoint_id=tmp_path / "a")
         monkeypatch.undo()
         assert refused
@@ -152,3 +201,30 @@ def test_waves_staged_after_exit_began_are_still_copied(tmp_path, exiting_interp
     state = {f"w{i}": torch.randn(2 << 20) for i in range(8)}
     stager = ac.Stager(async_staging=True, max_staging_bytes="32MiB", num_buffers=2, copy_threads=2)
     _save_while_exiting(tmp_path / "c", state, stager)
+
+
+def _exit_at_once() -> None:
+    pass
+
+
+def test_a_forked_child_does_not_wait_for_its_parents_save(tmp_path):
+    """multiprocessing's forked children (DataLoader workers) run the threading exit hooks:
+    the copy of a save in flight they inherit is not theirs to wait for."""
+    import multiprocessing
+
+    from faulty_storage import StopAtWriter, wait_reached
+
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    state = {"w": torch.randn(64, 64)}
+    with ac.AsyncCheckpointer(executor="thread", no_dist=True) as ck:
+        writer = StopAtWriter(tmp_path / "c", gate=gate, point="before-write")
+        future = ck.save(state, storage_writer=writer)
+        wait_reached(gate, "before-write")
+        child = multiprocessing.get_context("fork").Process(target=_exit_at_once)
+        child.start()
+        child.join(WAIT_S)  # the save is still held: a child waiting for it never ends
+        ended = child.exitcode
+        (gate / "release").touch()
+        future.result(WAIT_S)
+    assert ended == 0, "the forked child waited for the parent's save"

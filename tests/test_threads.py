@@ -67,43 +67,64 @@ def test_run_jobs_runs_every_job_beside_the_calling_thread():
 
 
 def test_run_jobs_takes_no_new_job_after_a_failure_and_waits_for_the_running_ones():
-    running = threading.Event()
-    release = threading.Event()
+    failing: list[threading.Thread] = []
+    failed = threading.Event()
     finished: list[str] = []
     taken: list[int] = []
 
     def fn(job: int) -> None:
         taken.append(job)
-        if job == 0:  # a long read, still running when job 1 fails
-            running.set()
-            release.wait(WAIT_S)
+        if job == 0:  # a long read, still running when job 1 fails ...
+            assert failed.wait(WAIT_S)
+            # ... and ending only once that thread recorded its failure and stopped
+            failing[0].join(WAIT_S)
             finished.append("slow")
         elif job == 1:
-            assert running.wait(WAIT_S)
-            release.set()
+            failing.append(threading.current_thread())
+            failed.set()
             raise OSError("injected read failure")
 
     with pytest.raises(OSError, match="injected"):
         run_jobs(fn, list(range(50)), 2, "test")
     assert finished == ["slow"]  # joined before the error was raised
-    assert len(taken) < 50  # the rest were never started
+    assert sorted(taken) == [0, 1]  # the rest were never started
 
 
-def test_run_jobs_raises_the_calling_threads_error_and_stops_the_others():
+def test_run_jobs_raises_the_calling_threads_error_and_ends_its_threads():
     started = threading.Event()
-    taken: list[int] = []
-
-    def fn(job: int) -> None:
-        taken.append(job)
-        started.set()
 
     def here() -> None:
         assert started.wait(WAIT_S)
         raise ValueError("the tiny reads failed")
 
     with pytest.raises(ValueError, match="tiny reads"):
-        run_jobs(fn, list(range(10_000)), 1, "test", here=here)
-    assert len(taken) < 10_000
+        run_jobs(lambda job: started.set(), list(range(10_000)), 2, "run-jobs-test", here=here)
+    # every thread ended (the jobs left are skipped: see the test above)
+    assert not [t for t in threading.enumerate() if t.name.startswith("run-jobs-test")]
+
+
+def test_where_no_thread_can_start_the_work_runs_on_the_calling_thread(monkeypatch):
+    """As at interpreter exit on Python 3.12.0-3.12.2."""
+    monkeypatch.setattr(threads_mod, "start_thread", lambda *a, **k: None)
+    me = threading.current_thread()
+    where: list[threading.Thread] = []
+
+    def record(*_: object) -> None:
+        where.append(threading.current_thread())
+
+    run_jobs(record, list(range(5)), 4, "test", here=record)
+    threads_mod.run_in_threads([record, record], "test")
+    done = Workers(2, "test").submit(record, 1)
+    assert done.done() and done.exception() is None
+    assert where == [me] * 9  # 5 jobs and here, 2 calls, 1 submitted
+    with pytest.raises(RuntimeError, match="no save-test thread can start"):
+        Workers(1, "save-test", run_here_if_no_thread=False).submit(record)
+
+
+def test_a_worker_may_shut_its_own_workers_down():
+    """close() from a save's own callback: the joins skip the calling thread."""
+    workers = Workers(1, "test")
+    assert workers.submit(workers.shutdown).result(WAIT_S) is None
 
 
 def test_wait_all_waits_for_every_future_and_raises_the_first_error():
@@ -147,38 +168,38 @@ def test_an_interrupt_while_waiting_for_the_writers_still_waits_for_them():
     assert [t.joins for t in threads] == [2, 2]  # each interrupted once, then waited for
 
 
-def test_a_writer_thread_that_cannot_start_leaves_none_running(monkeypatch):
-    started = threading.Event()
+def test_a_call_whose_thread_cannot_start_runs_on_the_calling_thread(monkeypatch):
     release = threading.Event()
-    returned = threading.Event()
+    ran: dict[str, threading.Thread] = {}
     real_start = threading.Thread.start
-    count = 0
+    ours = 0
 
     def second_start_fails(self):
-        nonlocal count
-        count += 1
-        if count == 2:
-            raise RuntimeError("can't start new thread")
+        nonlocal ours
+        if self.name.startswith("cannot-start-test"):
+            ours += 1
+            if ours == 2:
+                raise RuntimeError("can't start new thread")
         real_start(self)
 
     def first():
-        started.set()
-        release.wait(WAIT_S)
+        assert release.wait(WAIT_S)  # only the second call, run meanwhile, sets it
+        ran["first"] = threading.current_thread()
+
+    def second():
+        ran["second"] = threading.current_thread()
+        release.set()
 
     monkeypatch.setattr(threading.Thread, "start", second_start_fails)
-    outcome: list[BaseException] = []
+    threads_mod.run_in_threads([first, second], "cannot-start-test")
+    assert ran["second"] is threading.current_thread()
+    assert ran["first"] is not threading.current_thread()
 
-    def call():
-        try:
-            threads_mod.run_in_threads([first, lambda: None], "test")
-        except BaseException as exc:
-            outcome.append(exc)
-        returned.set()
 
-    caller = threading.Thread(target=call)
-    real_start(caller)
-    assert started.wait(WAIT_S)
-    assert not returned.wait(0.2)  # still waiting for the first writer
-    release.set()
-    assert returned.wait(WAIT_S)
-    assert outcome and "can't start new thread" in str(outcome[0])
+def test_a_call_run_here_may_use_its_own_workers(monkeypatch):
+    """Where no thread can start the call runs on the caller, outside the Workers' lock."""
+    monkeypatch.setattr(threads_mod, "start_thread", lambda *a, **k: None)
+    workers = Workers(1, "test")
+    inner = workers.submit(lambda: workers.submit(int, "3").result(0))
+    assert inner.result(0) == 3
+    assert workers.submit(workers.shutdown).exception(0) is None

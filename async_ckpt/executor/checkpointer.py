@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 import weakref
@@ -105,6 +106,7 @@ class AsyncCheckpointer:
         self._shortcut = FlatDictShortcut()
         self._walk_elsewhere = False  # see _save_elsewhere
         self._handed_over = 0  # saves queued on the staging thread, not yet past it
+        self._pid = os.getpid()  # the exit hooks leave a forked child's copies alone
         _LIVE.add(self)
 
     # ------------------------------------------------------------------ lifecycle
@@ -251,8 +253,14 @@ class AsyncCheckpointer:
         if limit is not None:
             timer = threading.Timer(limit, self._abort, args=(future, limit))
             timer.daemon = True
-            timer.start()
-            future.add_done_callback(lambda _: timer.cancel())
+            try:
+                timer.start()
+                future.add_done_callback(lambda _: timer.cancel())
+            except RuntimeError:  # no thread can start (exit, on some Pythons): close() bounds it
+                log.warning(
+                    "no timer thread for the save to %s: its timeout is not applied",
+                    future.stats.checkpoint_id,
+                )
         self._last = future
 
     def _save_elsewhere(
@@ -402,6 +410,14 @@ class AsyncCheckpointer:
         if self._closed:
             return
         self._closed = True
+        self._finish_last(stop_if_hung=True)
+        if self._executor is not None:
+            self._executor.close()
+        if self._owns_stager:
+            self.stager.close()
+
+    def _finish_last(self, stop_if_hung: bool) -> None:
+        """Wait for the latest save, bounded; ``stop_if_hung``: stop it if still running."""
         if self._last is not None:
             # Bounded: a hung storage write must not hang interpreter exit forever.
             limit = self.timeout if self.timeout is not None else self.group_timeout
@@ -409,7 +425,7 @@ class AsyncCheckpointer:
                 self._last.result(timeout=limit)
             except concurrent.futures.TimeoutError:  # not the builtin on Python 3.10
                 # SaveTimeoutError is a TimeoutError too: only a save still running is hung
-                if not self._last.done():
+                if stop_if_hung and not self._last.done():
                     log.error(
                         "the last save did not finish within %s s of close(); stopping it", limit
                     )
@@ -419,10 +435,6 @@ class AsyncCheckpointer:
                         )
             except BaseException:  # reported through the future already
                 pass
-        if self._executor is not None:
-            self._executor.close()
-        if self._owns_stager:
-            self.stager.close()
 
     def __enter__(self) -> AsyncCheckpointer:
         return self
@@ -431,9 +443,32 @@ class AsyncCheckpointer:
         self.close()
 
 
+def _finish_saves_in_flight() -> None:
+    """When the main thread ends, before the ``atexit`` handlers: saves in flight run to
+    their commit (bounded) before other handlers tear down what they use. Only waits:
+    another thread may still use the checkpointer; ``close()`` stops what hangs."""
+    for ckpt in _this_process():
+        try:
+            ckpt._finish_last(stop_if_hung=False)
+        except Exception:
+            pass
+
+
+def _this_process() -> list[AsyncCheckpointer]:
+    """The live checkpointers this process made (a forked child inherits its parent's,
+    and multiprocessing's children run the threading exit hooks)."""
+    return [c for c in list(_LIVE) if getattr(c, "_pid", None) == os.getpid()]
+
+
+try:  # what concurrent.futures uses to finish a pool's work at the same point
+    threading._register_atexit(_finish_saves_in_flight)  # type: ignore[attr-defined]
+except (AttributeError, RuntimeError):  # not this Python; or imported during exit
+    pass
+
+
 @atexit.register
 def _close_all() -> None:
-    for ckpt in list(_LIVE):
+    for ckpt in _this_process():
         try:
             ckpt.close()
         except Exception:

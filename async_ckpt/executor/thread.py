@@ -29,7 +29,9 @@ class ThreadExecutor(Executor):
         self._comm_factory = comm_factory
         self._comm: Comm | None = None
         self._planner = Planner()
-        self._pool = Workers(1, "async_ckpt-save")  # takes saves at interpreter exit too
+        # Takes saves after the main thread ended too; the save cannot run inline (it
+        # waits for the staging that follows the hand-off), so no thread is an error.
+        self._pool = Workers(1, "async_ckpt-save", run_here_if_no_thread=False)
         self._jobs: dict[int, SaveJob] = {}  # submitted and not finished (queued or running)
         self._lock = threading.Lock()
         self._closed = False
@@ -49,7 +51,12 @@ class ThreadExecutor(Executor):
         self.start()
         with self._lock:
             self._jobs[job.save_no] = job
-        self._pool.submit(self._run, job)
+        try:
+            self._pool.submit(self._run, job)
+        except BaseException:
+            with self._lock:
+                self._jobs.pop(job.save_no, None)  # the caller fails it and frees its buffer
+            raise
 
     def _run(self, job: SaveJob) -> None:
         timings = SaveTimings()

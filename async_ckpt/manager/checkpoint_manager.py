@@ -160,7 +160,7 @@ class CheckpointManager:
         positive("preemption_check_every", preemption_check_every)  # raises unless >= 1
         self.preemption_check_every = preemption_check_every
         signals = preemption_signals(save_on_preemption)
-        preemption = Preemption(signals, preemption_check_every) if signals else None
+        preemption = Preemption(signals) if signals else None
         self.storage_options = storage_options
         self.store = StepStore(root, storage_options)
         self.root = self.store.root
@@ -326,7 +326,8 @@ class CheckpointManager:
             )
         check_step(step)
         preemption = self._preemption
-        if preemption is not None and not self._closed and preemption.agreed(step):
+        every = self.preemption_check_every
+        if preemption is not None and not self._closed and preemption.agreed(step, every):
             return self._final_save(step, state, metrics)
         if step == self._last_step:
             return None

@@ -223,10 +223,9 @@ class Preemption:
     """What ``CheckpointManager(save_on_preemption=...)`` keeps: a signal watcher, the
     ranks' agreement (made by :meth:`start`) and, once agreed, the final save's step."""
 
-    def __init__(self, signals: tuple[signal.Signals, ...], check_every: int) -> None:
+    def __init__(self, signals: tuple[signal.Signals, ...]) -> None:
         self.watcher = SignalWatcher(signals)
         self.watcher.check_thread()  # before a worker is started
-        self.check_every = check_every
         self.agreement: RankAgreement | None = None
         self.step: int | None = None  # the final save's, once the ranks agreed
 
@@ -236,7 +235,7 @@ class Preemption:
         self.agreement = RankAgreement(process_group, distributed, timeout_s)
         self.watcher.install()
 
-    def agreed(self, step: int) -> bool:
+    def agreed(self, step: int, check_every: int) -> bool:
         """Whether the ranks agree, at this ``maybe_save``, that the final save is due.
 
         One rank decides alone, at once; several all-reduce at the steps divisible by
@@ -245,7 +244,7 @@ class Preemption:
         agreement = self.agreement
         if agreement is None or self.step is not None:
             return False
-        checks = agreement.group is None or step % self.check_every == 0
+        checks = agreement.group is None or step % check_every == 0
         return checks and agreement.any(self.watcher.pending)
 
     def reason(self) -> str:

@@ -96,4 +96,10 @@ def copy_cpu(jobs: list[Job], total: int, threads: int, pool: Workers) -> None:
             copy_all(b)
 
     # every copy ends before this returns, a failed one too: they fill the save's buffers
-    wait_all([pool.submit(run, b) for b in bins if b])
+    submitted = []
+    try:
+        for b in bins:
+            if b:
+                submitted.append(pool.submit(run, b))
+    finally:
+        wait_all(submitted)
