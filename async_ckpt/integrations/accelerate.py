@@ -29,13 +29,11 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Mapping
 from concurrent.futures import CancelledError
 from typing import Any
 
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 
 from ..dist.ranks import caller_comm
 from ..errors import CheckpointError, CheckpointNotFoundError, KeyMismatchError
@@ -47,113 +45,24 @@ from ..planning.keys import KeyCheck
 from ..storage.detect import detect_reader, detect_root
 from ..storage.local import FileSystemWriter
 from . import accelerate_rng
+from .accelerate_layout import (
+    RNG,
+    AsStored,
+    check_supported,
+    children,
+    dataloader_state,
+    indices,
+    set_dataloader_state,
+    stored_keys,
+)
 
 log = logging.getLogger("async_ckpt")
 
-_UNSUPPORTED = {
-    DistributedType.DEEPSPEED: "DeepSpeed saves its engine with its own checkpoint files",
-    DistributedType.FSDP: "FSDP's sharded state goes through its own state-dict APIs",
-    DistributedType.MEGATRON_LM: "Megatron-LM saves through its own checkpoint functions",
-    DistributedType.XLA: "XLA tensors and generators are not supported by async_ckpt",
-}
 _CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d+)$")
-_RNG = "rng"
-
-
-def _check_supported(accelerator: Accelerator) -> None:
-    why = _UNSUPPORTED.get(accelerator.distributed_type)
-    if why is not None:
-        raise NotImplementedError(
-            f"async_ckpt's accelerate integration does not handle "
-            f"distributed_type={accelerator.distributed_type.value}: {why}. Use "
-            "accelerator.save_state()/load_state() for this set-up."
-        )
 
 
 def _is_local(checkpoint_id: str) -> bool:
     return FileSystemWriter.validate_checkpoint_id(checkpoint_id)
-
-
-def _stored_keys(meta: Metadata) -> set[str]:
-    """Every key of the checkpoint and every dotted prefix of one."""
-    found = set()
-    for key in (*meta.entries, *meta.containers):
-        parts = key.split(".")
-        found.update(".".join(parts[:n]) for n in range(1, len(parts) + 1))
-    return found
-
-
-def _prune(value: Any, key: str, stored: set[str]) -> Any:
-    """``value`` without the dict entries the checkpoint does not hold under ``key``."""
-    if isinstance(value, Mapping):
-        return {
-            k: _prune(v, f"{key}.{k}", stored) for k, v in value.items() if f"{key}.{k}" in stored
-        }
-    if isinstance(value, list):
-        return [_prune(v, f"{key}.{i}", stored) for i, v in enumerate(value)]
-    return value
-
-
-class _AsStored:
-    """A Stateful object whose load target holds only what the checkpoint holds.
-
-    ``load_state_dict`` then gets exactly the checkpoint's state, as
-    accelerate's ``obj.load_state_dict(torch.load(...))`` does: an optimizer
-    that has moments for parameters the checkpoint has none for (saved before
-    the first optimizer step) drops them instead of failing the load.
-    """
-
-    def __init__(self, obj: Any, key: str, stored: set[str]) -> None:
-        self.obj, self.key, self.stored = obj, key, stored
-
-    def state_dict(self) -> Any:
-        return _prune(self.obj.state_dict(), self.key, self.stored)
-
-    def load_state_dict(self, state: Any) -> None:
-        self.obj.load_state_dict(state)
-
-
-def _indices(meta: Metadata, part: str) -> set[int]:
-    """The indices ``i`` of the ``<part>.<i>`` the checkpoint holds."""
-    found = set()
-    for key in (*meta.entries, *meta.containers):
-        head, _, rest = key.partition(".")
-        if head == part and rest:
-            index = rest.split(".", 1)[0]
-            if index.isdigit():
-                found.add(int(index))
-    return found
-
-
-def _seedable_sampler(dataloader: Any) -> Any:
-    from accelerate.data_loader import SeedableRandomSampler
-
-    get = getattr(dataloader, "get_sampler", None)
-    sampler = get() if callable(get) else None
-    return sampler if isinstance(sampler, SeedableRandomSampler) else None
-
-
-def _dataloader_state(dataloader: Any) -> dict[str, Any]:
-    """What of a prepared dataloader a resume needs: its epoch counter (``iteration``),
-    its ``SeedableRandomSampler``'s epoch and seed, and a StatefulDataLoader's state."""
-    state: dict[str, Any] = {}
-    if isinstance(getattr(dataloader, "iteration", None), int):
-        state["iteration"] = dataloader.iteration
-    sampler = _seedable_sampler(dataloader)
-    if sampler is not None:
-        state["sampler"] = {"epoch": int(sampler.epoch), "initial_seed": int(sampler.initial_seed)}
-    if getattr(dataloader, "use_stateful_dataloader", False):
-        state["state"] = dataloader  # Stateful: state_dict() / load_state_dict()
-    return state
-
-
-def _set_dataloader_state(dataloader: Any, state: dict[str, Any]) -> None:
-    if "iteration" in state:
-        dataloader.iteration = int(state["iteration"])
-    sampler = _seedable_sampler(dataloader)
-    if sampler is not None and "sampler" in state:
-        sampler.epoch = int(state["sampler"]["epoch"])
-        sampler.initial_seed = int(state["sampler"]["initial_seed"])
 
 
 def _node_groups(accelerator: Accelerator) -> Any:
@@ -197,7 +106,7 @@ class AcceleratorCheckpointer:
         checkpointer: AsyncCheckpointer | None = None,
         **checkpointer_kwargs: Any,
     ) -> None:
-        _check_supported(accelerator)
+        check_supported(accelerator)
         self.accelerator = accelerator
         if checkpointer is not None:
             if checkpointer_kwargs:
@@ -273,9 +182,9 @@ class AcceleratorCheckpointer:
             "models": dict(enumerate(weights)),
             "optimizers": dict(enumerate(acc._optimizers)),
             "schedulers": dict(enumerate(acc._schedulers)),
-            "dataloaders": {i: _dataloader_state(dl) for i, dl in enumerate(acc._dataloaders)},
+            "dataloaders": {i: dataloader_state(dl) for i, dl in enumerate(acc._dataloaders)},
             "custom": dict(enumerate(acc._custom_objects)),
-            _RNG: {f"rank{rank}": states for rank, states, _ in gathered},
+            RNG: {f"rank{rank}": states for rank, states, _ in gathered},
             "step": acc.step,
             "iteration": acc.save_iteration,
         }
@@ -306,7 +215,7 @@ class AcceleratorCheckpointer:
         """
         self._check_open()
         acc = self.accelerator
-        _check_supported(acc)
+        check_supported(acc)
         self._collect(None)
         config = acc.project_configuration
         auto = config.automatic_checkpoint_naming
@@ -450,7 +359,7 @@ class AcceleratorCheckpointer:
         """
         self._check_open()
         acc = self.accelerator
-        _check_supported(acc)
+        check_supported(acc)
         self._collect(None)
         auto = acc.project_configuration.automatic_checkpoint_naming
         if input_dir is not None:
@@ -485,23 +394,23 @@ class AcceleratorCheckpointer:
         }
         if acc.scaler is not None:
             state["scaler"] = acc.scaler
-        rng_key = f"{_RNG}.rank{acc.process_index}"
+        rng_key = f"{RNG}.rank{acc.process_index}"
         if meta is not None:
             self._check_custom(meta, checkpoint_id)
-            stored = _stored_keys(meta)  # what the checkpoint holds, prefixes included
+            stored = stored_keys(meta)  # what the checkpoint holds, prefixes included
             for part in ("optimizers", "schedulers", "custom"):  # the checkpoint decides
                 state[part] = {
-                    i: _AsStored(obj, f"{part}.{i}", stored) for i, obj in state[part].items()
+                    i: AsStored(obj, f"{part}.{i}", stored) for i, obj in state[part].items()
                 }
             if "scaler" in state:
-                state["scaler"] = _AsStored(state["scaler"], "scaler", stored)
+                state["scaler"] = AsStored(state["scaler"], "scaler", stored)
             for i, dl in enumerate(acc._dataloaders):
-                parts = _dataloader_state(dl)
+                parts = dataloader_state(dl)
                 state["dataloaders"][i] = {
                     k: v for k, v in parts.items() if f"dataloaders.{i}.{k}" in stored
                 }
             if rng_key in stored:
-                state[_RNG] = {
+                state[RNG] = {
                     f"rank{acc.process_index}": accelerate_rng.template(
                         lambda part: f"{rng_key}.{part}" in stored
                     )
@@ -512,7 +421,7 @@ class AcceleratorCheckpointer:
                     "this process's generators are left as they are",
                     checkpoint_id,
                     acc.process_index,
-                    len(_indices_rng(meta)),
+                    len(children(meta, RNG)),
                 )
         result = run_load(
             state,
@@ -525,9 +434,9 @@ class AcceleratorCheckpointer:
         )
         acc.step = int(state["step"])
         for i, dl in enumerate(acc._dataloaders):
-            _set_dataloader_state(dl, state["dataloaders"].get(i, {}))
-        if _RNG in state:
-            accelerate_rng.restore(state[_RNG][f"rank{acc.process_index}"])
+            set_dataloader_state(dl, state["dataloaders"].get(i, {}))
+        if RNG in state:
+            accelerate_rng.restore(state[RNG][f"rank{acc.process_index}"])
         if auto:
             acc.project_configuration.iteration = int(state["iteration"]) + 1
         log.info("loaded accelerator state from %s", checkpoint_id)
@@ -535,7 +444,7 @@ class AcceleratorCheckpointer:
 
     def _check_custom(self, meta: Metadata, checkpoint_id: str) -> None:
         """As accelerate: the registered objects must match the checkpoint's in number."""
-        stored = _indices(meta, "custom")
+        stored = indices(meta, "custom")
         registered = len(self.accelerator._custom_objects)
         if stored != set(range(registered)):
             raise KeyMismatchError(
@@ -574,15 +483,6 @@ class AcceleratorCheckpointer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _indices_rng(meta: Metadata) -> set[str]:
-    found = set()
-    for key in (*meta.entries, *meta.containers):
-        head, _, rest = key.partition(".")
-        if head == _RNG and rest:
-            found.add(rest.split(".", 1)[0])
-    return found
 
 
 _SHARED_ATTR = "_async_ckpt_checkpointer"
