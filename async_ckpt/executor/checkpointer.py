@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import atexit
 import concurrent.futures
 import logging
-import os
 import threading
 import time
-import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -29,14 +26,13 @@ from ..state.model import LocalState
 from ..state.shortcut import FlatDictShortcut
 from ..storage.base import StorageWriter
 from ..storage.detect import detect_writer
-from . import inflight
+from . import at_exit, inflight
 from .base import Executor, ExecutorSetup, SaveJob
 from .future import AwaitableFuture, SaveFuture, SaveStats
 from .handover import Handover, drop
 from .registry import executor_class
 
 log = logging.getLogger("async_ckpt")
-_LIVE: weakref.WeakSet[AsyncCheckpointer] = weakref.WeakSet()
 
 
 class AsyncCheckpointer:
@@ -106,8 +102,7 @@ class AsyncCheckpointer:
         self._shortcut = FlatDictShortcut()
         self._walk_elsewhere = False  # see _save_elsewhere
         self._handed_over = 0  # saves queued on the staging thread, not yet past it
-        self._pid = os.getpid()  # the exit hooks leave a forked child's copies alone
-        _LIVE.add(self)
+        at_exit.track(self)
 
     # ------------------------------------------------------------------ lifecycle
     def _ensure_executor(self) -> Executor:
@@ -441,38 +436,6 @@ class AsyncCheckpointer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _finish_saves_in_flight() -> None:
-    """When the main thread ends, before the ``atexit`` handlers: saves in flight run to
-    their commit (bounded) before other handlers tear down what they use. Only waits:
-    another thread may still use the checkpointer; ``close()`` stops what hangs."""
-    for ckpt in _this_process():
-        try:
-            ckpt._finish_last(stop_if_hung=False)
-        except Exception:
-            pass
-
-
-def _this_process() -> list[AsyncCheckpointer]:
-    """The live checkpointers this process made (a forked child inherits its parent's,
-    and multiprocessing's children run the threading exit hooks)."""
-    return [c for c in list(_LIVE) if getattr(c, "_pid", None) == os.getpid()]
-
-
-try:  # what concurrent.futures uses to finish a pool's work at the same point
-    threading._register_atexit(_finish_saves_in_flight)  # type: ignore[attr-defined]
-except (AttributeError, RuntimeError):  # not this Python; or imported during exit
-    pass
-
-
-@atexit.register
-def _close_all() -> None:
-    for ckpt in _this_process():
-        try:
-            ckpt.close()
-        except Exception:
-            pass
 
 
 def _copies_from_cuda(snapshot: Snapshot) -> bool:
