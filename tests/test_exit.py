@@ -228,3 +228,38 @@ def test_a_forked_child_does_not_wait_for_its_parents_save(tmp_path):
         (gate / "release").touch()
         future.result(WAIT_S)
     assert ended == 0, "the forked child waited for the parent's save"
+
+
+def test_a_save_hung_at_exit_is_waited_for_once(tmp_path):
+    """The exit hook waits the checkpointer's limit for a save in flight; close() after it
+    stops a save still hung at once instead of waiting the limit a second time."""
+    from faulty_storage import StopAtWriter, wait_reached
+
+    from async_ckpt.executor import at_exit
+
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    ck = ac.AsyncCheckpointer(executor="thread", no_dist=True, group_timeout=0.5)
+    try:
+        writer = StopAtWriter(tmp_path / "c", gate=gate, point="before-write")
+        future = ck.save({"w": torch.randn(8)}, storage_writer=writer)
+        wait_reached(gate, "before-write")
+        at_exit._finish_saves_in_flight()  # waits 0.5 s; the save is held
+        assert not future.done()  # only waited: another thread may still use it
+        waits: list[float | None] = []
+        real_result = future.result
+
+        def result(timeout=None):
+            waits.append(timeout)
+            return real_result(timeout)
+
+        future.result = result  # type: ignore[method-assign]
+        ck._finish_last(stop_if_hung=True)  # close()'s wait: no second 0.5 s, a stop
+        assert waits == [0]
+        del future.result
+        with pytest.raises(ac.CheckpointError, match="stopped by close"):
+            future.result(WAIT_S)
+    finally:
+        (gate / "release").touch()
+        ck.close()
+    assert not (tmp_path / "c" / "metadata.json").exists()

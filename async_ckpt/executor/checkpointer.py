@@ -102,6 +102,7 @@ class AsyncCheckpointer:
         self._shortcut = FlatDictShortcut()
         self._walk_elsewhere = False  # see _save_elsewhere
         self._handed_over = 0  # saves queued on the staging thread, not yet past it
+        self._waited_out: SaveFuture | None = None  # hung past the exit hook's wait
         at_exit.track(self)
 
     # ------------------------------------------------------------------ lifecycle
@@ -413,23 +414,26 @@ class AsyncCheckpointer:
 
     def _finish_last(self, stop_if_hung: bool) -> None:
         """Wait for the latest save, bounded; ``stop_if_hung``: stop it if still running."""
-        if self._last is not None:
-            # Bounded: a hung storage write must not hang interpreter exit forever.
-            limit = self.timeout if self.timeout is not None else self.group_timeout
-            try:
-                self._last.result(timeout=limit)
-            except concurrent.futures.TimeoutError:  # not the builtin on Python 3.10
-                # SaveTimeoutError is a TimeoutError too: only a save still running is hung
-                if stop_if_hung and not self._last.done():
-                    log.error(
-                        "the last save did not finish within %s s of close(); stopping it", limit
-                    )
-                    if self._executor is not None:
-                        self._executor.abort(
-                            SaveTimeoutError(f"stopped by close() after {limit} s")
-                        )
-            except BaseException:  # reported through the future already
-                pass
+        last = self._last
+        if last is None:
+            return
+        # Bounded: a hung storage write must not hang interpreter exit forever.
+        limit = self.timeout if self.timeout is not None else self.group_timeout
+        try:
+            # once only: the exit hook may have spent the whole limit on this save already
+            last.result(timeout=0 if last is self._waited_out else limit)
+        except concurrent.futures.TimeoutError:  # not the builtin on Python 3.10
+            # SaveTimeoutError is a TimeoutError too: only a save still running is hung
+            if last.done():
+                return
+            if not stop_if_hung:
+                self._waited_out = last
+                return
+            log.error("the last save did not finish within %s s of close(); stopping it", limit)
+            if self._executor is not None:
+                self._executor.abort(SaveTimeoutError(f"stopped by close() after {limit} s"))
+        except BaseException:  # reported through the future already
+            pass
 
     def __enter__(self) -> AsyncCheckpointer:
         return self
