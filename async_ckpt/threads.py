@@ -8,7 +8,7 @@ thread has ended: where a thread cannot start, the work here runs on the
 calling thread instead (slower, but it gets done). Whoever submits work here
 waits for it, so nothing is left running when the interpreter finalizes.
 Saves in flight when the main thread ends are waited for before the
-``atexit`` handlers run (``executor/checkpointer.py``), as Python waits for a
+``atexit`` handlers run (``executor/at_exit.py``), as Python waits for a
 thread pool's work.
 
 Every wait here also outlasts Ctrl-C (re-raised once the threads ended): the
