@@ -17,6 +17,7 @@ threads read or fill buffers that the caller may free as soon as it returns.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import weakref
@@ -25,6 +26,13 @@ from concurrent.futures import CancelledError, Future
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a container's share, not the host's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def join_all(threads: Sequence[threading.Thread]) -> None:
@@ -77,8 +85,9 @@ def start_thread(target: Callable[..., None], name: str, *args: Any) -> threadin
 
 
 def run_in_threads(calls: Sequence[Callable[[], None]], name: str) -> None:
-    """Run each call on a thread of its own (on this thread where none can start); once
-    all have ended, raise the error of the lowest-numbered call that failed."""
+    """Run each call on a thread of its own, the last one on this thread (which would
+    only wait), and on this thread too where none can start; once all have ended,
+    raise the error of the lowest-numbered call that failed."""
     errors: list[BaseException | None] = [None] * len(calls)
 
     def run(i: int) -> None:
@@ -90,7 +99,7 @@ def run_in_threads(calls: Sequence[Callable[[], None]], name: str) -> None:
     started: list[threading.Thread] = []
     try:
         for i in range(len(calls)):
-            t = start_thread(run, f"{name}-{i}", i)
+            t = start_thread(run, f"{name}-{i}", i) if i < len(calls) - 1 else None
             if t is None:
                 run(i)
             else:
@@ -234,4 +243,12 @@ def _stop(calls: queue.SimpleQueue, threads: list[threading.Thread]) -> None:
         calls.put(None)
 
 
-__all__ = ["Workers", "join_all", "run_in_threads", "run_jobs", "start_thread", "wait_all"]
+__all__ = [
+    "Workers",
+    "join_all",
+    "run_in_threads",
+    "run_jobs",
+    "start_thread",
+    "usable_cores",
+    "wait_all",
+]

@@ -18,7 +18,6 @@ says why), so a save still writes at interpreter exit.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from concurrent.futures import Future
 from functools import partial
@@ -28,7 +27,7 @@ from ..format.checksum import block_checksums
 from ..format.names import DATA_FILE, data_file_name
 from ..storage.base import StorageWriter
 from ..storage.retry import write_with_retry
-from ..threads import Workers, run_in_threads
+from ..threads import Workers, run_in_threads, usable_cores
 from .incremental import BaseChunks, ChunkPlace, content_digest
 
 
@@ -74,14 +73,7 @@ def split_files(sizes: Sequence[int], n_files: int) -> list[list[int]]:
     return [sorted(b, key=lambda i: (sizes[i] % _PAGE != 0, i)) for b in bins if b]
 
 
-def _usable_cores() -> int:
-    """The cores this process may run on (a container's share, not the host's count)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-CHECKSUM_THREADS = max(1, _usable_cores() // 4)
+CHECKSUM_THREADS = max(1, usable_cores() // 4)
 """Threads that checksum a save's files while they are written (see the module docstring)."""
 
 
@@ -149,8 +141,5 @@ def write_rank_files(
     # Leaving the block waits for every checksum: no thread reads the buffers after this.
     with Workers(min(CHECKSUM_THREADS, len(groups)), "async_ckpt-checksum") as checksummer:
         calls = [partial(write_one, i, g, checksummer) for i, g in enumerate(groups)]
-        if len(calls) == 1:
-            calls[0]()
-        else:
-            run_in_threads(calls, "async_ckpt-write")
+        run_in_threads(calls, "async_ckpt-write")
     return placed

@@ -182,7 +182,7 @@ class StagerOptions:
 
     num_buffers: int = 1
     async_staging: bool = False
-    copy_threads: int = 0  # 0: the machine's cores, at most 4
+    copy_threads: int = 0  # 0: the cores this process may use, at most 4
     pin_memory: bool = True  # for CUDA states; ignored without CUDA
     # Re-copy only tensors whose storage or ``_version`` changed since this buffer's
     # last stage. In-place writes through ``tensor.data`` do not bump ``_version``

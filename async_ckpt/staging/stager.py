@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import logging
 import operator
-import os
 import queue
 import threading
 import weakref
@@ -45,7 +44,7 @@ import torch
 from ..errors import CheckpointError, SaveFailedError
 from ..gc_pause import gc_paused
 from ..state.model import LocalState, TensorItem
-from ..threads import Workers
+from ..threads import Workers, usable_cores
 from .arena import ALIGNMENT, Arena
 from .copies import Ahead, CopyPlan, copy_cpu, first_cuda, split_by_device
 from .layout import (
@@ -123,7 +122,7 @@ class Stager:
         self._plans: list[dict[int, CopyPlan]] = []
         self._next = 0
         self._lock = threading.Lock()
-        threads = self.options.copy_threads or min(4, os.cpu_count() or 1)
+        threads = self.options.copy_threads or min(4, usable_cores())
         self._pool = Workers(threads, "async_ckpt-stage")  # works at interpreter exit too
         self._threads = threads
         self._stream: torch.cuda.Stream | None = None
