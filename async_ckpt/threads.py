@@ -6,7 +6,9 @@ interpreter shutdown"), so a load or a save made from an ``atexit`` handler
 failed. Some Pythons (3.12.0-3.12.2) start no thread at all once the main
 thread has ended: where a thread cannot start, the work here runs on the
 calling thread instead (slower, but it gets done). Whoever submits work here
-waits for it, so nothing is left running when the interpreter finalizes.
+waits for it, so nothing is left running when the interpreter finalizes; the
+background work nobody waits for (``Workers(finish_at_exit=True)``) is
+waited for when the main thread ends.
 Saves in flight when the main thread ends are waited for before the
 ``atexit`` handlers run (``executor/at_exit.py``), as Python waits for a
 thread pool's work.
@@ -171,10 +173,23 @@ class Workers:
     Threads start with the first submissions, as a pool's do. ``shutdown()`` (or
     leaving the ``with`` block) runs what is queued, then ends the threads and
     waits for them; a Workers dropped without it ends its idle threads.
+
+    ``finish_at_exit``: for background work nobody waits for (a memory-tier
+    replication, a checkpoint removal): what was submitted is finished when the
+    main thread ends, before the ``atexit`` handlers, as Python does for a
+    thread pool's work; else daemon threads would die with it at finalization.
     """
 
-    def __init__(self, threads: int, name: str, *, run_here_if_no_thread: bool = True) -> None:
+    def __init__(
+        self,
+        threads: int,
+        name: str,
+        *,
+        run_here_if_no_thread: bool = True,
+        finish_at_exit: bool = False,
+    ) -> None:
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._unfinished: set[Future] | None = set() if finish_at_exit else None
         self._run_here = run_here_if_no_thread
         self._size = max(1, threads)
         self._name = name
@@ -184,6 +199,8 @@ class Workers:
         # The threads hold the queue, not this object, so a dropped Workers is collected.
         # Not at exit: atexit handlers (a save in flight, a load) still submit work then.
         weakref.finalize(self, _stop, self._calls, self._threads).atexit = False
+        if finish_at_exit:
+            _FINISH_AT_EXIT[self] = os.getpid()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         """Queue ``fn(*args)``. Where no thread runs and none can start, the call runs
@@ -198,6 +215,9 @@ class Workers:
                 if t is not None:
                     self._threads.append(t)
             if self._threads:
+                if self._unfinished is not None:
+                    self._unfinished.add(done)
+                    done.add_done_callback(self._unfinished.discard)
                 self._calls.put((done, fn, args))  # under the lock: never behind the stops
                 return done
             if not self._run_here:
@@ -221,6 +241,28 @@ class Workers:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+_FINISH_AT_EXIT: weakref.WeakKeyDictionary[Workers, int] = weakref.WeakKeyDictionary()
+"""Each live ``Workers(finish_at_exit=True)``, with the pid of the process that made it."""
+
+
+def _finish_background_work() -> None:
+    """When the main thread ends: wait for the submitted calls of this process's
+    ``finish_at_exit`` Workers (a forked child inherits its parent's, not their threads)."""
+    pid = os.getpid()
+    for workers, owner in list(_FINISH_AT_EXIT.items()):
+        for call in list(workers._unfinished or ()) if owner == pid else ():
+            try:  # Ctrl-C ends the wait: nobody's buffers are at stake in this work
+                call.exception()
+            except CancelledError:
+                pass
+
+
+try:  # where concurrent.futures waits for a pool's work
+    threading._register_atexit(_finish_background_work)  # type: ignore[attr-defined]
+except (AttributeError, RuntimeError):  # not this Python; or imported during exit
+    pass
 
 
 def _serve(calls: queue.SimpleQueue) -> None:

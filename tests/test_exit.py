@@ -263,3 +263,40 @@ def test_a_save_hung_at_exit_is_waited_for_once(tmp_path):
         (gate / "release").touch()
         ck.close()
     assert not (tmp_path / "c" / "metadata.json").exists()
+
+
+_MEMORY_AT_EXIT = textwrap.dedent(
+    """
+    import atexit, sys, torch, async_ckpt as ac
+
+    root, memory = sys.argv[1], sys.argv[2]
+    state = {"w": torch.arange(1000.0), "step": 7}
+    manager = ac.CheckpointManager(root, memory_every=1, memory_root=memory, executor="thread")
+
+    def at_exit():
+        manager.save_to_memory(7, state).result()
+        manager.close()
+        with ac.CheckpointManager(
+            root, memory_every=1, memory_root=memory, executor="thread"
+        ) as again:
+            target = {"w": torch.zeros(1000), "step": 0}
+            step = again.restore(target)
+            same = step == 7 and torch.equal(target["w"], state["w"])
+            print("restored" if same else f"restored {step}", flush=True)
+
+    atexit.register(at_exit)
+    """
+)
+
+
+def test_a_memory_tier_save_in_an_atexit_handler_works(tmp_path):
+    """Before: the tier's thread pool refused the round after the save had started."""
+    done = subprocess.run(
+        [sys.executable, "-c", _MEMORY_AT_EXIT, str(tmp_path / "s"), str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.strip() == "restored", done.stderr

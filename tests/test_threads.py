@@ -204,3 +204,50 @@ def test_a_call_run_here_may_use_its_own_workers(monkeypatch):
     inner = workers.submit(lambda: workers.submit(int, "3").result(0))
     assert inner.result(0) == 3
     assert workers.submit(workers.shutdown).exception(0) is None
+
+
+_BACKGROUND_AT_EXIT = """
+import atexit, sys, threading
+from async_ckpt.threads import Workers
+
+finish = sys.argv[1] == "finish"
+main_ended = threading.Event()
+workers = Workers(1, "background", finish_at_exit=finish)
+# the call runs once the main thread has ended, so nobody but the exit hook waits for it
+call = workers.submit(lambda: main_ended.wait() and "ran")
+# registered after async_ckpt's exit hook, so it runs first
+threading._register_atexit(main_ended.set)
+atexit.register(lambda: print(call.result(0) if call.done() else "unfinished", flush=True))
+"""
+
+
+def test_background_work_finishes_when_the_main_thread_ends_before_atexit_handlers():
+    """As Python does for a thread pool's work: a memory-tier replication or a checkpoint
+    removal that nobody waits for is not cut short by the interpreter's exit."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _BACKGROUND_AT_EXIT, "finish"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ran", done.stderr
+
+
+def test_a_forked_child_does_not_wait_for_its_parents_background_work():
+    """A forked child inherits the parent's Workers but not their threads."""
+    import multiprocessing
+
+    gate = threading.Event()
+    with Workers(1, "background", finish_at_exit=True) as workers:
+        held = workers.submit(gate.wait, WAIT_S)
+        child = multiprocessing.get_context("fork").Process(target=threads_mod.usable_cores)
+        child.start()
+        child.join(WAIT_S)  # the call is still held: a child waiting for it never ends
+        ended = child.exitcode
+        gate.set()
+    assert held.result(0) is True
+    assert ended == 0, "the forked child waited for its parent's background work"

@@ -23,7 +23,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import wait as wait_all
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -35,6 +35,7 @@ from ..executor import AsyncCheckpointer, SaveFuture, SaveStats
 from ..staging import Stager
 from ..storage.base import StorageWriter
 from ..storage.detect import detect_writer
+from ..threads import Workers
 from .lightning_format import (
     RECORD_KEY,
     identity,
@@ -227,7 +228,7 @@ class AsyncCkptIO(CheckpointIO):
         self._checkpointer: AsyncCheckpointer | None = None
         self._saves: list[_Pending] = []  # in flight, or over but not yet reported; oldest first
         self._starting: threading.Thread | None = None
-        self._remover: ThreadPoolExecutor | None = None
+        self._remover: Workers | None = None
         self._removals: list[tuple[str, Future]] = []
         _LIVE.add(self)
 
@@ -400,7 +401,8 @@ class AsyncCkptIO(CheckpointIO):
         wanted = identity(text)
         saves = [save.future for save in self._saves if _covers(wanted, save.identity)]
         if self._remover is None:
-            self._remover = ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-remove")
+            # a plain thread: a removal from an atexit handler works (async_ckpt.threads)
+            self._remover = Workers(1, "async_ckpt-remove", finish_at_exit=True)
         self._removals.append((wanted, self._remover.submit(_remove, text, saves)))
 
     def teardown(self) -> None:
@@ -428,6 +430,6 @@ class AsyncCkptIO(CheckpointIO):
                 raise errors[0]
         finally:
             if remover is not None:
-                remover.shutdown(wait=True)
+                remover.shutdown()
             if checkpointer is not None:
                 checkpointer.close()

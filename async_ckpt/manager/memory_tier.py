@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 from ..dist.comm import Comm, GroupComm, LocalComm
@@ -41,6 +41,7 @@ from ..pipeline.load import run_load
 from ..planning.keys import KeyCheck
 from ..staging import Stager, StagerOptions
 from ..storage.detect import detect_reader
+from ..threads import Workers
 from .memory_restore import RestoreInfo, fetch_rounds, fetches, newest_common_step
 from .memory_store import MemoryStore, committed_steps
 
@@ -96,7 +97,8 @@ class MemoryTier:
             local_view=True,
             stager=Stager(copy.copy(stager_options)),
         )
-        self._after = ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-memory")
+        # a plain thread: a save from an atexit handler still replicates (async_ckpt.threads)
+        self._after = Workers(1, "async_ckpt-memory", finish_at_exit=True)
         self._pending: SaveFuture | None = None
         self._round: Future | None = None
         self._written: list[int] = []  # steps of this run committed here, oldest first
@@ -339,5 +341,5 @@ class MemoryTier:
     def close(self) -> None:
         """Finish the memory save and replication in flight; stop the tier's worker."""
         self.wait()
-        self._after.shutdown(wait=True)
+        self._after.shutdown()
         self.checkpointer.close()
