@@ -172,15 +172,15 @@ def test_steady_saves_reuse_the_copy_plan_and_stage_the_current_values(tmp_path,
     with AsyncCheckpointer(executor="thread", no_dist=True, stager=stager) as ckpt:
         for name in ("a", "b"):  # one save per staging buffer
             ckpt.save(state(), checkpoint_id=tmp_path / name).result(timeout=60)
-        plans = [dict(p) for p in stager._plans]
+        plans = [dict(b.plans) for b in stager._buffers]
         with torch.no_grad():
             for p in params:
                 p.mul_(2.0)
         ckpt.save(state(), checkpoint_id=tmp_path / "c").result(timeout=60)
         reused = [
             plan is plans[n].get(index)
-            for n, buffer_plans in enumerate(stager._plans)
-            for index, plan in buffer_plans.items()
+            for n, buffer in enumerate(stager._buffers)
+            for index, plan in buffer.plans.items()
         ]
         assert reused and all(reused)
         buffers["b3"] = torch.full((7,), 5.0)  # a new object under an old key

@@ -33,7 +33,6 @@ import logging
 import operator
 import queue
 import threading
-import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -46,7 +45,8 @@ from ..gc_pause import gc_paused
 from ..state.model import LocalState, TensorItem
 from ..threads import Workers, usable_cores
 from .arena import ALIGNMENT, Arena
-from .copies import Ahead, CopyPlan, copy_cpu, first_cuda, split_by_device
+from .buffer_copies import BufferCopies
+from .copies import Ahead, copy_cpu, first_cuda, split_by_device
 from .layout import (
     Layout,
     buffer_capacity,
@@ -58,7 +58,6 @@ from .layout import (
 )
 from .options import InvalidOptionError, StagerOptions
 from .snapshot import PendingCopy, Snapshot, Wave
-from .views import typed_views
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -113,13 +112,9 @@ class Stager:
         self._last_layout: _LastLayout | None = None
         self._arenas: list[Arena] = []
         self._leases: list[threading.Event] = []
-        # per buffer: item index -> last copy's mark
-        self._seen: list[dict[int, tuple[object, weakref.ref[torch.UntypedStorage]]]] = []
-        # per buffer: item index -> its typed, shaped arena view; valid for the layout's
+        # per buffer: its views, copy plans and last copies; valid for the layout's
         # lifetime (the signature fixes every item's dtype, shape and offset)
-        self._views: list[dict[int, torch.Tensor]] = []
-        # per buffer: wave index -> its copy plan (views and sources), for that wave's layout
-        self._plans: list[dict[int, CopyPlan]] = []
+        self._buffers: list[BufferCopies] = []
         self._next = 0
         self._lock = threading.Lock()
         threads = self.options.copy_threads or min(4, usable_cores())
@@ -138,7 +133,7 @@ class Stager:
             return
         for lease in self._leases:
             lease.wait()  # old arenas may still be written from
-        self._views, self._plans = [], []  # they pin the mapping: drop them before closing
+        self._buffers = []  # their views pin the mapping: drop them before closing
         for arena in self._arenas:
             arena.close()
         self._arenas, self._layout = [], None  # a failed allocation below re-plans next time
@@ -151,9 +146,7 @@ class Stager:
         self._leases = [threading.Event() for _ in self._arenas]
         for lease in self._leases:
             lease.set()
-        self._seen = [{} for _ in self._arenas]
-        self._views = [{} for _ in self._arenas]
-        self._plans = [{} for _ in self._arenas]
+        self._buffers = [BufferCopies() for _ in self._arenas]
         self._layout = layout
         self._next = 0
         self.generation += 1
@@ -283,8 +276,8 @@ class Stager:
                 self._next = (first + len(waves)) % count
             if not layout.shared_arena and len(waves) > 1:
                 # buffers change hands within the save: nothing stays staged
-                for seen in self._seen:
-                    seen.clear()
+                for buffer in self._buffers:
+                    buffer.seen.clear()
             snap = Snapshot(state, list(self._arenas), self.generation, waves, self._leases)
             if cuda:
                 snap.staging_memory = self._staging_memory()
@@ -390,7 +383,7 @@ class Stager:
                     self._run_copies(jobs, nbytes, pending.stream)
                 wave.staged.set_result(None)
         except BaseException as exc:  # the save fails
-            self._seen[wave.buffer].clear()  # the buffer's contents are unknown now
+            self._buffers[wave.buffer].seen.clear()  # the buffer's contents are unknown now
             if wave.fresh:  # nothing else of this save is in the buffer: it goes back now
                 snap.release_buffer(wave.buffer)
             for rest in snap.waves[wave.index :]:
@@ -402,65 +395,10 @@ class Stager:
     def _copy_jobs(
         self, snap: Snapshot, wave: Wave, tensors: list[torch.Tensor], done_slots: set[int]
     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
-        """Copies for the wave's items, skipping slots already filled in this buffer; and
-        their bytes."""
-        # Only while the buffers stay with their items: not when waves take turns in them.
-        if self.options.skip_unchanged and not any(w.fresh for w in snap.waves[1:]):
-            jobs = self._changed_jobs(snap, wave, tensors, done_slots)
-            return jobs, sum(dst.nbytes for dst, _ in jobs)
-        plan = self._copy_plan(snap, wave, tensors, done_slots)
-        sources = map(tensors.__getitem__, plan.indices)
-        return list(zip(plan.dsts, sources, strict=True)), plan.nbytes
-
-    def _copy_plan(
-        self, snap: Snapshot, wave: Wave, tensors: list[torch.Tensor], done_slots: set[int]
-    ) -> CopyPlan:
-        """Which items a wave copies, into which views: fixed while its layout is the same
-        object, so a steady loop of 100k tensors reuses it instead of rebuilding it."""
-        plans = self._plans[wave.buffer]
-        plan = plans.get(wave.index)
-        if plan is not None and plan.items is wave.items:
-            done_slots |= plan.slots
-            return plan
-        views, items = self._views[wave.buffer], snap.state.items
-        plan = CopyPlan(wave.items)
-        for n, off in zip(wave.items, wave.offsets, strict=True):
-            nbytes = items[n].nbytes
-            if off in done_slots or nbytes == 0:
-                continue
-            done_slots.add(off)
-            plan.slots.add(off)
-            plan.indices.append(n)
-            plan.nbytes += nbytes
-        _add_views(views, snap.arenas[wave.buffer], wave, plan.indices, items, tensors)
-        plan.dsts = [views[n] for n in plan.indices]
-        plans[wave.index] = plan
-        return plan
-
-    def _changed_jobs(
-        self, snap: Snapshot, wave: Wave, tensors: list[torch.Tensor], done_slots: set[int]
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Copies for the wave's items whose tensors changed since this buffer's last copy."""
-        seen, views = self._seen[wave.buffer], self._views[wave.buffer]
-        items = snap.state.items
-        changed = []
-        for n, off in zip(wave.items, wave.offsets, strict=True):
-            src = tensors[n]
-            if off in done_slots or items[n].nbytes == 0:
-                continue
-            done_slots.add(off)
-            # The storage itself (weakly) is part of the mark: a freed tensor's
-            # address is soon reused by a new one with the same _version (0), e.g.
-            # torch.get_rng_state() or a numpy leaf re-wrapped at every save.
-            storage = src.untyped_storage()
-            mark = (storage_key(src), src._version)
-            last = seen.get(n)
-            if last is not None and last[0] == mark and last[1]() is storage:
-                continue
-            seen[n] = (mark, weakref.ref(storage))
-            changed.append(n)
-        _add_views(views, snap.arenas[wave.buffer], wave, changed, items, tensors)
-        return [(views[n], tensors[n]) for n in changed]
+        # Unchanged tensors are skipped only while the buffers stay with their items:
+        # not when waves take turns in them.
+        skip = self.options.skip_unchanged and not any(w.fresh for w in snap.waves[1:])
+        return self._buffers[wave.buffer].jobs(snap, wave, tensors, done_slots, skip)
 
     def _run_copies(
         self,
@@ -503,7 +441,7 @@ class Stager:
         with self._lock:
             for lease in self._leases:
                 lease.wait(timeout=60)
-            self._views, self._plans = [], []
+            self._buffers = []
             for arena in self._arenas:
                 arena.close()
             self._arenas, self._leases, self._layout = [], [], None
@@ -518,22 +456,3 @@ class _LastLayout:
     tied: list[int]
     tied_views: list[tuple]
     layout: Layout
-
-
-def _add_views(
-    views: dict[int, torch.Tensor],
-    arena: Arena,
-    wave: Wave,
-    indices: list[int],
-    items: list[TensorItem],
-    tensors: list[torch.Tensor],
-) -> None:
-    """The slots of ``indices`` (items of ``wave``) that have no view yet get one, all
-    made together; reused by later stages of the same layout."""
-    new = [n for n in indices if n not in views]
-    if not new:
-        return
-    offsets = dict(zip(wave.items, wave.offsets, strict=True))
-    slots = [(offsets[n], items[n].nbytes) for n in new]
-    made = typed_views(arena.bytes, slots, [tensors[n] for n in new])
-    views.update(zip(new, made, strict=True))
