@@ -54,8 +54,11 @@ class AsyncCheckpointer:
     state per ``num_buffers``) are made at the first save (or ``start()``) and
     reused by every save; ``close()`` (or leaving a ``with`` block, or
     interpreter exit) waits for the last save, bounded by ``timeout`` or
-    ``group_timeout``, then frees them. ``timeout`` bounds each save: one not
-    committed by then is stopped and fails with :class:`SaveTimeoutError`.
+    ``group_timeout``, then frees them. A checkpointer dropped without
+    ``close()`` keeps them until interpreter exit (its threads hold it): a
+    program that makes and drops checkpointers closes each one.
+    ``timeout`` bounds each save: one not committed by then is stopped and
+    fails with :class:`SaveTimeoutError`.
 
     ``local_view=True`` stores each rank's local tensor of a DTensor or
     ShardedTensor leaf instead of its piece of the global tensor: a checkpoint of
