@@ -18,22 +18,20 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections.abc import Mapping
-from concurrent.futures import CancelledError
 from typing import Any, Literal
 
-from ..api import load
-from ..errors import CheckpointError, CheckpointNotFoundError
+from ..errors import CheckpointError
 from ..executor import AsyncCheckpointer, SaveFuture
 from ..planning.keys import KeyCheck
-from ..storage.detect import detect_reader, detect_writer
+from ..storage.detect import detect_writer
 from .memory_restore import RestoreInfo
 from .memory_store import default_memory_root
 from .memory_tier import MemoryTier
 from .metrics import StepMetrics
 from .options import check_memory, check_metric, check_step, env_ranks_per_node, grace, positive
 from .preemption import Preemption, preemption_signals
+from .restore import restore_step
 from .retention import (
     best_steps,
     in_flight,
@@ -42,6 +40,7 @@ from .retention import (
     writing,
 )
 from .root import StepStore
+from .saves import SaveTracker
 
 log = logging.getLogger("async_ckpt")
 
@@ -207,10 +206,8 @@ class CheckpointManager:
                 raise
         self.last_restore: RestoreInfo | None = None
         self._lock = threading.RLock()
-        self._pending: SaveFuture | None = None
-        self._pending_step: int | None = None
+        self._saves = SaveTracker(self.store, self._metrics, self._lock, self._retain_logged)
         self._last_step: int | None = None  # saved or restored last: maybe_save skips it
-        self._newest_saved: int | None = None  # committed last by this manager: kept
         self._closed = False
         self._preemption = preemption
         if preemption is not None:
@@ -362,12 +359,11 @@ class CheckpointManager:
             step,
             self.root,
         )
-        with self._lock:
-            pending, pending_step = self._pending, self._pending_step
+        pending, pending_step = self._saves.pending()
         if step == self._last_step:
             return pending if pending_step == step else None
         try:
-            self._collect(None)
+            self._saves.collect(None)
         except Exception as exc:  # logged by the checkpointer too; the final save matters more
             log.warning(
                 "the save before the final one failed (%s); saving step %d anyway", exc, step
@@ -391,11 +387,11 @@ class CheckpointManager:
         self._check_open()
         step = check_step(step)
         extra = self._metrics.extra(step, metrics)
-        self._collect(None)
+        self._saves.collect(None)
         self._retain_logged()
         self._warn_if_rewound(step)
         cid = self.store.checkpoint_id(step)
-        base = self._incremental_base()
+        base = self._saves.base() if self.incremental else None
         in_flight(self.store.identity(step), True)
         try:
             future = self.checkpointer.save(
@@ -406,27 +402,13 @@ class CheckpointManager:
                 base=base,
             )
         except BaseException:
-            self._finished(step, None)
+            self._saves.finished(step, None)
             raise
         with self._lock:
-            self._pending, self._pending_step = future, step
+            self._saves.started(step, future)
             self._last_step = step
-        future.add_done_callback(lambda fut: self._finished(step, fut))
+        future.add_done_callback(lambda fut: self._saves.finished(step, fut))
         return future
-
-    def _incremental_base(self) -> str | None:
-        """The newest committed step's id: what an incremental save shares bytes with.
-
-        The step this manager committed last when there is one (kept by retention;
-        no listing of the root per save), else the newest under the root.
-        """
-        if not self.incremental:
-            return None
-        newest = self._newest_saved
-        if newest is None:
-            committed = self.store.committed()
-            newest = committed[-1] if committed else None
-        return None if newest is None else self.store.checkpoint_id(newest)
 
     def _warn_if_rewound(self, step: int) -> None:
         if self.rank != 0 or step == self._last_step:
@@ -442,49 +424,9 @@ class CheckpointManager:
                 newer[-1],
             )
 
-    def _finished(self, step: int, future: SaveFuture | None) -> None:
-        """Done callback of a save (worker's reply thread): retention after a commit."""
-        in_flight(self.store.identity(step), False)
-        if future is None or future.cancelled() or future.exception() is not None:
-            return  # the checkpointer logged the failure; nothing is deleted for it
-        self._committed(step, future)
-        self._retain_logged()
-
-    def _committed(self, step: int, future: SaveFuture) -> None:
-        """Record a commit of this manager: kept by retention, its metrics known."""
-        extra = getattr(future.result(), "extra", None) or {}
-        metrics = extra.get("metrics")  # rank 0's, on every rank
-        with self._lock:
-            self._newest_saved = step
-            self._metrics.remember(step, metrics)
-
-    def _collect(self, timeout: float | None) -> None:
-        """Wait for the pending save; raise its error (not a cancellation) once."""
-        with self._lock:
-            future, step = self._pending, self._pending_step
-        if future is None:
-            return
-        assert step is not None  # set together with _pending
-        try:
-            future.result(timeout)
-        except BaseException as exc:
-            if not future.done():
-                raise  # the wait timed out; the save goes on
-            self._forget(future)
-            if isinstance(exc, CancelledError):
-                return
-            raise
-        self._committed(step, future)  # before the done callback may have run
-        self._forget(future)
-
-    def _forget(self, future: SaveFuture) -> None:
-        with self._lock:
-            if self._pending is future:
-                self._pending, self._pending_step = None, None
-
     def wait(self, timeout: float | None = None) -> None:
         """Block until the pending save committed and retention ran; raise its error."""
-        self._collect(timeout)
+        self._saves.collect(timeout)
         self._retain_logged()
 
     # ----------------------------------------------------------------- retention
@@ -517,7 +459,7 @@ class CheckpointManager:
                 # a step whose metric could not be read might be among the best: kept
                 best = best_steps(values, self.keep_best, self.mode) + sorted(unknown)
             keep = steps_to_keep(
-                committed, self.keep_last, self.keep_every, self._newest_saved, best
+                committed, self.keep_last, self.keep_every, self._saves.newest_saved, best
             )
             busy = writing()
             removed = []
@@ -561,48 +503,31 @@ class CheckpointManager:
         Raises :class:`CheckpointNotFoundError` when neither the root nor the memory
         tier holds a committed checkpoint (start from scratch then).
         """
-        self._collect(None)
-        t0 = time.perf_counter()
-        if self._memory is not None:
-            storage_step = self.latest_step() if step is None else None
-            info = self._memory.restore(state, storage_step, step, strict, allow_lossy_cast)
-            if info is not None:
-                with self._lock:
-                    self._last_step = info.step
-                self.last_restore = info
-                log.info(
-                    "restored step %d from the memory tier (%s) in %.2f s",
-                    info.step,
-                    "own copy" if info.holder is None else f"replica from rank {info.holder}",
-                    info.seconds,
-                )
-                return info.step
-        if step is None:
-            step = self.latest_step()
-            if step is None:
-                raise CheckpointNotFoundError(
-                    f"no committed checkpoint under {self.root!r}"
-                    + (
-                        " nor in the memory tier; start from scratch (catch this error)"
-                        if self._memory is not None
-                        else "; start from scratch "
-                        "(check manager.latest_step() is not None before restoring)"
-                    )
-                )
-        cid = self.store.checkpoint_id(check_step(step))
-        load(
+        self._saves.collect(None)
+        info = restore_step(
             state,
-            storage_reader=detect_reader(cid, self.storage_options),
-            strict=strict,
-            allow_lossy_cast=allow_lossy_cast,
-            process_group=self.checkpointer.process_group,
-            no_dist=not self.checkpointer.distributed,
+            step,
+            strict,
+            allow_lossy_cast,
+            store=self.store,
+            memory=self._memory,
+            checkpointer=self.checkpointer,
+            storage_options=self.storage_options,
+            latest_step=self.latest_step,
         )
         with self._lock:
-            self._last_step = step
-        self.last_restore = RestoreInfo(step, "storage", time.perf_counter() - t0)
-        log.info("restored %s", cid)
-        return step
+            self._last_step = info.step
+        self.last_restore = info
+        if info.source == "storage":
+            log.info("restored %s", self.store.checkpoint_id(info.step))
+        else:
+            log.info(
+                "restored step %d from the memory tier (%s) in %.2f s",
+                info.step,
+                "own copy" if info.holder is None else f"replica from rank {info.holder}",
+                info.seconds,
+            )
+        return info.step
 
     def clear_memory(self) -> None:
         """Delete this rank's memory-tier snapshots and the replicas it holds for its peer
@@ -628,7 +553,7 @@ class CheckpointManager:
             return
         self._closed = True
         try:
-            self._collect(None)
+            self._saves.collect(None)
         except Exception:  # logged by the checkpointer
             pass
         if self._preemption is not None:
