@@ -41,8 +41,8 @@ from .errors import (
     WorkerDiedError,
 )
 from .executor import AsyncCheckpointer, SaveFuture, SaveStats
+from .format.allow_list import allow_class, allow_global, allow_module
 from .format.metadata import Metadata
-from .format.objects import allow_class, allow_global, allow_module
 from .manager import CheckpointManager
 from .materialize import materialize, read_entry
 from .pipeline.load import LoadResult

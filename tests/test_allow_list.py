@@ -15,8 +15,9 @@ import torch
 
 import async_ckpt
 from async_ckpt import UnsafeObjectError
-from async_ckpt.format import objects
-from async_ckpt.format.objects import is_allowed, loads_object
+from async_ckpt.format import allow_list, objects
+from async_ckpt.format.allow_list import is_allowed
+from async_ckpt.format.objects import loads_object
 
 
 @dataclasses.dataclass
@@ -35,8 +36,8 @@ class CallsAFunction:
 @pytest.fixture(autouse=True)
 def fresh_allow_list(monkeypatch):
     """Every test starts from the built-in allow-list and leaves it as it was."""
-    monkeypatch.setattr(objects, "_SAFE_GLOBALS", set(objects._SAFE_GLOBALS))
-    monkeypatch.setattr(objects, "_ALLOWED_MODULES", set())
+    monkeypatch.setattr(allow_list, "_SAFE_GLOBALS", set(allow_list._SAFE_GLOBALS))
+    monkeypatch.setattr(allow_list, "_ALLOWED_MODULES", set())
 
 
 def _call(module: str, name: str, args: bytes = b")") -> bytes:
@@ -136,7 +137,7 @@ def test_the_load_side_message_is_unchanged(ckpt_dir, monkeypatch):
     async_ckpt.allow_class(Config)
     async_ckpt.save({"config": Config()}, checkpoint_id=ckpt_dir)
     monkeypatch.setattr(
-        objects, "_SAFE_GLOBALS", set(objects._SAFE_GLOBALS) - {("test_allow_list", "Config")}
+        allow_list, "_SAFE_GLOBALS", set(allow_list._SAFE_GLOBALS) - {("test_allow_list", "Config")}
     )  # as in a process that did not allow it
     with pytest.raises(UnsafeObjectError) as info:
         async_ckpt.load({"config": None}, checkpoint_id=ckpt_dir)
@@ -165,10 +166,10 @@ def test_allow_class_is_a_decorator_returning_the_class(user_pkg):
 
 @pytest.mark.parametrize("thing", [os.system, eval, "pkg.Config", Config()], ids=repr)
 def test_allow_class_takes_classes_only(thing):
-    before = set(objects._SAFE_GLOBALS)
+    before = set(allow_list._SAFE_GLOBALS)
     with pytest.raises(UnsafeObjectError, match="allow_class takes a class"):
         async_ckpt.allow_class(thing)
-    assert objects._SAFE_GLOBALS == before
+    assert allow_list._SAFE_GLOBALS == before
 
 
 # --------------------------------------------------------------------- allow_module
@@ -182,13 +183,13 @@ def test_allow_module_allows_the_classes_of_a_package(user_pkg, ckpt_dir):
     }
     with pytest.raises(UnsafeObjectError, match=rf"allow_module\('{name}'\)"):
         async_ckpt.save(state, checkpoint_id=ckpt_dir)
-    before = set(objects._SAFE_GLOBALS)
+    before = set(allow_list._SAFE_GLOBALS)
     async_ckpt.allow_module(name)
     async_ckpt.save(state, checkpoint_id=ckpt_dir)
     target = dict.fromkeys(state)
     async_ckpt.load(target, checkpoint_id=ckpt_dir)
     assert target == state
-    assert objects._SAFE_GLOBALS == before  # a prefix, not one entry per class
+    assert allow_list._SAFE_GLOBALS == before  # a prefix, not one entry per class
     assert not is_allowed(name + "_evil.config", "Config")  # a prefix is whole components
 
 
@@ -250,7 +251,7 @@ def test_allow_module_never_imports_a_module_a_checkpoint_names(user_pkg):
 def test_allow_module_refuses_prefixes_that_are_not_the_users(prefix):
     with pytest.raises(UnsafeObjectError, match="allow_module"):
         async_ckpt.allow_module(prefix)
-    assert objects._ALLOWED_MODULES == set()
+    assert allow_list._ALLOWED_MODULES == set()
     assert not is_allowed("os", "system") and not is_allowed("subprocess", "Popen")
 
 

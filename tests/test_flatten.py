@@ -7,7 +7,7 @@ import torch
 
 import async_ckpt
 from async_ckpt import StateDictError, UnsafeObjectError
-from async_ckpt.format import objects
+from async_ckpt.format import allow_list
 from async_ckpt.state.flatten import flatten, key_of
 
 
@@ -56,7 +56,7 @@ def test_a_class_outside_the_allow_list_is_refused_at_save(ckpt_dir):
 
 
 def test_allow_class_lets_a_trusted_class_through(ckpt_dir, monkeypatch):
-    monkeypatch.setattr(objects, "_SAFE_GLOBALS", set(objects._SAFE_GLOBALS))
+    monkeypatch.setattr(allow_list, "_SAFE_GLOBALS", set(allow_list._SAFE_GLOBALS))
     async_ckpt.allow_class(NotAllowListed)
     target = {"obj": None}
     async_ckpt.save({"obj": NotAllowListed(3)}, checkpoint_id=ckpt_dir)

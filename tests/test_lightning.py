@@ -30,7 +30,7 @@ from pytorch_lightning.strategies import DDPStrategy  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import async_ckpt  # noqa: E402
-from async_ckpt.format import objects  # noqa: E402
+from async_ckpt.format import allow_list  # noqa: E402
 from async_ckpt.integrations.lightning import RECORD_KEY, AsyncCkptIO, load_checkpoint  # noqa: E402
 from async_ckpt.storage.detect import detect_root  # noqa: E402
 
@@ -552,11 +552,11 @@ class ConfigModel(TinyModel):
 
 def _fresh_allow_list(monkeypatch: pytest.MonkeyPatch, baseline: set) -> None:
     """What a new process has: the built-in allow-list, none of this test's classes."""
-    monkeypatch.setattr(objects, "_SAFE_GLOBALS", set(baseline))
+    monkeypatch.setattr(allow_list, "_SAFE_GLOBALS", set(baseline))
 
 
 def test_dataclass_hparams_are_allow_listed_at_save_and_load_back(tmp_path, monkeypatch):
-    baseline = set(objects._SAFE_GLOBALS)
+    baseline = set(allow_list._SAFE_GLOBALS)
     _fresh_allow_list(monkeypatch, baseline)
     config = Config(hidden=12, activation=Activation.RELU, optim=OptimConfig(lr=0.02))
     trainer = make_trainer(
@@ -573,11 +573,11 @@ def test_dataclass_hparams_are_allow_listed_at_save_and_load_back(tmp_path, monk
     model = ConfigModel.load_from_checkpoint(tmp_path / "cfg.ckpt")
     assert model.hparams.config == config
     assert model.hparams.config.activation is Activation.RELU
-    assert objects.is_allowed("test_lightning", "Config")
+    assert allow_list.is_allowed("test_lightning", "Config")
 
 
 def test_hparams_classes_that_are_not_plain_data_are_refused_at_save(tmp_path, monkeypatch):
-    baseline = set(objects._SAFE_GLOBALS)
+    baseline = set(allow_list._SAFE_GLOBALS)
     _fresh_allow_list(monkeypatch, baseline)
     trainer = make_trainer(
         max_steps=1, plugins=[AsyncCkptIO(executor="thread")], enable_checkpointing=False
@@ -586,8 +586,8 @@ def test_hparams_classes_that_are_not_plain_data_are_refused_at_save(tmp_path, m
     with pytest.raises(async_ckpt.UnsafeObjectError, match="test_lightning.Reducing"):
         trainer.save_checkpoint(tmp_path / "refused.ckpt")
     trainer.strategy.checkpoint_io.teardown()
-    assert not objects.is_allowed("test_lightning", "Reducing")
-    assert objects.is_allowed("test_lightning", "Config"), "the plain ones were allowed"
+    assert not allow_list.is_allowed("test_lightning", "Reducing")
+    assert allow_list.is_allowed("test_lightning", "Config"), "the plain ones were allowed"
     # without the automatic allow-list, even plain dataclasses need allow_class
     _fresh_allow_list(monkeypatch, baseline)
     off = make_trainer(
@@ -607,7 +607,7 @@ def test_hparams_classes_that_are_not_plain_data_are_refused_at_save(tmp_path, m
 
 
 def test_recorded_class_names_never_allow_code_or_import_modules(tmp_path, monkeypatch):
-    _fresh_allow_list(monkeypatch, set(objects._SAFE_GLOBALS))
+    _fresh_allow_list(monkeypatch, set(allow_list._SAFE_GLOBALS))
     names = [
         "os:system",
         "builtins:eval",
@@ -620,7 +620,7 @@ def test_recorded_class_names_never_allow_code_or_import_modules(tmp_path, monke
         {"w": torch.ones(2), RECORD_KEY: {"classes": names}}, checkpoint_id=tmp_path / "c"
     )
     load_checkpoint(tmp_path / "c")
-    assert [objects.is_allowed(*n.split(":")) for n in names] == [False] * 5 + [True]
+    assert [allow_list.is_allowed(*n.split(":")) for n in names] == [False] * 5 + [True]
     assert "async_ckpt_never_imported_module" not in sys.modules
 
 

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 
 from ..errors import CorruptCheckpointError, MetadataError, UnsafeObjectError
+from .allow_list import is_allowed
 from .dcp_translate import RawTensor, Refused
 from .dtypes import dtype_from_name, itemsize
-from .objects import is_allowed
 
 SAFETENSORS_PREFIX = 8
 """Bytes before a safetensors header: its length, a little-endian u64."""

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ..format.objects import allow_class, is_allowed
+from ..format.allow_list import allow_class, is_allowed
 
 # Lightning's keys for the module's and the datamodule's hyper-parameters.
 HPARAMS_KEYS = ("hyper_parameters", "datamodule_hyper_parameters")
