@@ -1,6 +1,8 @@
 """Local filesystem backend: a checkpoint is a directory; metadata.json commits it.
 
-Handles plain paths and ``file://`` URLs.
+Handles plain paths and ``file://`` URLs. This module holds the writer; the
+reader is in :mod:`.local_reader`, the root in :mod:`.local_root`, and both are
+importable from here.
 """
 
 from __future__ import annotations
@@ -8,36 +10,21 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
-import shutil
 import stat
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import (
-    CheckpointExistsError,
-    CheckpointNotFoundError,
-    CorruptCheckpointError,
-    IncompleteCheckpointError,
-    MetadataError,
-)
+from ..errors import CheckpointExistsError, CorruptCheckpointError
 from ..format.decode import MAX_METADATA_BYTES
 from ..format.names import DATA_FILE, METADATA_FILE, METADATA_TEMP_PREFIX, is_safe_file_name
-from .base import StorageReader, StorageRoot, StorageWriter, Usage
+from .base import StorageWriter
 from .dcp_options import _NOT_SET, checkpoint_id_or_path, warn_ignored
-from .direct import PIECE, DirectWrites, pwrite_all
-
-# NOFOLLOW: a symlinked file could point outside the checkpoint. NONBLOCK: opening a FIFO
-# planted in place of a file must not hang (regular files ignore the flag).
-_OPEN_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-_OPEN_WRITE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
-
-
-def _local_path(checkpoint_id: str | os.PathLike) -> Path:
-    text = os.fspath(checkpoint_id)
-    return Path(text.removeprefix("file://") if text.startswith("file://") else text)
+from .direct import DirectWrites, pwrite_all
+from .local_paths import _OPEN_WRITE, _local_path, _read_regular_file
+from .local_reader import FileSystemReader
+from .local_root import FileSystemRoot
 
 
 def _fsync_dir(path: Path) -> None:
@@ -245,193 +232,4 @@ def _unlink_quietly(path: Path) -> bool:
         return False
 
 
-def _read_regular_file(path: Path, limit: int, fd: int | None = None) -> bytes:
-    """The bytes of ``path`` (or of ``fd``, opened on it), a regular file of at most ``limit``.
-
-    Type and size are checked on the open descriptor before anything is read; the
-    descriptor is closed.
-    """
-    if fd is None:
-        fd = os.open(path, _OPEN_READ)
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise CorruptCheckpointError(f"{path} is not a regular file")
-        if info.st_size > limit:
-            raise MetadataError(
-                f"invalid checkpoint metadata: {path} is {info.st_size} bytes, above the "
-                f"{limit} limit"
-            )
-        chunks = []
-        remaining = limit + 1
-        while remaining > 0:
-            piece = os.read(fd, min(remaining, PIECE))
-            if not piece:
-                break
-            chunks.append(piece)
-            remaining -= len(piece)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-class FileSystemReader(StorageReader):
-    """Reads a checkpoint directory with positioned reads straight into tensor memory."""
-
-    def __init__(
-        self,
-        checkpoint_id: str | os.PathLike | None = None,
-        *,
-        path: str | os.PathLike | None = None,
-    ) -> None:
-        checkpoint_id = checkpoint_id_or_path(checkpoint_id, path)  # ``path=``: DCP's keyword
-        self.checkpoint_id = os.fspath(checkpoint_id)
-        self.path = _local_path(checkpoint_id)
-        self._fds: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
-        return FileSystemWriter.validate_checkpoint_id(checkpoint_id)
-
-    def read_metadata(self) -> bytes:
-        meta = self.path / METADATA_FILE
-        try:
-            fd = os.open(meta, _OPEN_READ)
-        except (FileNotFoundError, NotADirectoryError):
-            raise self._not_a_checkpoint() from None
-        except OSError as exc:  # ELOOP: metadata.json is a symlink
-            raise CorruptCheckpointError(
-                f"cannot open {meta}: {exc}; checkpoint files must be regular files"
-            ) from exc
-        return _read_regular_file(meta, MAX_METADATA_BYTES, fd)
-
-    def _not_a_checkpoint(self) -> Exception:
-        """Why there is no committed checkpoint here, for what users point a load at."""
-        cid = self.checkpoint_id
-        if self.path.is_file():
-            return CheckpointNotFoundError(
-                f"{cid!r} is a file, not an async_ckpt checkpoint (a directory): probably a "
-                "torch.save file. Read it with torch.load, or convert it once with "
-                "async_ckpt.save(torch.load(path), checkpoint_id=NEW_DIR)."
-            )
-        if not self.path.is_dir():
-            return CheckpointNotFoundError(
-                f"no checkpoint at {cid!r}: the directory does not exist"
-            )
-        steps = sorted(
-            child.name
-            for child in self.path.iterdir()
-            if child.is_dir() and (child / METADATA_FILE).is_file()
-        )
-        if steps:
-            return CheckpointNotFoundError(
-                f"{cid!r} is not a checkpoint but a directory of {len(steps)} checkpoints "
-                f"(a CheckpointManager root?): {steps[:5]}{' ...' if len(steps) > 5 else ''}. "
-                f"Load one of them (checkpoint_id={str(self.path / steps[-1])!r}), or "
-                "CheckpointManager(root).restore(state) for the newest step."
-            )
-        return IncompleteCheckpointError(
-            f"checkpoint {cid!r} is incomplete: it has no {METADATA_FILE}, "
-            "so its save never committed (crashed or still running). Load an earlier "
-            "checkpoint; this one holds no usable data."
-        )
-
-    def _fd(self, name: str) -> int:
-        with self._lock:
-            fd = self._fds.get(name)
-            if fd is None:
-                if not is_safe_file_name(name):
-                    raise CorruptCheckpointError(f"refusing data file name {name!r}")
-                try:
-                    fd = os.open(self.path / name, _OPEN_READ)
-                except FileNotFoundError as exc:
-                    raise CorruptCheckpointError(
-                        f"data file {name!r} of checkpoint {self.checkpoint_id!r} is missing; "
-                        "the checkpoint is damaged"
-                    ) from exc
-                except OSError as exc:
-                    raise CorruptCheckpointError(
-                        f"cannot open data file {name!r} of {self.checkpoint_id!r}: {exc} "
-                        "(data files must be regular files, not symlinks)"
-                    ) from exc
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    os.close(fd)
-                    raise CorruptCheckpointError(
-                        f"data file {name!r} of {self.checkpoint_id!r} is not a regular file"
-                    )
-                self._fds[name] = fd
-            return fd
-
-    def read_into(self, name: str, offset: int, dest: memoryview) -> None:
-        fd = self._fd(name)
-        view = dest.cast("B") if dest.format != "B" else dest
-        pos = 0
-        while pos < len(view):
-            got = os.preadv(fd, [view[pos : pos + PIECE]], offset + pos)
-            if got == 0:
-                raise CorruptCheckpointError(
-                    f"data file {name!r} of {self.checkpoint_id!r} is truncated: expected "
-                    f"{len(view)} bytes at offset {offset}, the file ends at {offset + pos}"
-                )
-            pos += got
-
-    def file_size(self, name: str) -> int | None:
-        return os.fstat(self._fd(name)).st_size
-
-    def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
-
-
-class FileSystemRoot(StorageRoot):
-    """The checkpoint directories under a local directory (a CheckpointManager root)."""
-
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.root = os.fspath(root)
-        self.path = _local_path(root)
-
-    def exists(self) -> bool:
-        return self.path.is_dir()
-
-    def children(self) -> dict[str, bool]:
-        try:
-            entries = list(os.scandir(self.path))
-        except FileNotFoundError:
-            return {}
-        return {
-            entry.name: os.path.isfile(os.path.join(entry.path, METADATA_FILE))
-            for entry in entries
-            if entry.is_dir(follow_symlinks=False)
-        }
-
-    def usage(self, name: str) -> Usage:
-        path = self.path / name
-        size, newest, files = 0, None, {}
-        for folder, _, names in os.walk(path):
-            for file in names:
-                try:
-                    st = os.stat(os.path.join(folder, file), follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                size += st.st_size
-                files[(st.st_dev, st.st_ino)] = st.st_size
-                newest = st.st_mtime if newest is None else max(newest, st.st_mtime)
-        if newest is None and path.is_dir():
-            newest = os.stat(path).st_mtime
-        return Usage(size, newest, files)
-
-    def delete(self, name: str) -> None:
-        path = self.path / name
-        try:
-            os.unlink(path / METADATA_FILE)
-        except FileNotFoundError:
-            pass
-        # Errors below the metadata are left: the child lists as incomplete, and the
-        # caller sees it is still there.
-        shutil.rmtree(path, ignore_errors=True)
-
-    def identity(self, name: str) -> str:
-        return os.path.realpath(self.path / name)
+__all__ = ["FileSystemReader", "FileSystemRoot", "FileSystemWriter"]
