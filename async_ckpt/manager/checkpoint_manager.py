@@ -32,13 +32,7 @@ from .metrics import StepMetrics
 from .options import check_memory, check_metric, check_step, env_ranks_per_node, grace, positive
 from .preemption import Preemption, preemption_signals
 from .restore import restore_step
-from .retention import (
-    best_steps,
-    in_flight,
-    remove_incomplete,
-    steps_to_keep,
-    writing,
-)
+from .retention import Policy, in_flight, remove_incomplete, remove_unkept
 from .root import StepStore
 from .saves import SaveTracker
 
@@ -449,39 +443,12 @@ class CheckpointManager:
         if self.rank != 0:
             return []
         with self._lock:
-            found = self.store.scan()
-            committed = sorted(s for s, done in found.items() if done)
-            if not committed:
-                return []
-            best: list[int] = []
-            if self.keep_best is not None:
-                values, unknown = self._metrics.values(committed)
-                # a step whose metric could not be read might be among the best: kept
-                best = best_steps(values, self.keep_best, self.mode) + sorted(unknown)
-            keep = steps_to_keep(
-                committed, self.keep_last, self.keep_every, self._saves.newest_saved, best
+            return remove_unkept(
+                self.store,
+                self._metrics,
+                Policy(self.keep_last, self.keep_every, self.keep_best, self.mode),
+                self._saves.newest_saved,
             )
-            busy = writing()
-            removed = []
-            for step in committed:
-                if step in keep or self.store.identity(step) in busy:
-                    continue
-                self.store.remove(step)
-                self._metrics.forget(step)
-                removed.append(step)
-                log.info(
-                    "removed checkpoint %s (keep_last=%s, keep_every=%s, keep_best=%s)",
-                    self.store.checkpoint_id(step),
-                    self.keep_last,
-                    self.keep_every,
-                    self.keep_best,
-                )
-            # A failed save's directory is not written any more once a later save committed.
-            for step in sorted(s for s, done in found.items() if not done and s < committed[-1]):
-                if self.store.identity(step) not in busy:
-                    self.store.remove(step)
-                    log.info("removed %s, left by a failed save", self.store.checkpoint_id(step))
-            return removed
 
     # ------------------------------------------------------------------- restore
     def restore(

@@ -14,9 +14,13 @@ import math
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 from .root import StepStore
+
+if TYPE_CHECKING:
+    from .metrics import StepMetrics
 
 log = logging.getLogger("async_ckpt")
 
@@ -122,3 +126,55 @@ def remove_incomplete(store: StepStore, grace_s: float) -> None:
             "committed (left by a crash or a failed save)",
             cid,
         )
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A manager's retention options (see :class:`CheckpointManager`)."""
+
+    keep_last: int | None
+    keep_every: int | None
+    keep_best: int | None
+    mode: Literal["min", "max"]
+
+
+def remove_unkept(
+    store: StepStore, metrics: StepMetrics, policy: Policy, newest_saved: int | None
+) -> list[int]:
+    """Remove the committed steps ``policy`` does not keep, and failed saves' leftovers
+    older than the newest commit; returns the removed committed steps.
+
+    ``newest_saved`` (committed last by this manager) and steps being written are
+    always kept. The caller holds the manager's lock.
+    """
+    found = store.scan()
+    committed = sorted(s for s, done in found.items() if done)
+    if not committed:
+        return []
+    best: list[int] = []
+    if policy.keep_best is not None:
+        values, unknown = metrics.values(committed)
+        # a step whose metric could not be read might be among the best: kept
+        best = best_steps(values, policy.keep_best, policy.mode) + sorted(unknown)
+    keep = steps_to_keep(committed, policy.keep_last, policy.keep_every, newest_saved, best)
+    busy = writing()
+    removed = []
+    for step in committed:
+        if step in keep or store.identity(step) in busy:
+            continue
+        store.remove(step)
+        metrics.forget(step)
+        removed.append(step)
+        log.info(
+            "removed checkpoint %s (keep_last=%s, keep_every=%s, keep_best=%s)",
+            store.checkpoint_id(step),
+            policy.keep_last,
+            policy.keep_every,
+            policy.keep_best,
+        )
+    # A failed save's directory is not written any more once a later save committed.
+    for step in sorted(s for s, done in found.items() if not done and s < committed[-1]):
+        if store.identity(step) not in busy:
+            store.remove(step)
+            log.info("removed %s, left by a failed save", store.checkpoint_id(step))
+    return removed
