@@ -36,25 +36,15 @@ import torch.distributed as dist
 from accelerate import Accelerator
 
 from ..dist.ranks import caller_comm
-from ..errors import CheckpointError, CheckpointNotFoundError, KeyMismatchError
+from ..errors import CheckpointError, CheckpointNotFoundError
 from ..executor import AsyncCheckpointer, SaveFuture
-from ..format.decode import decode_metadata
-from ..format.metadata import Metadata
 from ..pipeline.load import LoadResult, run_load
 from ..planning.keys import KeyCheck
 from ..storage.detect import detect_reader, detect_root
 from ..storage.local import FileSystemWriter
 from . import accelerate_rng
-from .accelerate_layout import (
-    RNG,
-    AsStored,
-    check_supported,
-    children,
-    dataloader_state,
-    indices,
-    set_dataloader_state,
-    stored_keys,
-)
+from .accelerate_layout import RNG, check_supported, dataloader_state
+from .accelerate_load import finish_load, prepare_load
 
 log = logging.getLogger("async_ckpt")
 
@@ -376,53 +366,7 @@ class AcceleratorCheckpointer:
                 "load_state needs input_dir unless ProjectConfiguration("
                 "automatic_checkpoint_naming=True)"
             )
-        models = list(acc._models)
-        for hook in acc._load_model_state_pre_hook.values():
-            hook(models, checkpoint_id)
-        try:
-            meta: Metadata | None = decode_metadata(detect_reader(checkpoint_id).read_metadata())
-        except Exception:
-            meta = None  # the load below meets the same error, on every rank together
-        state: dict[str, Any] = {
-            "models": {i: acc.unwrap_model(model) for i, model in enumerate(models)},
-            "optimizers": dict(enumerate(acc._optimizers)),
-            "schedulers": dict(enumerate(acc._schedulers)),
-            "dataloaders": {},
-            "custom": dict(enumerate(acc._custom_objects)),
-            "step": acc.step,
-            "iteration": acc.save_iteration,
-        }
-        if acc.scaler is not None:
-            state["scaler"] = acc.scaler
-        rng_key = f"{RNG}.rank{acc.process_index}"
-        if meta is not None:
-            self._check_custom(meta, checkpoint_id)
-            stored = stored_keys(meta)  # what the checkpoint holds, prefixes included
-            for part in ("optimizers", "schedulers", "custom"):  # the checkpoint decides
-                state[part] = {
-                    i: AsStored(obj, f"{part}.{i}", stored) for i, obj in state[part].items()
-                }
-            if "scaler" in state:
-                state["scaler"] = AsStored(state["scaler"], "scaler", stored)
-            for i, dl in enumerate(acc._dataloaders):
-                parts = dataloader_state(dl)
-                state["dataloaders"][i] = {
-                    k: v for k, v in parts.items() if f"dataloaders.{i}.{k}" in stored
-                }
-            if rng_key in stored:
-                state[RNG] = {
-                    f"rank{acc.process_index}": accelerate_rng.template(
-                        lambda part: f"{rng_key}.{part}" in stored
-                    )
-                }
-            else:
-                log.warning(
-                    "%s holds no generator states for process %d (saved by %d processes); "
-                    "this process's generators are left as they are",
-                    checkpoint_id,
-                    acc.process_index,
-                    len(children(meta, RNG)),
-                )
+        state, meta = prepare_load(acc, checkpoint_id)
         result = run_load(
             state,
             detect_reader(checkpoint_id),
@@ -432,28 +376,9 @@ class AcceleratorCheckpointer:
             metadata=meta,
             comm=self._comm(),
         )
-        acc.step = int(state["step"])
-        for i, dl in enumerate(acc._dataloaders):
-            set_dataloader_state(dl, state["dataloaders"].get(i, {}))
-        if RNG in state:
-            accelerate_rng.restore(state[RNG][f"rank{acc.process_index}"])
-        if auto:
-            acc.project_configuration.iteration = int(state["iteration"]) + 1
+        finish_load(acc, state, auto)
         log.info("loaded accelerator state from %s", checkpoint_id)
         return result
-
-    def _check_custom(self, meta: Metadata, checkpoint_id: str) -> None:
-        """As accelerate: the registered objects must match the checkpoint's in number."""
-        stored = indices(meta, "custom")
-        registered = len(self.accelerator._custom_objects)
-        if stored != set(range(registered)):
-            raise KeyMismatchError(
-                f"{checkpoint_id!r} holds {len(stored)} custom object(s) and "
-                f"{registered} are registered with register_for_checkpointing; load only "
-                "checkpoints saved with the same registered objects",
-                missing=[f"custom.{i}" for i in range(registered) if i not in stored],
-                unexpected=[f"custom.{i}" for i in sorted(stored) if i >= registered],
-            )
 
     # --------------------------------------------------------------- lifecycle
     def _check_open(self) -> None:
