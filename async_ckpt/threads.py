@@ -177,7 +177,9 @@ class Workers:
     ``finish_at_exit``: for background work nobody waits for (a memory-tier
     replication, a checkpoint removal): what was submitted is finished when the
     main thread ends, before the ``atexit`` handlers, as Python does for a
-    thread pool's work; else daemon threads would die with it at finalization.
+    thread pool's work, and what an ``atexit`` handler submitted is finished
+    after the handlers (:func:`finish_background_work`); else daemon threads
+    would die with it at finalization.
     """
 
     def __init__(
@@ -189,7 +191,7 @@ class Workers:
         finish_at_exit: bool = False,
     ) -> None:
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
-        self._unfinished: set[Future] | None = set() if finish_at_exit else None
+        self._finish_at_exit = finish_at_exit
         self._run_here = run_here_if_no_thread
         self._size = max(1, threads)
         self._name = name
@@ -199,8 +201,6 @@ class Workers:
         # The threads hold the queue, not this object, so a dropped Workers is collected.
         # Not at exit: atexit handlers (a save in flight, a load) still submit work then.
         weakref.finalize(self, _stop, self._calls, self._threads).atexit = False
-        if finish_at_exit:
-            _FINISH_AT_EXIT[self] = os.getpid()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         """Queue ``fn(*args)``. Where no thread runs and none can start, the call runs
@@ -215,9 +215,8 @@ class Workers:
                 if t is not None:
                     self._threads.append(t)
             if self._threads:
-                if self._unfinished is not None:
-                    self._unfinished.add(done)
-                    done.add_done_callback(self._unfinished.discard)
+                if self._finish_at_exit:
+                    _track_background(done)
                 self._calls.put((done, fn, args))  # under the lock: never behind the stops
                 return done
             if not self._run_here:
@@ -243,24 +242,57 @@ class Workers:
         self.shutdown()
 
 
-_FINISH_AT_EXIT: weakref.WeakKeyDictionary[Workers, int] = weakref.WeakKeyDictionary()
-"""Each live ``Workers(finish_at_exit=True)``, with the pid of the process that made it."""
+# The unfinished calls of every Workers(finish_at_exit=True): tracked by call, not by
+# Workers, so that a Workers dropped with work queued is still waited for.
+_BACKGROUND: set[Future] = set()
+_BACKGROUND_LOCK = threading.Lock()
 
 
-def _finish_background_work() -> None:
-    """When the main thread ends: wait for the submitted calls of this process's
-    ``finish_at_exit`` Workers (a forked child inherits its parent's, not their threads)."""
-    pid = os.getpid()
-    for workers, owner in list(_FINISH_AT_EXIT.items()):
-        for call in list(workers._unfinished or ()) if owner == pid else ():
-            try:  # Ctrl-C ends the wait: nobody's buffers are at stake in this work
-                call.exception()
-            except CancelledError:
-                pass
+def _track_background(call: Future) -> None:
+    with _BACKGROUND_LOCK:
+        _BACKGROUND.add(call)
+    call.add_done_callback(_untrack_background)
+
+
+def _untrack_background(call: Future) -> None:
+    with _BACKGROUND_LOCK:
+        _BACKGROUND.discard(call)
+
+
+def _forget_parents_background_work() -> None:
+    """In a forked child: the parent's calls run on threads the child does not have
+    (and the lock may have been held by one of them)."""
+    global _BACKGROUND_LOCK
+    _BACKGROUND_LOCK = threading.Lock()
+    _BACKGROUND.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_parents_background_work)
+
+
+def finish_background_work() -> None:
+    """Wait for the unfinished calls of every ``Workers(finish_at_exit=True)``, including
+    those they submit meanwhile. At exit: when the main thread ends (before the atexit
+    handlers) and after the atexit handlers that may have submitted more. Ctrl-C ends
+    the wait and nothing else: the rest of the interpreter's shutdown still runs."""
+    try:
+        while True:
+            with _BACKGROUND_LOCK:
+                calls = list(_BACKGROUND)
+            if not calls:
+                return
+            for call in calls:
+                try:
+                    call.exception()
+                except CancelledError:
+                    pass
+    except BaseException:  # Ctrl-C (or a signal handler's exit) while waiting
+        return
 
 
 try:  # where concurrent.futures waits for a pool's work
-    threading._register_atexit(_finish_background_work)  # type: ignore[attr-defined]
+    threading._register_atexit(finish_background_work)  # type: ignore[attr-defined]
 except (AttributeError, RuntimeError):  # not this Python; or imported during exit
     pass
 
@@ -287,6 +319,7 @@ def _stop(calls: queue.SimpleQueue, threads: list[threading.Thread]) -> None:
 
 __all__ = [
     "Workers",
+    "finish_background_work",
     "join_all",
     "run_in_threads",
     "run_jobs",

@@ -221,11 +221,14 @@ def test_a_forked_child_does_not_wait_for_its_parents_save(tmp_path):
         writer = StopAtWriter(tmp_path / "c", gate=gate, point="before-write")
         future = ck.save(state, storage_writer=writer)
         wait_reached(gate, "before-write")
-        child = multiprocessing.get_context("fork").Process(target=_exit_at_once)
+        child = multiprocessing.get_context("fork").Process(target=_exit_at_once, daemon=True)
         child.start()
-        child.join(WAIT_S)  # the save is still held: a child waiting for it never ends
-        ended = child.exitcode
-        (gate / "release").touch()
+        try:
+            child.join(WAIT_S)  # the save is still held: a child waiting for it never ends
+            ended = child.exitcode
+        finally:
+            child.kill()  # a child that waits must not hold the test run at its exit
+            (gate / "release").touch()
         future.result(WAIT_S)
     assert ended == 0, "the forked child waited for the parent's save"
 

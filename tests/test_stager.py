@@ -316,3 +316,18 @@ def test_staging_memory_is_reported_and_a_failed_pin_warned_once(tmp_path, caplo
         assert stager._staging_memory() == "pageable"
     assert sum("could not be page-locked" in r.message for r in caplog.records) == 1
     stager._arenas = []
+
+
+@pytest.mark.parametrize("async_staging", [False, True], ids=["sync", "async"])
+def test_a_fill_after_close_fails_through_staged_and_does_not_raise(stager_factory, async_staging):
+    """A close() that gave up waiting for a snapshot's buffer (a hung write) frees the
+    buffers: that snapshot's copy then fails, and says so through ``staged``."""
+    stager = stager_factory(async_staging=async_staging)
+    state, tensors = described({"w": torch.randn(1000)})
+    snap = stager.begin(state, tensors)
+    for lease in stager._leases:
+        lease.set()  # as if close() had waited out its limit for this buffer
+    stager.close()
+    stager.fill(snap)  # does not raise: the copy's error lands in staged
+    # resolves (a TimeoutError here would be a staging thread that died on the error)
+    assert snap.staged.exception(timeout=30) is not None

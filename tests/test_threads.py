@@ -6,6 +6,8 @@ Every test synchronises on events; the waits are bounds for a broken test only.
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 import threading
 import weakref
 
@@ -207,34 +209,85 @@ def test_a_call_run_here_may_use_its_own_workers(monkeypatch):
 
 
 _BACKGROUND_AT_EXIT = """
-import atexit, sys, threading
+import atexit, gc, sys, threading
 from async_ckpt.threads import Workers
 
-finish = sys.argv[1] == "finish"
+drop = sys.argv[1] == "dropped"
 main_ended = threading.Event()
-workers = Workers(1, "background", finish_at_exit=finish)
+workers = Workers(1, "background", finish_at_exit=True)
 # the call runs once the main thread has ended, so nobody but the exit hook waits for it
 call = workers.submit(lambda: main_ended.wait() and "ran")
+if drop:  # its Workers dropped with the call queued (a plugin never torn down)
+    del workers
+    gc.collect()
 # registered after async_ckpt's exit hook, so it runs first
 threading._register_atexit(main_ended.set)
 atexit.register(lambda: print(call.result(0) if call.done() else "unfinished", flush=True))
 """
 
 
-def test_background_work_finishes_when_the_main_thread_ends_before_atexit_handlers():
+@pytest.mark.parametrize("workers", ["kept", "dropped"])
+def test_background_work_finishes_when_the_main_thread_ends_before_atexit_handlers(workers):
     """As Python does for a thread pool's work: a memory-tier replication or a checkpoint
-    removal that nobody waits for is not cut short by the interpreter's exit."""
-    import subprocess
-    import sys
-
+    removal that nobody waits for is not cut short by the interpreter's exit, also when
+    its Workers was dropped."""
     done = subprocess.run(
-        [sys.executable, "-c", _BACKGROUND_AT_EXIT, "finish"],
+        [sys.executable, "-c", _BACKGROUND_AT_EXIT, workers],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ran", done.stderr
+
+
+_SUBMITTED_BY_AN_ATEXIT_HANDLER = """
+import atexit, threading
+
+calls = []
+# registered first, so it runs last: after async_ckpt's atexit handler
+atexit.register(lambda: print(calls[0].result(0) if calls[0].done() else "unfinished", flush=True))
+
+from async_ckpt.threads import Workers
+
+
+def handler():
+    workers = Workers(1, "background", finish_at_exit=True)
+    # slow background work (a replication): the interpreter would finalize meanwhile
+    calls.append(workers.submit(lambda: threading.Event().wait(0.5) or "ran"))
+
+
+atexit.register(handler)  # runs first
+"""
+
+
+def test_background_work_an_atexit_handler_submits_finishes_before_finalization():
+    """After the main thread ended, the threading exit hook has run already: async_ckpt's
+    atexit handler waits for what the handlers before it submitted."""
+    done = subprocess.run(
+        [sys.executable, "-c", _SUBMITTED_BY_AN_ATEXIT_HANDLER],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ran", done.stderr
+
+
+def test_ctrl_c_ends_the_wait_for_background_work_and_nothing_else(monkeypatch):
+    """The exit hook returns on Ctrl-C: Python's own shutdown steps after it still run."""
+    gate = threading.Event()
+    with Workers(1, "background", finish_at_exit=True) as workers:
+        held = workers.submit(gate.wait, WAIT_S)
+
+        def interrupted(timeout=None):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(held, "exception", interrupted)
+        threads_mod.finish_background_work()  # returns, does not raise
+        assert not held.done()
+        gate.set()
+    assert held.result(0) is True
 
 
 def test_a_forked_child_does_not_wait_for_its_parents_background_work():
@@ -244,10 +297,15 @@ def test_a_forked_child_does_not_wait_for_its_parents_background_work():
     gate = threading.Event()
     with Workers(1, "background", finish_at_exit=True) as workers:
         held = workers.submit(gate.wait, WAIT_S)
-        child = multiprocessing.get_context("fork").Process(target=threads_mod.usable_cores)
+        child = multiprocessing.get_context("fork").Process(
+            target=threads_mod.usable_cores, daemon=True
+        )
         child.start()
-        child.join(WAIT_S)  # the call is still held: a child waiting for it never ends
-        ended = child.exitcode
-        gate.set()
+        try:
+            child.join(WAIT_S)  # the call is still held: a child waiting for it never ends
+            ended = child.exitcode
+        finally:
+            child.kill()  # a child that waits must not hold the test run at its exit
+            gate.set()
     assert held.result(0) is True
     assert ended == 0, "the forked child waited for its parent's background work"

@@ -5,9 +5,11 @@ run to their commit (bounded by each checkpointer's timeout), as Python
 finishes a thread pool's work: handlers registered later
 (``destroy_process_group``, say) then run after them. The ``atexit`` handler
 registered here, when async_ckpt is imported (so after the user's handlers),
-closes every checkpointer. Both skip the checkpointers of another process: a
-child forked by ``multiprocessing`` (a DataLoader worker) inherits its
-parent's and runs the threading exit hooks too.
+closes every checkpointer, then waits for the background work that those
+handlers submitted (``async_ckpt.threads.finish_background_work``). Both
+skip the checkpointers of another process: a child forked by
+``multiprocessing`` (a DataLoader worker) inherits its parent's and runs the
+threading exit hooks too.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import os
 import threading
 import weakref
 from typing import TYPE_CHECKING
+
+from ..threads import finish_background_work
 
 if TYPE_CHECKING:
     from .checkpointer import AsyncCheckpointer
@@ -58,3 +62,5 @@ def _close_all() -> None:
             ckpt.close()
         except Exception:
             pass
+    # after the closes: background work may wait for a save, which close() bounds
+    finish_background_work()  # submitted by atexit handlers (a memory-tier round)

@@ -383,7 +383,8 @@ class Stager:
                     self._run_copies(jobs, nbytes, pending.stream)
                 wave.staged.set_result(None)
         except BaseException as exc:  # the save fails
-            self._buffers[wave.buffer].seen.clear()  # the buffer's contents are unknown now
+            if wave.buffer < len(self._buffers):  # else closed meanwhile: nothing to forget
+                self._buffers[wave.buffer].seen.clear()  # the buffer's contents are unknown now
             if wave.fresh:  # nothing else of this save is in the buffer: it goes back now
                 snap.release_buffer(wave.buffer)
             for rest in snap.waves[wave.index :]:
