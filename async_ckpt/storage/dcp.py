@@ -13,7 +13,6 @@ row range decodes it once. Raw (safetensors) chunks are read where they lie.
 from __future__ import annotations
 
 import os
-import stat
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError, MetadataError
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from ..format.dcp import (
     DCP_METADATA_FILE,
     MAX_DCP_METADATA_BYTES,
@@ -41,13 +40,12 @@ from ..format.names import METADATA_FILE
 from .base import StorageReader
 from .fsspec_backend import FsspecReader
 from .local import FileSystemReader
+from .local_paths import _OPEN_READ, _read_regular_file
 
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 """Decoded blobs kept for further reads (the newest one is kept whatever its size)."""
 
 _RUN_BYTES = 64 * 1024 * 1024  # back-to-back byte entries read in one request, up to this
-# NOFOLLOW: a symlinked .metadata could point anywhere; NONBLOCK: a planted FIFO must not hang.
-_OPEN_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 
 
 def _is_local(checkpoint_id: str) -> bool:
@@ -163,16 +161,7 @@ class DcpReader(StorageReader):
             raise CorruptCheckpointError(
                 f"cannot open {path}: {exc}; it must be a regular file"
             ) from exc
-        with os.fdopen(fd, "rb") as f:
-            info = os.fstat(f.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise CorruptCheckpointError(f"{path} is not a regular file")
-            if info.st_size > MAX_DCP_METADATA_BYTES:
-                raise MetadataError(
-                    f"invalid DCP .metadata: {path} is {info.st_size} bytes, above the "
-                    f"{MAX_DCP_METADATA_BYTES} limit"
-                )
-            return f.read(MAX_DCP_METADATA_BYTES + 1)
+        return _read_regular_file(path, MAX_DCP_METADATA_BYTES, fd, what="DCP .metadata")
 
     def translated_metadata(self) -> Metadata:
         """The checkpoint in our model (decoded once per reader)."""

@@ -24,7 +24,9 @@ def _local_path(checkpoint_id: str | os.PathLike) -> Path:
     return Path(text.removeprefix("file://") if text.startswith("file://") else text)
 
 
-def _read_regular_file(path: Path, limit: int, fd: int | None = None) -> bytes:
+def _read_regular_file(
+    path: Path, limit: int, fd: int | None = None, what: str = "checkpoint metadata"
+) -> bytes:
     """The bytes of ``path`` (or of ``fd``, opened on it), a regular file of at most ``limit``.
 
     Type and size are checked on the open descriptor before anything is read; the
@@ -38,8 +40,7 @@ def _read_regular_file(path: Path, limit: int, fd: int | None = None) -> bytes:
             raise CorruptCheckpointError(f"{path} is not a regular file")
         if info.st_size > limit:
             raise MetadataError(
-                f"invalid checkpoint metadata: {path} is {info.st_size} bytes, above the "
-                f"{limit} limit"
+                f"invalid {what}: {path} is {info.st_size} bytes, above the {limit} limit"
             )
         chunks = []
         remaining = limit + 1
