@@ -13,7 +13,6 @@ after exit began.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import textwrap
 import threading
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_python
 
 import async_ckpt as ac
 from async_ckpt.storage.local import FileSystemWriter
@@ -67,15 +67,7 @@ def test_a_save_and_a_load_in_an_atexit_handler_work(tmp_path, what, threads):
     readers and the thread executor (whose save then also held its buffer for good).
     ``no-threads``: as on Python 3.12.0-3.12.2, where no thread starts at exit,
     the work runs on the threads already started or on the handler's own."""
-    done = subprocess.run(
-        [sys.executable, "-c", _AT_EXIT, str(tmp_path / "c"), what, threads],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "Traceback" not in done.stderr, done.stderr
-    assert done.stdout.strip() == "loaded equal", done.stderr
+    assert run_python(_AT_EXIT, str(tmp_path / "c"), what, threads) == "loaded equal"
 
 
 _IN_FLIGHT = textwrap.dedent(
@@ -102,15 +94,7 @@ def test_a_save_in_flight_when_the_main_thread_ends_commits_before_atexit_handle
     gate = tmp_path / "gate"
     gate.mkdir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])}
-    done = subprocess.run(
-        [sys.executable, "-c", _IN_FLIGHT, str(tmp_path / "c"), str(gate)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "committed", done.stderr
+    assert run_python(_IN_FLIGHT, str(tmp_path / "c"), str(gate), env=env) == "committed"
     target = {f"w{i}": torch.zeros(300_000) for i in range(12)}
     ac.load(target, checkpoint_id=tmp_path / "c", no_dist=True)
     assert all(torch.equal(target[f"w{i}"], torch.arange(300_000.0) + i) for i in range(12))
@@ -294,12 +278,4 @@ _MEMORY_AT_EXIT = textwrap.dedent(
 
 def test_a_memory_tier_save_in_an_atexit_handler_works(tmp_path):
     """Before: the tier's thread pool refused the round after the save had started."""
-    done = subprocess.run(
-        [sys.executable, "-c", _MEMORY_AT_EXIT, str(tmp_path / "s"), str(tmp_path / "m")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "Traceback" not in done.stderr, done.stderr
-    assert done.stdout.strip() == "restored", done.stderr
+    assert run_python(_MEMORY_AT_EXIT, str(tmp_path / "s"), str(tmp_path / "m")) == "restored"

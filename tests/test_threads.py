@@ -6,12 +6,11 @@ Every test synchronises on events; the waits are bounds for a broken test only.
 from __future__ import annotations
 
 import gc
-import subprocess
-import sys
 import threading
 import weakref
 
 import pytest
+from helpers import run_python
 
 from async_ckpt import threads as threads_mod
 from async_ckpt.threads import Workers, run_jobs, wait_all
@@ -231,14 +230,7 @@ def test_background_work_finishes_when_the_main_thread_ends_before_atexit_handle
     """As Python does for a thread pool's work: a memory-tier replication or a checkpoint
     removal that nobody waits for is not cut short by the interpreter's exit, also when
     its Workers was dropped."""
-    done = subprocess.run(
-        [sys.executable, "-c", _BACKGROUND_AT_EXIT, workers],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "ran", done.stderr
+    assert run_python(_BACKGROUND_AT_EXIT, workers) == "ran"
 
 
 _SUBMITTED_BY_AN_ATEXIT_HANDLER = """
@@ -264,14 +256,7 @@ atexit.register(handler)  # runs first
 def test_background_work_an_atexit_handler_submits_finishes_before_finalization():
     """After the main thread ended, the threading exit hook has run already: async_ckpt's
     atexit handler waits for what the handlers before it submitted."""
-    done = subprocess.run(
-        [sys.executable, "-c", _SUBMITTED_BY_AN_ATEXIT_HANDLER],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "ran", done.stderr
+    assert run_python(_SUBMITTED_BY_AN_ATEXIT_HANDLER) == "ran"
 
 
 def test_ctrl_c_ends_the_wait_for_background_work_and_nothing_else(monkeypatch):
