@@ -126,3 +126,22 @@ class SaveFuture:
         if not self._done.done():
             self._done.cancel()
             self._done.set_running_or_notify_cancel()
+
+
+def settle(future: SaveFuture, timeout: float | None, forget: Callable[[], None]) -> bool:
+    """Wait for ``future``, a caller's pending save, and say how it ended.
+
+    True: it committed (the caller records it, then calls ``forget``). False: it
+    was cancelled; ``forget`` was called. Its error is raised once, after
+    ``forget``. A wait that times out raises and forgets nothing: the save goes on.
+    """
+    try:
+        future.result(timeout)
+    except BaseException as exc:
+        if not future.done():
+            raise
+        forget()
+        if isinstance(exc, concurrent.futures.CancelledError):
+            return False
+        raise
+    return True

@@ -29,7 +29,6 @@ import logging
 import os
 import re
 import threading
-from concurrent.futures import CancelledError
 from typing import Any
 
 import torch.distributed as dist
@@ -38,6 +37,7 @@ from accelerate import Accelerator
 from ..dist.ranks import caller_comm
 from ..errors import CheckpointError, CheckpointNotFoundError
 from ..executor import AsyncCheckpointer, SaveFuture
+from ..executor.future import settle
 from ..pipeline.load import LoadResult, run_load
 from ..planning.keys import KeyCheck
 from ..storage.detect import detect_reader, detect_root
@@ -247,15 +247,8 @@ class AcceleratorCheckpointer:
             future = self._pending
         if future is None:
             return
-        try:
-            future.result(timeout)
-        except BaseException as exc:
-            if not future.done():
-                raise  # the wait timed out; the save goes on
-            self._forget(future)
-            if isinstance(exc, CancelledError):
-                return
-            raise
+        if not settle(future, timeout, lambda: self._forget(future)):
+            return
         with self._lock:
             if self._pending is future and self._writing is not None:
                 self._newest_saved = self._writing  # before the done callback may have run

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from concurrent.futures import CancelledError
 
 from ..executor import SaveFuture
+from ..executor.future import settle
 from .metrics import StepMetrics
 from .retention import in_flight
 from .root import StepStore
@@ -84,17 +84,9 @@ class SaveTracker:
         if future is None:
             return
         assert step is not None  # set together with _pending
-        try:
-            future.result(timeout)
-        except BaseException as exc:
-            if not future.done():
-                raise  # the wait timed out; the save goes on
+        if settle(future, timeout, lambda: self._forget(future)):
+            self._committed(step, future)  # before the done callback may have run
             self._forget(future)
-            if isinstance(exc, CancelledError):
-                return
-            raise
-        self._committed(step, future)  # before the done callback may have run
-        self._forget(future)
 
     def _forget(self, future: SaveFuture) -> None:
         with self._lock:
