@@ -95,11 +95,13 @@ def copy_cpu(jobs: list[Job], total: int, threads: int, pool: Workers) -> None:
         with torch.no_grad():
             copy_all(b)
 
-    # every copy ends before this returns, a failed one too: they fill the save's buffers
+    # The last bin is copied here, as this thread would only wait. Every copy ends
+    # before this returns, a failed one too: they fill the save's buffers.
+    *others, mine = [b for b in bins if b]
     submitted = []
     try:
-        for b in bins:
-            if b:
-                submitted.append(pool.submit(run, b))
+        for b in others:
+            submitted.append(pool.submit(run, b))
+        run(mine)
     finally:
         wait_all(submitted)
