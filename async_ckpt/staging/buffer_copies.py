@@ -12,7 +12,6 @@ import weakref
 
 import torch
 
-from .arena import Arena
 from .copies import CopyPlan, Job
 from .layout import storage_key
 from .snapshot import Snapshot, Wave
@@ -64,7 +63,7 @@ class BufferCopies:
             plan.slots.add(off)
             plan.indices.append(n)
             plan.nbytes += nbytes
-        self._add_views(snap.arenas[wave.buffer], wave, plan.indices, snap, tensors)
+        self._add_views(snap, wave, plan.indices, tensors)
         plan.dsts = [self.views[n] for n in plan.indices]
         self.plans[wave.index] = plan
         return plan
@@ -89,16 +88,11 @@ class BufferCopies:
                 continue
             self.seen[n] = (mark, weakref.ref(storage))
             changed.append(n)
-        self._add_views(snap.arenas[wave.buffer], wave, changed, snap, tensors)
+        self._add_views(snap, wave, changed, tensors)
         return [(self.views[n], tensors[n]) for n in changed]
 
     def _add_views(
-        self,
-        arena: Arena,
-        wave: Wave,
-        indices: list[int],
-        snap: Snapshot,
-        tensors: list[torch.Tensor],
+        self, snap: Snapshot, wave: Wave, indices: list[int], tensors: list[torch.Tensor]
     ) -> None:
         """The slots of ``indices`` (items of ``wave``) that have no view yet get one,
         all made together; reused by later stages of the same layout."""
@@ -108,5 +102,5 @@ class BufferCopies:
         items = snap.state.items
         offsets = dict(zip(wave.items, wave.offsets, strict=True))
         slots = [(offsets[n], items[n].nbytes) for n in new]
-        made = typed_views(arena.bytes, slots, [tensors[n] for n in new])
+        made = typed_views(snap.arenas[wave.buffer].bytes, slots, [tensors[n] for n in new])
         self.views.update(zip(new, made, strict=True))
