@@ -153,3 +153,22 @@ def run_python(code: str, *args: str, env: dict[str, str] | None = None) -> str:
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     return done.stdout.strip()
+
+
+def exit_code_of_a_forked_child(timeout: float) -> int | None:
+    """Fork a child that does nothing and exits, as a DataLoader worker does, and wait
+    for it; its exit code, or None if it had not ended within ``timeout`` (it is
+    killed then: a child stuck in the exit hooks must not hold the test run)."""
+    import multiprocessing
+
+    child = multiprocessing.get_context("fork").Process(target=_do_nothing, daemon=True)
+    child.start()
+    try:
+        child.join(timeout)
+        return child.exitcode
+    finally:
+        child.kill()
+
+
+def _do_nothing() -> None:
+    pass

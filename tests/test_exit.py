@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_python
+from helpers import exit_code_of_a_forked_child, run_python
 
 import async_ckpt as ac
 from async_ckpt.storage.local import FileSystemWriter
@@ -187,15 +187,9 @@ def test_waves_staged_after_exit_began_are_still_copied(tmp_path, exiting_interp
     _save_while_exiting(tmp_path / "c", state, stager)
 
 
-def _exit_at_once() -> None:
-    pass
-
-
 def test_a_forked_child_does_not_wait_for_its_parents_save(tmp_path):
     """multiprocessing's forked children (DataLoader workers) run the threading exit hooks:
     the copy of a save in flight they inherit is not theirs to wait for."""
-    import multiprocessing
-
     from faulty_storage import StopAtWriter, wait_reached
 
     gate = tmp_path / "gate"
@@ -205,13 +199,9 @@ def test_a_forked_child_does_not_wait_for_its_parents_save(tmp_path):
         writer = StopAtWriter(tmp_path / "c", gate=gate, point="before-write")
         future = ck.save(state, storage_writer=writer)
         wait_reached(gate, "before-write")
-        child = multiprocessing.get_context("fork").Process(target=_exit_at_once, daemon=True)
-        child.start()
-        try:
-            child.join(WAIT_S)  # the save is still held: a child waiting for it never ends
-            ended = child.exitcode
+        try:  # the save is still held: a child waiting for it never ends
+            ended = exit_code_of_a_forked_child(WAIT_S)
         finally:
-            child.kill()  # a child that waits must not hold the test run at its exit
             (gate / "release").touch()
         future.result(WAIT_S)
     assert ended == 0, "the forked child waited for the parent's save"

@@ -10,7 +10,7 @@ import threading
 import weakref
 
 import pytest
-from helpers import run_python
+from helpers import exit_code_of_a_forked_child, run_python
 
 from async_ckpt import threads as threads_mod
 from async_ckpt.threads import Workers, run_jobs, wait_all
@@ -277,20 +277,12 @@ def test_ctrl_c_ends_the_wait_for_background_work_and_nothing_else(monkeypatch):
 
 def test_a_forked_child_does_not_wait_for_its_parents_background_work():
     """A forked child inherits the parent's Workers but not their threads."""
-    import multiprocessing
-
     gate = threading.Event()
     with Workers(1, "background", finish_at_exit=True) as workers:
         held = workers.submit(gate.wait, WAIT_S)
-        child = multiprocessing.get_context("fork").Process(
-            target=threads_mod.usable_cores, daemon=True
-        )
-        child.start()
-        try:
-            child.join(WAIT_S)  # the call is still held: a child waiting for it never ends
-            ended = child.exitcode
+        try:  # the call is still held: a child waiting for it never ends
+            ended = exit_code_of_a_forked_child(WAIT_S)
         finally:
-            child.kill()  # a child that waits must not hold the test run at its exit
             gate.set()
     assert held.result(0) is True
     assert ended == 0, "the forked child waited for its parent's background work"
